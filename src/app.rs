@@ -1,0 +1,80 @@
+//! Wires the listeners, the proxy state and the audit writer together, and shuts them down in order.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, Health};
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::server::listener::{self, ListenerSettings};
+use crate::telemetry::audit::AuditSink;
+
+pub struct App {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    health: Arc<Health>,
+    shutdown: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
+    audit_writer: JoinHandle<()>,
+}
+
+impl App {
+    /// Binds every listener (so a bad address fails here, not later) and starts serving.
+    pub async fn start(config: Config) -> io::Result<App> {
+        let config = Arc::new(config);
+        let proxy_listener = listener::bind(config.server.listen).await?;
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(listener::bind(addr).await?),
+            None => None,
+        };
+        let (audit, audit_writer) = AuditSink::open(&config.audit_path).await?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let admin_addr = admin_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let health = Arc::new(Health::default());
+        let server = &config.server;
+
+        let proxy = Arc::new(Proxy::new(config.clone(), audit));
+        let settings = ListenerSettings {
+            header_read_timeout: server.header_read_timeout,
+            max_header_bytes: server.max_header_bytes,
+            tls: server.tls.clone(),
+            shutdown_grace: server.shutdown_grace,
+        };
+        let handler = move |request, peer| {
+            let proxy = proxy.clone();
+            async move { proxy.handle(request, peer).await }
+        };
+        let mut listeners = vec![tokio::spawn(listener::serve(proxy_listener, settings, handler, shutdown_rx.clone()))];
+
+        if let Some(admin_listener) = admin_listener {
+            let settings = ListenerSettings {
+                header_read_timeout: server.header_read_timeout,
+                max_header_bytes: server.max_header_bytes,
+                tls: None,
+                shutdown_grace: server.shutdown_grace,
+            };
+            let health = health.clone();
+            let handler = move |request, _peer| admin::handle(health.clone(), request);
+            listeners.push(tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown_rx)));
+        }
+        health.set_ready(true);
+        tracing::info!(%proxy_addr, ?admin_addr, tls = server.tls.is_some(), upstreams = config.upstreams.len(), "listening");
+        Ok(App { proxy_addr, admin_addr, health, shutdown, listeners, audit_writer })
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, then flushes the audit trail.
+    pub async fn shutdown(self) {
+        self.health.set_ready(false);
+        let _ = self.shutdown.send(true);
+        for task in self.listeners {
+            let _ = task.await;
+        }
+        // The listeners held the last references to the audit sink: the writer now drains and ends.
+        let _ = self.audit_writer.await;
+    }
+}

@@ -1,0 +1,6 @@
+//! Configuration: [`raw`] is the file as written, [`runtime`] the validated form the proxy runs on.
+
+pub mod raw;
+pub mod runtime;
+
+pub use runtime::{Config, ConfigError, Problem, UnknownUserPolicy, Upstream};

@@ -1,0 +1,164 @@
+//! The config file as written: plain serde structs, every table `deny_unknown_fields` so a typo is an
+//! error that names the field. [`super::runtime`] turns these into validated runtime types.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub identity: RawIdentity,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+    #[serde(default)]
+    pub users: Vec<RawUser>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub credentials: Vec<RawCredential>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: String,
+    pub body_read_timeout: String,
+    pub shutdown_grace: String,
+    pub allowed_origins: Option<Vec<String>>,
+    pub tls: Option<RawTls>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_header_bytes: 8192,
+            max_body_bytes: 10 * 1024 * 1024,
+            header_read_timeout: "10s".into(),
+            body_read_timeout: "30s".into(),
+            shutdown_grace: "30s".into(),
+            allowed_origins: None,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// `""` turns the admin listener off.
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9090".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentity {
+    pub user_header: String,
+    pub unknown_user: String,
+    pub max_user_id_len: usize,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self { user_header: "x-alloy-userid".into(), unknown_user: "reject".into(), max_user_id_len: 128 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    pub path: String,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self { path: "-".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub id: String,
+    pub kind: String,
+    pub user: String,
+    #[serde(default)]
+    pub act_as: Vec<String>,
+    pub sha256: Option<String>,
+    pub secret: Option<Secret>,
+    pub secret_env: Option<String>,
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: String,
+    /// Public path prefix; default `/mcp/<name>`.
+    pub path: Option<String>,
+    pub inject: RawInject,
+    pub forward_user_header: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub response_header_timeout: Option<String>,
+    /// Speak HTTP/2 without TLS (prior knowledge) to an `http://` upstream.
+    #[serde(default)]
+    pub http2_prior_knowledge: bool,
+    /// Extra PEM CA certificates trusted for an `https://` upstream, besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInject {
+    pub header: String,
+    pub value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    pub user: String,
+    pub upstream: String,
+    #[serde(default = "default_credential_id")]
+    pub id: String,
+    pub secret: Option<Secret>,
+    pub secret_env: Option<String>,
+    pub secret_file: Option<PathBuf>,
+}
+
+fn default_credential_id() -> String {
+    "default".into()
+}

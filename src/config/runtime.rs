@@ -1,0 +1,531 @@
+//! Validated runtime configuration ("parse, don't validate"): every check happens here, once, and every
+//! problem is reported with its field path. The request path only reads these types.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue, Uri};
+
+use super::raw::{RawConfig, RawCredential, RawKey, RawUpstream};
+use crate::proxy::forward::UpstreamClient;
+use crate::secret::{Secret, sha256};
+use crate::store::{ApiKey, Credential, Directory, KeyKind, UpstreamId, UserPattern, check_user_id};
+
+pub struct Config {
+    pub server: ServerSettings,
+    pub admin_listen: Option<SocketAddr>,
+    pub identity: IdentitySettings,
+    pub audit_path: AuditPath,
+    pub directory: Directory,
+    pub upstreams: Vec<Upstream>,
+}
+
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// `None`: only the proxy's own origin may send an `Origin` header.
+    pub allowed_origins: Option<Vec<String>>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+pub struct IdentitySettings {
+    pub user_header: HeaderName,
+    pub unknown_user: UnknownUserPolicy,
+    pub max_user_id_len: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownUserPolicy {
+    Reject,
+    /// Act as the key's own user (audited as a fallback), as Alloy's platform does.
+    Default,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditPath {
+    Stdout,
+    File(PathBuf),
+}
+
+pub struct Upstream {
+    pub id: UpstreamId,
+    pub name: Arc<str>,
+    /// Public path prefix, e.g. `/mcp/github`.
+    pub prefix: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The upstream URL's path without a trailing slash (`""` for the root).
+    pub base_path: String,
+    pub inject_header: HeaderName,
+    /// `inject.value`, e.g. `Bearer {secret}`; rendered per credential at load time.
+    inject_template: String,
+    pub forward_user_header: Option<HeaderName>,
+    pub response_header_timeout: Duration,
+    pub client: UpstreamClient,
+}
+
+impl Upstream {
+    /// The part of a public path that follows this upstream's prefix (the whole path for prefix `/`).
+    pub fn rest_of<'a>(&self, path: &'a str) -> &'a str {
+        if self.prefix == "/" { path } else { &path[self.prefix.len()..] }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        Self::from_toml(&text, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Parses and validates. Relative file paths (secret files, TLS, CA) are resolved against `base_dir`.
+    pub fn from_toml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        Builder { problems: Vec::new(), base_dir }.build(raw)
+    }
+
+    /// The upstream serving `path`. Upstreams are sorted longest prefix first, and a prefix matches only
+    /// at a segment boundary ("/mcp/git" does not serve "/mcp/github").
+    pub fn upstream_by_path(&self, path: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| {
+            path.strip_prefix(u.prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || u.prefix == "/")
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}")]
+    Syntax(String),
+    #[error("{}", ProblemList(.0))]
+    Invalid(Vec<Problem>),
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}", p.path, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+struct Builder<'a> {
+    problems: Vec<Problem>,
+    base_dir: &'a Path,
+}
+
+const MAX_USER_ID_LEN_LIMIT: usize = 1024;
+
+impl Builder<'_> {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem { path: path.into(), message: message.into() });
+    }
+
+    fn build(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let server = self.server(&raw);
+        let admin_listen = match raw.admin.listen.as_str() {
+            "" => None,
+            s => self.socket_addr("admin.listen", s),
+        };
+        let identity = self.identity(&raw);
+        let audit_path = match raw.audit.path.as_str() {
+            "-" => AuditPath::Stdout,
+            "" => {
+                self.problem("audit.path", "must be \"-\" (stdout) or a file path");
+                AuditPath::Stdout
+            }
+            p => AuditPath::File(self.base_dir.join(p)),
+        };
+        let upstreams = self.upstreams(&raw.upstreams);
+        let max_len = identity.as_ref().map_or(128, |i| i.max_user_id_len);
+        let directory = self.directory(&raw, &upstreams, max_len);
+
+        match (self.problems.is_empty(), server, identity) {
+            (true, Some(server), Some(identity)) => {
+                Ok(Config { server, admin_listen, identity, audit_path, directory, upstreams })
+            }
+            _ => Err(ConfigError::Invalid(self.problems)),
+        }
+    }
+
+    fn server(&mut self, raw: &RawConfig) -> Option<ServerSettings> {
+        let s = &raw.server;
+        let listen = self.socket_addr("server.listen", &s.listen);
+        if s.max_header_bytes < 1024 {
+            self.problem("server.max_header_bytes", "must be at least 1024");
+        }
+        if s.max_body_bytes == 0 {
+            self.problem("server.max_body_bytes", "must be greater than 0");
+        }
+        let header_read_timeout = self.duration("server.header_read_timeout", &s.header_read_timeout);
+        let body_read_timeout = self.duration("server.body_read_timeout", &s.body_read_timeout);
+        let shutdown_grace = self.duration("server.shutdown_grace", &s.shutdown_grace);
+        let allowed_origins = s.allowed_origins.as_ref().map(|list| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, origin)| {
+                    let normalized = origin.trim_end_matches('/').to_ascii_lowercase();
+                    let ok = normalized == "null"
+                        || (normalized.starts_with("http://") || normalized.starts_with("https://"))
+                            && normalized.parse::<Uri>().is_ok_and(|u| u.path() == "/");
+                    if !ok {
+                        self.problem(
+                            format!("server.allowed_origins[{i}]"),
+                            "must be an origin such as https://app.example.com[:port]",
+                        );
+                    }
+                    ok.then_some(normalized)
+                })
+                .collect()
+        });
+        let tls = s.tls.as_ref().and_then(|tls| {
+            let cert = self.base_dir.join(&tls.cert_file);
+            let key = self.base_dir.join(&tls.key_file);
+            crate::server::tls::server_config(&cert, &key).map_err(|e| self.problem("server.tls", e)).ok()
+        });
+        Some(ServerSettings {
+            listen: listen?,
+            max_header_bytes: s.max_header_bytes,
+            max_body_bytes: s.max_body_bytes,
+            header_read_timeout: header_read_timeout?,
+            body_read_timeout: body_read_timeout?,
+            shutdown_grace: shutdown_grace?,
+            allowed_origins,
+            tls,
+        })
+    }
+
+    fn identity(&mut self, raw: &RawConfig) -> Option<IdentitySettings> {
+        let i = &raw.identity;
+        let user_header = match HeaderName::from_bytes(i.user_header.as_bytes()) {
+            Ok(name) if is_reserved_header(&name) => {
+                self.problem("identity.user_header", "cannot be a header the proxy itself uses");
+                None
+            }
+            Ok(name) => Some(name),
+            Err(_) => {
+                self.problem("identity.user_header", "is not a valid header name");
+                None
+            }
+        };
+        let unknown_user = match i.unknown_user.as_str() {
+            "reject" => Some(UnknownUserPolicy::Reject),
+            "default" => Some(UnknownUserPolicy::Default),
+            _ => {
+                self.problem("identity.unknown_user", "must be \"reject\" or \"default\"");
+                None
+            }
+        };
+        if !(1..=MAX_USER_ID_LEN_LIMIT).contains(&i.max_user_id_len) {
+            self.problem("identity.max_user_id_len", format!("must be between 1 and {MAX_USER_ID_LEN_LIMIT}"));
+        }
+        Some(IdentitySettings {
+            user_header: user_header?,
+            unknown_user: unknown_user?,
+            max_user_id_len: i.max_user_id_len.clamp(1, MAX_USER_ID_LEN_LIMIT),
+        })
+    }
+
+    fn upstreams(&mut self, raw: &std::collections::BTreeMap<String, RawUpstream>) -> Vec<Upstream> {
+        let mut upstreams: Vec<Upstream> = Vec::new();
+        for (index, (name, u)) in raw.iter().enumerate() {
+            let path = format!("upstreams.{name}");
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                self.problem(&path, "upstream names may use ASCII letters, digits, - and _ only");
+                continue;
+            }
+            let prefix = u.path.clone().unwrap_or_else(|| format!("/mcp/{name}"));
+            if !prefix.starts_with('/') || (prefix.len() > 1 && prefix.ends_with('/')) || prefix.contains(['?', '#']) {
+                self.problem(format!("{path}.path"), "must start with / and not end with /");
+            }
+            if let Some(other) = upstreams.iter().find(|o| o.prefix == prefix) {
+                self.problem(format!("{path}.path"), format!("{prefix} is already served by upstream {}", other.name));
+            }
+            if let Some(upstream) = self.upstream(&path, index, name, prefix, u) {
+                upstreams.push(upstream);
+            }
+        }
+        // Longest prefix first, so `upstream_by_path` picks the most specific route.
+        upstreams.sort_by_key(|u| std::cmp::Reverse(u.prefix.len()));
+        upstreams
+    }
+
+    fn upstream(&mut self, path: &str, index: usize, name: &str, prefix: String, u: &RawUpstream) -> Option<Upstream> {
+        let url: Option<Uri> = u.url.parse().ok().filter(|url: &Uri| {
+            matches!(url.scheme_str(), Some("http" | "https")) && url.authority().is_some() && url.query().is_none()
+        });
+        if url.is_none() {
+            self.problem(format!("{path}.url"), "must be an absolute http:// or https:// URL without a query");
+        }
+        let inject_header = HeaderName::from_bytes(u.inject.header.as_bytes()).ok();
+        if inject_header.is_none() {
+            self.problem(format!("{path}.inject.header"), "is not a valid header name");
+        }
+        if u.inject.value.matches("{secret}").count() != 1 {
+            self.problem(format!("{path}.inject.value"), "must contain {secret} exactly once");
+        }
+        let forward_user_header = match &u.forward_user_header {
+            None => Some(None),
+            Some(h) => match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) if !is_reserved_header(&name) => Some(Some(name)),
+                _ => {
+                    self.problem(format!("{path}.forward_user_header"), "is not a usable header name");
+                    None
+                }
+            },
+        };
+        let connect_timeout =
+            self.duration(&format!("{path}.connect_timeout"), u.connect_timeout.as_deref().unwrap_or("5s"));
+        let response_header_timeout = self.duration(
+            &format!("{path}.response_header_timeout"),
+            u.response_header_timeout.as_deref().unwrap_or("60s"),
+        );
+        let ca_file = u.ca_file.as_ref().map(|p| self.base_dir.join(p));
+        let url = url?;
+        let is_https = url.scheme_str() == Some("https");
+        if u.http2_prior_knowledge && is_https {
+            self.problem(
+                format!("{path}.http2_prior_knowledge"),
+                "is for http:// upstreams; https negotiates HTTP/2 by ALPN",
+            );
+        }
+        if ca_file.is_some() && !is_https {
+            self.problem(format!("{path}.ca_file"), "is only used by https:// upstreams");
+        }
+        let client = crate::proxy::forward::build_client(connect_timeout?, u.http2_prior_knowledge, ca_file.as_deref())
+            .map_err(|e| self.problem(format!("{path}.ca_file"), e))
+            .ok()?;
+        let authority = url.authority()?.clone();
+        Some(Upstream {
+            id: UpstreamId(u16::try_from(index).ok()?),
+            name: name.into(),
+            prefix,
+            scheme: url.scheme()?.clone(),
+            authority,
+            base_path: url.path().trim_end_matches('/').to_owned(),
+            inject_header: inject_header?,
+            inject_template: u.inject.value.clone(),
+            forward_user_header: forward_user_header?,
+            response_header_timeout: response_header_timeout?,
+            client,
+        })
+    }
+
+    fn directory(&mut self, raw: &RawConfig, upstreams: &[Upstream], max_len: usize) -> Directory {
+        let mut dir = Directory::default();
+        for (i, user) in raw.users.iter().enumerate() {
+            let path = format!("users[{i}].id");
+            if let Err(why) = check_user_id(&user.id, max_len) {
+                self.problem(path, why);
+            } else if dir.user(&user.id).is_some() {
+                self.problem(path, format!("user {} is listed twice", user.id));
+            } else {
+                dir.add_user(&user.id);
+            }
+        }
+        let mut key_ids = std::collections::HashSet::new();
+        for (i, key) in raw.keys.iter().enumerate() {
+            if !key_ids.insert(key.id.as_str()) {
+                self.problem(format!("keys[{i}].id"), format!("key id {} is used twice", key.id));
+            }
+            self.key(&mut dir, i, key, max_len);
+        }
+        for (i, cred) in raw.credentials.iter().enumerate() {
+            self.credential(&mut dir, i, cred, upstreams, max_len);
+        }
+        dir
+    }
+
+    fn key(&mut self, dir: &mut Directory, i: usize, key: &RawKey, max_len: usize) {
+        let path = format!("keys[{i}]");
+        if key.id.is_empty() {
+            self.problem(format!("{path}.id"), "must not be empty");
+        }
+        let kind = match key.kind.as_str() {
+            "standard" => Some(KeyKind::Standard),
+            "enterprise" => Some(KeyKind::Enterprise),
+            _ => {
+                self.problem(format!("{path}.kind"), "must be \"standard\" or \"enterprise\"");
+                None
+            }
+        };
+        if let Err(why) = check_user_id(&key.user, max_len) {
+            self.problem(format!("{path}.user"), why);
+        }
+        if kind == Some(KeyKind::Standard) && !key.act_as.is_empty() {
+            self.problem(
+                format!("{path}.act_as"),
+                "standard keys act as their own user only; use kind = \"enterprise\"",
+            );
+        }
+        for (j, pattern) in key.act_as.iter().enumerate() {
+            let literal = pattern.strip_suffix('*').unwrap_or(pattern);
+            if pattern != "*" && check_user_id(literal, max_len).is_err() {
+                self.problem(format!("{path}.act_as[{j}]"), "must be \"*\", a user id, or a prefix ending in *");
+            }
+        }
+        let hash = match (
+            &key.sha256,
+            self.secret(
+                &path,
+                key.secret.as_ref(),
+                key.secret_env.as_deref(),
+                key.secret_file.as_deref(),
+                key.sha256.is_some(),
+            ),
+        ) {
+            (Some(hex_digest), _) => {
+                let mut digest = [0u8; 32];
+                match hex::decode_to_slice(hex_digest.trim(), &mut digest) {
+                    Ok(()) => Some(digest),
+                    Err(_) => {
+                        self.problem(format!("{path}.sha256"), "must be 64 hex digits");
+                        None
+                    }
+                }
+            }
+            (None, Some(secret)) => Some(sha256(secret.expose().as_bytes())),
+            (None, None) => None,
+        };
+        let (Some(kind), Some(hash)) = (kind, hash) else { return };
+        let user = dir.add_user(&key.user);
+        let act_as = key.act_as.iter().map(|p| UserPattern::parse(p)).collect();
+        if !dir.add_key(hash, ApiKey { id: key.id.as_str().into(), kind, user, act_as }) {
+            self.problem(path, "the same key value is configured twice");
+        }
+    }
+
+    fn credential(
+        &mut self,
+        dir: &mut Directory,
+        i: usize,
+        cred: &RawCredential,
+        upstreams: &[Upstream],
+        max_len: usize,
+    ) {
+        let path = format!("credentials[{i}]");
+        let user = dir.user(&cred.user);
+        if user.is_none() {
+            self.problem(
+                format!("{path}.user"),
+                format!("unknown user {:?}: list it in [[users]] or as a key's user", cred.user),
+            );
+        }
+        let upstream = upstreams.iter().find(|u| *u.name == *cred.upstream);
+        if upstream.is_none() {
+            self.problem(format!("{path}.upstream"), format!("unknown upstream {:?}", cred.upstream));
+        }
+        if check_user_id(&cred.id, max_len).is_err() {
+            self.problem(format!("{path}.id"), "credential ids use the user-id characters");
+        }
+        let secret =
+            self.secret(&path, cred.secret.as_ref(), cred.secret_env.as_deref(), cred.secret_file.as_deref(), false);
+        let (Some(user), Some(upstream), Some(secret)) = (user, upstream, secret) else { return };
+        let rendered = upstream.inject_template.replacen("{secret}", secret.expose(), 1);
+        let Ok(mut header_value) = HeaderValue::from_str(&rendered) else {
+            self.problem(path, "the secret contains characters that cannot be sent in a header");
+            return;
+        };
+        header_value.set_sensitive(true);
+        if !dir.add_credential(user, upstream.id, Credential { id: cred.id.as_str().into(), header_value }) {
+            self.problem(
+                format!("{path}.id"),
+                format!("user {} already has credential {:?} for {}", cred.user, cred.id, cred.upstream),
+            );
+        }
+    }
+
+    /// Resolves `secret` / `secret_env` / `secret_file`: exactly one must be set (none when `has_hash`).
+    fn secret(
+        &mut self,
+        path: &str,
+        inline: Option<&Secret>,
+        env: Option<&str>,
+        file: Option<&Path>,
+        has_hash: bool,
+    ) -> Option<Secret> {
+        let sources = usize::from(inline.is_some())
+            + usize::from(env.is_some())
+            + usize::from(file.is_some())
+            + usize::from(has_hash);
+        if sources != 1 {
+            let what = if has_hash {
+                "sha256, secret, secret_env or secret_file"
+            } else {
+                "secret, secret_env or secret_file"
+            };
+            self.problem(path, format!("set exactly one of {what}"));
+            return None;
+        }
+        let secret = if let Some(s) = inline {
+            s.clone()
+        } else if let Some(name) = env {
+            match std::env::var(name) {
+                Ok(v) => Secret::new(v.trim()),
+                Err(_) => {
+                    self.problem(format!("{path}.secret_env"), format!("environment variable {name} is not set"));
+                    return None;
+                }
+            }
+        } else {
+            let file = self.base_dir.join(file?);
+            match std::fs::read_to_string(&file) {
+                // Kubernetes Secret mounts and `echo > file` leave a trailing newline.
+                Ok(v) => Secret::new(v.trim()),
+                Err(e) => {
+                    self.problem(format!("{path}.secret_file"), format!("cannot read {}: {e}", file.display()));
+                    return None;
+                }
+            }
+        };
+        if secret.expose().is_empty() {
+            self.problem(path, "the secret is empty");
+            return None;
+        }
+        Some(secret)
+    }
+
+    fn socket_addr(&mut self, path: &str, value: &str) -> Option<SocketAddr> {
+        value
+            .parse()
+            .map_err(|_| self.problem(path, format!("{value:?} is not an address such as 127.0.0.1:8080")))
+            .ok()
+    }
+
+    fn duration(&mut self, path: &str, value: &str) -> Option<Duration> {
+        humantime::parse_duration(value)
+            .map_err(|_| self.problem(path, format!("{value:?} is not a duration such as \"30s\" or \"1m\"")))
+            .ok()
+    }
+}
+
+/// Headers the proxy sets or strips itself; config may not repurpose them.
+fn is_reserved_header(name: &HeaderName) -> bool {
+    use http::header::*;
+    [AUTHORIZATION, HOST, ORIGIN, CONTENT_LENGTH, CONTENT_TYPE, CONNECTION, TRANSFER_ENCODING, TE, TRAILER, UPGRADE]
+        .contains(name)
+        || name.as_str() == crate::proxy::headers::CREDENTIAL_ID
+        || name.as_str().starts_with("proxy-")
+}

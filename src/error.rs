@@ -1,0 +1,181 @@
+//! The one error type of the request path, and the one table that turns it into a response.
+//!
+//! Every refusal the proxy makes is a [`ProxyError`]. [`ProxyError::describe`] is the table: HTTP status and
+//! stable machine-readable code. The human message is the `Display` text. The response body is a JSON-RPC
+//! error (with the request's `id`) when the request was an MCP JSON-RPC POST, so MCP clients show it to the
+//! user, and a small JSON object otherwise.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::value::RawValue;
+
+use crate::proxy::body::{ProxyBody, full};
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    #[error("no route for this path")]
+    RouteNotFound,
+    #[error("the request headers are larger than server.max_header_bytes allows")]
+    HeadersTooLarge,
+    #[error("the request body is larger than server.max_body_bytes allows")]
+    BodyTooLarge,
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    #[error("the request body could not be read")]
+    BodyUnreadable,
+    #[error("the Origin header is not allowed here")]
+    OriginNotAllowed,
+    #[error("an API key is required: send Authorization: Bearer <key>")]
+    MissingApiKey,
+    #[error("the API key is not valid")]
+    InvalidApiKey,
+    #[error("the {0} header appears more than once")]
+    DuplicateHeader(&'static str),
+    #[error("the user id is not valid: {0}")]
+    InvalidUserId(&'static str),
+    #[error("this API key acts only as its own user and cannot name another")]
+    UserOverrideForbidden,
+    #[error("this API key may not act as that user")]
+    UserNotPermitted,
+    #[error("unknown user")]
+    UnknownUser,
+    #[error("the x-credential-id header is not valid")]
+    InvalidCredentialId,
+    #[error("the acting user has no credential for this upstream")]
+    MissingCredential,
+    #[error("the acting user has no credential with that id for this upstream")]
+    UnknownCredential,
+    #[error("the acting user has several credentials for this upstream: name one with x-credential-id")]
+    AmbiguousCredential,
+    #[error("the upstream could not be reached")]
+    UpstreamUnavailable,
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+}
+
+impl ProxyError {
+    /// The table: HTTP status and stable error code for every variant.
+    pub fn describe(&self) -> (StatusCode, &'static str) {
+        use ProxyError::*;
+        match self {
+            RouteNotFound => (StatusCode::NOT_FOUND, "route_not_found"),
+            HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large"),
+            BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            BodyUnreadable => (StatusCode::BAD_REQUEST, "body_unreadable"),
+            OriginNotAllowed => (StatusCode::FORBIDDEN, "origin_not_allowed"),
+            MissingApiKey => (StatusCode::UNAUTHORIZED, "missing_api_key"),
+            InvalidApiKey => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            DuplicateHeader(_) => (StatusCode::BAD_REQUEST, "duplicate_header"),
+            InvalidUserId(_) => (StatusCode::BAD_REQUEST, "invalid_user_id"),
+            UserOverrideForbidden => (StatusCode::FORBIDDEN, "user_override_forbidden"),
+            UserNotPermitted => (StatusCode::FORBIDDEN, "user_not_permitted"),
+            UnknownUser => (StatusCode::FORBIDDEN, "unknown_user"),
+            InvalidCredentialId => (StatusCode::BAD_REQUEST, "invalid_credential_id"),
+            MissingCredential => (StatusCode::FORBIDDEN, "missing_credential"),
+            UnknownCredential => (StatusCode::FORBIDDEN, "unknown_credential"),
+            AmbiguousCredential => (StatusCode::BAD_REQUEST, "ambiguous_credential"),
+            UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+            UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.describe().1
+    }
+
+    /// The response for this error. `jsonrpc_id` is `Some` when the request was an MCP JSON-RPC POST: the
+    /// body is then a JSON-RPC error object carrying that id (`null` for a batch or an unreadable id).
+    pub fn into_response(&self, jsonrpc_id: Option<&RawValue>) -> Response<ProxyBody> {
+        let (status, code) = self.describe();
+        let message = self.to_string();
+        let body = match jsonrpc_id {
+            Some(id) => serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": id,
+                "error": {
+                    "code": JSONRPC_PROXY_ERROR,
+                    "message": message,
+                    "data": { "code": code, "status": status.as_u16() },
+                },
+            }),
+            None => serde_json::json!({ "error": { "code": code, "message": message } }),
+        };
+        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// JSON-RPC error code for every refusal by the proxy (implementation-defined server-error range);
+/// `error.data.code` carries the stable proxy code that tells them apart.
+pub const JSONRPC_PROXY_ERROR: i64 = -32001;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn table_maps_every_variant_to_status_and_code() {
+        use ProxyError::*;
+        let table = [
+            (RouteNotFound, 404, "route_not_found"),
+            (HeadersTooLarge, 431, "headers_too_large"),
+            (BodyTooLarge, 413, "body_too_large"),
+            (BodyTimeout, 408, "body_timeout"),
+            (BodyUnreadable, 400, "body_unreadable"),
+            (OriginNotAllowed, 403, "origin_not_allowed"),
+            (MissingApiKey, 401, "missing_api_key"),
+            (InvalidApiKey, 401, "invalid_api_key"),
+            (DuplicateHeader("authorization"), 400, "duplicate_header"),
+            (InvalidUserId("empty"), 400, "invalid_user_id"),
+            (UserOverrideForbidden, 403, "user_override_forbidden"),
+            (UserNotPermitted, 403, "user_not_permitted"),
+            (UnknownUser, 403, "unknown_user"),
+            (InvalidCredentialId, 400, "invalid_credential_id"),
+            (MissingCredential, 403, "missing_credential"),
+            (UnknownCredential, 403, "unknown_credential"),
+            (AmbiguousCredential, 400, "ambiguous_credential"),
+            (UpstreamUnavailable, 502, "upstream_unavailable"),
+            (UpstreamTimeout, 504, "upstream_timeout"),
+        ];
+        let mut codes = std::collections::HashSet::new();
+        for (err, status, code) in table {
+            assert_eq!(err.describe(), (StatusCode::from_u16(status).unwrap(), code), "{err:?}");
+            assert!(codes.insert(code), "code {code} used twice");
+            assert!(!err.to_string().is_empty());
+        }
+    }
+
+    async fn body_json(response: Response<ProxyBody>) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn jsonrpc_requests_get_a_jsonrpc_error_with_their_id() {
+        let id = RawValue::from_string("\"req-7\"".into()).unwrap();
+        let response = ProxyError::UnknownUser.into_response(Some(&id));
+        assert_eq!(response.status(), 403);
+        let body = body_json(response).await;
+        assert_eq!(body["jsonrpc"], "2.0");
+        assert_eq!(body["id"], "req-7");
+        assert_eq!(body["error"]["code"], JSONRPC_PROXY_ERROR);
+        assert_eq!(body["error"]["data"]["code"], "unknown_user");
+    }
+
+    #[tokio::test]
+    async fn other_requests_get_a_small_json_error_and_401_asks_for_bearer() {
+        let response = ProxyError::InvalidApiKey.into_response(None);
+        assert_eq!(response.status(), 401);
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        let body = body_json(response).await;
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+    }
+}

@@ -1,0 +1,121 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mcp_tenant_proxy::app::App;
+use mcp_tenant_proxy::config::{Config, ConfigError};
+
+#[derive(Parser)]
+#[command(version, about = "Multi-tenant gateway for single-user MCP servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default command).
+    Run {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and report every problem with its field path.
+    CheckConfig {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Print a new random API key and the sha256 to put in the config.
+    Keygen,
+    /// Run a built-in single-user MCP server behind the proxy, with users alice and bob.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    mcp_tenant_proxy::telemetry::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let command = cli.command.unwrap_or(Command::Run { config: "proxy.toml".into() });
+    match command {
+        Command::Run { config } => runtime.block_on(run(config)),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Keygen => {
+            let (key, hash) = keygen();
+            println!("key:    {key}\nsha256: {hash}");
+            println!("\nGive the key to its owner once; put only the sha256 in the config:\n  sha256 = \"{hash}\"");
+            ExitCode::SUCCESS
+        }
+        Command::Demo { listen, admin_listen } => {
+            match runtime.block_on(mcp_tenant_proxy::demo::run(listen, admin_listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::from_file(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{}: {}", path.display(), indent(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = match App::start(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    mcp_tenant_proxy::shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    app.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match Config::from_file(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} users, {} upstreams)",
+                path.display(),
+                config.directory.user_count(),
+                config.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {}", path.display(), indent(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn indent(e: &ConfigError) -> String {
+    match e {
+        ConfigError::Invalid(problems) => format!("{} problem(s)\n{e}", problems.len())
+            .lines()
+            .enumerate()
+            .map(|(i, l)| if i == 0 { l.to_owned() } else { format!("  {l}") })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => e.to_string(),
+    }
+}
+
+fn keygen() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let key = format!("mtp_{}", hex::encode(bytes));
+    let hash = hex::encode(mcp_tenant_proxy::secret::sha256(key.as_bytes()));
+    (key, hash)
+}

@@ -1,0 +1,6 @@
+//! The decisions of the request path: who is calling ([`auth`]), as whom ([`identity`]), and with which
+//! upstream credential ([`credential`]).
+
+pub mod auth;
+pub mod credential;
+pub mod identity;

@@ -1,0 +1,106 @@
+//! The pooled upstream client and the forwarding call.
+
+use std::path::Path;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::body::ProxyBody;
+use super::headers::strip_hop_by_hop;
+use crate::config::Upstream;
+use crate::error::ProxyError;
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// One pooled client per upstream: `http://` (HTTP/1.1, or HTTP/2 with prior knowledge) and `https://`
+/// (rustls, HTTP/2 or HTTP/1.1 by ALPN; webpki roots plus `ca_file`).
+pub fn build_client(
+    connect_timeout: Duration,
+    http2_prior_knowledge: bool,
+    ca_file: Option<&Path>,
+) -> Result<UpstreamClient, String> {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificates found", path.display()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_only(http2_prior_knowledge)
+        .build(connector))
+}
+
+/// Sends the rewritten request. Only the wait for the response head is timed: an SSE stream may stay
+/// open for as long as the client keeps it. Returns the error detail for the log alongside the error.
+pub async fn send(
+    upstream: &Upstream,
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, (ProxyError, String)> {
+    match tokio::time::timeout(upstream.response_header_timeout, upstream.client.request(request)).await {
+        Err(_) => Err((
+            ProxyError::UpstreamTimeout,
+            format!("no response head within {:?}", upstream.response_header_timeout),
+        )),
+        Ok(Err(e)) => {
+            let detail = error_chain(&e);
+            // The client's own body outgrew `max_body_bytes` while it streamed: that is the client's error.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = source {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    return Err((ProxyError::BodyTooLarge, detail));
+                }
+                source = err.source();
+            }
+            Err((ProxyError::UpstreamUnavailable, detail))
+        }
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+/// The upstream's answer as the client's: hop-by-hop headers dropped, body streamed frame by frame.
+pub fn into_client_response(response: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        source = err.source();
+    }
+    out
+}

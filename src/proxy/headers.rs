@@ -1,0 +1,227 @@
+//! Header checks at the edge and the request rewrite before forwarding.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+
+use crate::config::Upstream;
+use crate::error::ProxyError;
+
+/// Client header naming which of the acting user's credentials to use.
+pub const CREDENTIAL_ID: &str = "x-credential-id";
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1), besides those named in
+/// `Connection` and every `Proxy-*` header.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Total size of the request's header fields, counted as on the wire (`name: value\r\n`).
+pub fn check_size(headers: &HeaderMap, max_bytes: usize) -> Result<(), ProxyError> {
+    let total: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if total > max_bytes {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// The header's only value; two values of a header that decides identity are ambiguous and refused.
+pub fn single<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+    label: &'static str,
+) -> Result<Option<&'a HeaderValue>, ProxyError> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ProxyError::DuplicateHeader(label));
+    }
+    Ok(first)
+}
+
+/// The spec's DNS-rebinding rule at the edge: no Origin passes; a present Origin must be listed in
+/// `allowed` or, with no list, be the proxy's own origin (scheme + the Host the client addressed).
+pub fn check_origin(parts: &Parts, allowed: Option<&[String]>, tls: bool) -> Result<(), ProxyError> {
+    let Some(origin) = single(&parts.headers, &header::ORIGIN, "origin")? else {
+        return Ok(());
+    };
+    let origin = origin.to_str().map_err(|_| ProxyError::OriginNotAllowed)?.trim_end_matches('/');
+    let permitted = match allowed {
+        Some(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        None => {
+            let scheme = if tls { "https://" } else { "http://" };
+            let host = request_host(parts);
+            match (origin.get(..scheme.len()), host) {
+                (Some(prefix), Some(host)) => {
+                    prefix.eq_ignore_ascii_case(scheme) && origin[scheme.len()..].eq_ignore_ascii_case(host)
+                }
+                _ => false,
+            }
+        }
+    };
+    if permitted { Ok(()) } else { Err(ProxyError::OriginNotAllowed) }
+}
+
+/// The authority the client addressed: `Host` for HTTP/1.1, `:authority` for HTTP/2.
+fn request_host(parts: &Parts) -> Option<&str> {
+    match parts.headers.get(header::HOST) {
+        Some(host) => host.to_str().ok(),
+        None => parts.uri.authority().map(|a| a.as_str()),
+    }
+}
+
+/// What the rewrite needs besides the request and the upstream.
+pub struct Rewrite<'a> {
+    pub user_header: &'a HeaderName,
+    pub credential: &'a HeaderValue,
+    pub acting_user: &'a str,
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub request_id: &'a str,
+}
+
+/// Turns the client's request into the upstream's: new URI, client secrets and hop-by-hop headers
+/// removed, the acting user's credential injected. Removal happens before insertion so no client-sent
+/// copy of an injected header survives.
+pub fn rewrite_request(parts: &mut Parts, upstream: &Upstream, rw: &Rewrite<'_>) -> Result<(), ProxyError> {
+    let original_host = request_host(parts).and_then(|h| HeaderValue::from_str(h).ok());
+    parts.uri = upstream_uri(upstream, upstream.rest_of(parts.uri.path()), parts.uri.query())?;
+    parts.version = http::Version::HTTP_11; // the pooled client picks h1 or h2 per connection
+
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    for name in [header::AUTHORIZATION, header::HOST, header::ORIGIN] {
+        headers.remove(name);
+    }
+    headers.remove(rw.user_header);
+    headers.remove(CREDENTIAL_ID);
+    if let Some(name) = &upstream.forward_user_header {
+        headers.remove(name);
+        // A resolved user id is ASCII from a fixed set, always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(rw.acting_user) {
+            headers.insert(name, value);
+        }
+    }
+    headers.insert(&upstream.inject_header, rw.credential.clone());
+
+    append_forwarded_for(headers, rw.peer);
+    let proto = if rw.tls { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    match original_host {
+        Some(host) => headers.insert("x-forwarded-host", host),
+        None => headers.remove("x-forwarded-host"),
+    };
+    if let Ok(id) = HeaderValue::from_str(rw.request_id) {
+        headers.insert("x-request-id", id);
+    }
+    Ok(())
+}
+
+fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let mut path = String::with_capacity(upstream.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
+    path.push_str(&upstream.base_path);
+    path.push_str(rest);
+    if path.is_empty() {
+        path.push('/');
+    }
+    if let Some(q) = query {
+        path.push('?');
+        path.push_str(q);
+    }
+    let path_and_query = PathAndQuery::try_from(path).map_err(|_| ProxyError::RouteNotFound)?;
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::RouteNotFound)
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", value);
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names and every `Proxy-*`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+        for name in proxy {
+            headers.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut builder = http::Request::builder().uri("/mcp/github");
+        for (n, v) in headers {
+            builder = builder.header(*n, *v);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut p = parts(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic abc"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut p.headers);
+        let names: Vec<_> = p.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
+    }
+
+    #[test]
+    fn origin_rules() {
+        let own = parts(&[("host", "proxy.local:8080"), ("origin", "http://proxy.local:8080")]);
+        assert_eq!(check_origin(&own, None, false), Ok(()));
+        assert_eq!(check_origin(&own, None, true), Err(ProxyError::OriginNotAllowed));
+        let foreign = parts(&[("host", "proxy.local:8080"), ("origin", "http://evil.example")]);
+        assert_eq!(check_origin(&foreign, None, false), Err(ProxyError::OriginNotAllowed));
+        let listed = vec!["http://evil.example".to_owned()];
+        assert_eq!(check_origin(&foreign, Some(&listed), false), Ok(()));
+        assert_eq!(check_origin(&own, Some(&listed), false), Err(ProxyError::OriginNotAllowed));
+        assert_eq!(check_origin(&parts(&[("host", "x")]), None, false), Ok(()));
+        let two = parts(&[("origin", "http://a"), ("origin", "http://b")]);
+        assert_eq!(check_origin(&two, None, false), Err(ProxyError::DuplicateHeader("origin")));
+    }
+
+    #[test]
+    fn header_size_counts_names_and_values() {
+        let p = parts(&[("x-a", "12345")]);
+        assert_eq!(check_size(&p.headers, 12), Ok(()));
+        assert_eq!(check_size(&p.headers, 11), Err(ProxyError::HeadersTooLarge));
+    }
+}

@@ -1,0 +1,170 @@
+//! The request pipeline. [`Proxy::handle`] runs the steps in order; each step is a plain function in
+//! its own module, and [`RequestCtx`] carries what they learn to the audit line at the end.
+
+pub mod body;
+pub mod forward;
+pub mod headers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::policy::{auth, credential, identity};
+use crate::store::KeyKind;
+use crate::telemetry::audit::{AuditEvent, AuditSink};
+use body::{JsonRpc, ProxyBody};
+
+/// Where a connection comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// What the steps learn about one request, for the audit line and the error answer.
+#[derive(Default)]
+struct RequestCtx {
+    upstream: Option<Arc<str>>,
+    key_id: Option<Arc<str>>,
+    key_kind: Option<KeyKind>,
+    requested_user: Option<String>,
+    acting_user: Option<Arc<str>>,
+    fallback: bool,
+    jsonrpc: Option<JsonRpc>,
+}
+
+pub struct Proxy {
+    config: ArcSwap<Config>,
+    audit: AuditSink,
+    request_seq: AtomicU64,
+    /// Random per process, so request ids from restarts and replicas do not collide.
+    instance: u32,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, audit: AuditSink) -> Self {
+        Proxy { config: ArcSwap::new(config), audit, request_seq: AtomicU64::new(0), instance: rand::random() }
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        let started = Instant::now();
+        // One reference-count bump; the config is never cloned per request.
+        let config = self.config.load_full();
+        let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let mut ctx = RequestCtx::default();
+
+        let (response, decision, reason) = match self.pipeline(&config, &mut ctx, request, peer, &request_id).await {
+            Ok(response) => (response, "allow", "ok"),
+            Err(Refusal { error, detail }) => {
+                let response = error.into_response(ctx.jsonrpc.as_ref().map(|j| &*j.id));
+                // The one place a refusal is logged.
+                tracing::info!(
+                    request_id,
+                    code = error.code(),
+                    status = response.status().as_u16(),
+                    detail,
+                    "request refused"
+                );
+                let decision = match error {
+                    ProxyError::UpstreamUnavailable | ProxyError::UpstreamTimeout => "error",
+                    _ => "deny",
+                };
+                (response, decision, error.code())
+            }
+        };
+        let status = response.status().as_u16();
+        self.audit
+            .record(&AuditEvent {
+                request_id: &request_id,
+                method: method.as_str(),
+                path: &path,
+                key_id: ctx.key_id.as_deref(),
+                key_kind: ctx.key_kind.map(KeyKind::as_str),
+                requested_user: ctx.requested_user.as_deref(),
+                acting_user: ctx.acting_user.as_deref(),
+                decision,
+                reason,
+                fallback: ctx.fallback,
+                upstream: ctx.upstream.as_deref(),
+                jsonrpc_method: ctx.jsonrpc.as_ref().and_then(|j| j.method.as_deref()),
+                status,
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            })
+            .await;
+        response
+    }
+
+    /// The steps, in order. Each `?` is a refusal that never reaches the upstream.
+    async fn pipeline(
+        &self,
+        config: &Config,
+        ctx: &mut RequestCtx,
+        request: Request<Incoming>,
+        peer: Peer,
+        request_id: &str,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        let (mut parts, body) = request.into_parts();
+        let server = &config.server;
+
+        // Limits first: the cheapest check, and it bounds the work of every later step.
+        headers::check_size(&parts.headers, server.max_header_bytes)?;
+        // Route: which upstream's rules apply. An unknown path is a 404 whoever asks.
+        let upstream = config.upstream_by_path(parts.uri.path()).ok_or(ProxyError::RouteNotFound)?;
+        ctx.upstream = Some(upstream.name.clone());
+        // Origin at the edge (the spec's DNS-rebinding rule), before any secret is looked at.
+        headers::check_origin(&parts, server.allowed_origins.as_deref(), peer.tls)?;
+        // Read an MCP JSON-RPC body (bounded in size and time) so that every refusal below answers with
+        // the request's JSON-RPC id; other bodies stream.
+        let (body, jsonrpc) = body::read_request(body, &parts, server.max_body_bytes, server.body_read_timeout).await?;
+        ctx.jsonrpc = jsonrpc;
+        // Authenticate: nothing about the caller is trusted, or recorded, before the key is valid.
+        let key = auth::authenticate(&config.directory, &parts.headers)?;
+        ctx.key_id = Some(key.id.clone());
+        ctx.key_kind = Some(key.kind);
+        // Identify the acting user. The requested name is recorded first so that denials are audited too.
+        let requested = identity::requested_user(&config.identity, &parts.headers)?;
+        ctx.requested_user = requested.map(str::to_owned);
+        let who = identity::resolve(&config.identity, &config.directory, key, requested)?;
+        let acting_user = config.directory.user_name(who.user);
+        ctx.acting_user = Some(acting_user.clone());
+        ctx.fallback = who.fallback;
+        // The acting user's own credential for this upstream: never the caller's key, never another user's.
+        let credential = credential::select(config.directory.credentials(who.user, upstream.id), &parts.headers)?;
+        // Rewrite: strip client secrets and hop-by-hop headers, then inject.
+        let rewrite = headers::Rewrite {
+            user_header: &config.identity.user_header,
+            credential: &credential.header_value,
+            acting_user,
+            peer: peer.addr,
+            tls: peer.tls,
+            request_id,
+        };
+        headers::rewrite_request(&mut parts, upstream, &rewrite)?;
+        // Forward over the pooled client and stream the answer back.
+        let response = forward::send(upstream, Request::from_parts(parts, body))
+            .await
+            .map_err(|(error, detail)| Refusal { error, detail: Some(detail) })?;
+        Ok(forward::into_client_response(response))
+    }
+}
+
+/// A refusal and, for upstream failures, the detail that goes to the log (never to the client).
+struct Refusal {
+    error: ProxyError,
+    detail: Option<String>,
+}
+
+impl From<ProxyError> for Refusal {
+    fn from(error: ProxyError) -> Self {
+        Refusal { error, detail: None }
+    }
+}

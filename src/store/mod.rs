@@ -1,0 +1,205 @@
+//! Who exists and what they hold: users, API keys (as SHA-256 hashes) and upstream credentials.
+//!
+//! Built once from the config and read-only afterwards; the request path only does hash-map lookups.
+//! Users are interned to a small [`UserId`] so per-user state elsewhere (limiters, usage) can key on a `u32`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamId(pub u16);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// Acts as its own user only.
+    Standard,
+    /// May act as the users its `act_as` patterns allow, named in the user header.
+    Enterprise,
+}
+
+impl KeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Standard => "standard",
+            KeyKind::Enterprise => "enterprise",
+        }
+    }
+}
+
+/// One entry of a key's `act_as` list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserPattern {
+    Any,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+}
+
+impl UserPattern {
+    pub fn parse(pattern: &str) -> Self {
+        match pattern {
+            "*" => UserPattern::Any,
+            _ => match pattern.strip_suffix('*') {
+                Some(prefix) => UserPattern::Prefix(prefix.into()),
+                None => UserPattern::Exact(pattern.into()),
+            },
+        }
+    }
+
+    pub fn matches(&self, user: &str) -> bool {
+        match self {
+            UserPattern::Any => true,
+            UserPattern::Exact(id) => **id == *user,
+            UserPattern::Prefix(prefix) => user.starts_with(&**prefix),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: Arc<str>,
+    pub kind: KeyKind,
+    pub user: UserId,
+    pub act_as: Vec<UserPattern>,
+}
+
+impl ApiKey {
+    pub fn may_act_as(&self, user: &str) -> bool {
+        self.act_as.iter().any(|pattern| pattern.matches(user))
+    }
+}
+
+/// A user's credential for one upstream, already rendered into the header value the upstream expects
+/// (marked sensitive, so hyper's and our `Debug` hide it).
+pub struct Credential {
+    pub id: Box<str>,
+    pub header_value: HeaderValue,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential").field("id", &self.id).field("header_value", &"***").finish()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Directory {
+    user_ids: HashMap<Arc<str>, UserId>,
+    user_names: Vec<Arc<str>>,
+    keys: HashMap<[u8; 32], ApiKey>,
+    credentials: HashMap<(UserId, UpstreamId), Vec<Credential>>,
+}
+
+impl Directory {
+    /// Adds a user if it is new; returns its id either way.
+    pub fn add_user(&mut self, name: &str) -> UserId {
+        if let Some(id) = self.user_ids.get(name) {
+            return *id;
+        }
+        let id = UserId(u32::try_from(self.user_names.len()).expect("fewer than 2^32 users"));
+        let name: Arc<str> = name.into();
+        self.user_names.push(name.clone());
+        self.user_ids.insert(name, id);
+        id
+    }
+
+    /// Returns false when a key with the same hash is already present.
+    pub fn add_key(&mut self, sha256: [u8; 32], key: ApiKey) -> bool {
+        if self.keys.contains_key(&sha256) {
+            return false;
+        }
+        self.keys.insert(sha256, key);
+        true
+    }
+
+    /// Returns false when the user already has a credential with that id for that upstream.
+    pub fn add_credential(&mut self, user: UserId, upstream: UpstreamId, credential: Credential) -> bool {
+        let list = self.credentials.entry((user, upstream)).or_default();
+        if list.iter().any(|c| c.id == credential.id) {
+            return false;
+        }
+        list.push(credential);
+        true
+    }
+
+    pub fn user(&self, name: &str) -> Option<UserId> {
+        self.user_ids.get(name).copied()
+    }
+
+    pub fn user_name(&self, id: UserId) -> &Arc<str> {
+        &self.user_names[id.0 as usize]
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.user_names.len()
+    }
+
+    /// Looks a key up by the SHA-256 of what the client presented. Comparing digests rather than keys
+    /// means any timing difference of the lookup depends on the digest only, which tells an attacker
+    /// nothing about a stored key's bytes.
+    pub fn key_by_hash(&self, sha256: &[u8; 32]) -> Option<&ApiKey> {
+        self.keys.get(sha256)
+    }
+
+    pub fn credentials(&self, user: UserId, upstream: UpstreamId) -> &[Credential] {
+        self.credentials.get(&(user, upstream)).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The user-id grammar shared by the user header, config and (later) the admin API: ASCII letters,
+/// digits and `._@:-`, non-empty, at most `max_len` bytes.
+pub fn check_user_id(id: &str, max_len: usize) -> Result<(), &'static str> {
+    if id.is_empty() {
+        return Err("empty");
+    }
+    if id.len() > max_len {
+        return Err("too long");
+    }
+    if !id.bytes().all(is_user_id_byte) {
+        return Err("only ASCII letters, digits and . _ @ : - are allowed");
+    }
+    Ok(())
+}
+
+fn is_user_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b':' | b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_id_grammar() {
+        for ok in ["alice", "a", "tenant-a.bob_1@example.com", "svc:42"] {
+            assert_eq!(check_user_id(ok, 128), Ok(()), "{ok}");
+        }
+        for bad in ["", " alice", "alice ", "al ice", "alice,bob", "alïce", "a\r\nb", "a\0", "a/b", "*"] {
+            assert!(check_user_id(bad, 128).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(check_user_id(&"a".repeat(129), 128), Err("too long"));
+        assert_eq!(check_user_id(&"a".repeat(128), 128), Ok(()));
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(UserPattern::parse("*").matches("anyone"));
+        assert!(UserPattern::parse("tenant-a-*").matches("tenant-a-bob"));
+        assert!(!UserPattern::parse("tenant-a-*").matches("tenant-b-bob"));
+        assert!(UserPattern::parse("alice").matches("alice"));
+        assert!(!UserPattern::parse("alice").matches("alice2"));
+    }
+
+    #[test]
+    fn credential_debug_hides_the_value() {
+        let mut value = HeaderValue::from_static("Bearer ghp_secret");
+        value.set_sensitive(true);
+        let c = Credential { id: "default".into(), header_value: value };
+        assert!(!format!("{c:?}").contains("ghp_secret"));
+    }
+}

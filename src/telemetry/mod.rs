@@ -1,0 +1,9 @@
+//! Operational logs (tracing, to stderr) and the audit trail ([`audit`]).
+
+pub mod audit;
+
+/// Logs go to stderr so stdout stays free for the audit trail; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rmcp=warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
