@@ -47,7 +47,7 @@ pub async fn read_request(
         return Err(ProxyError::BodyTooLarge);
     }
     let limit = usize::try_from(max_bytes).unwrap_or(usize::MAX);
-    if parts.method != Method::POST || !is_json(parts) {
+    if !is_json_post(&parts.method, &parts.headers) {
         // Streamed; a body that outgrows the limit mid-way fails the upstream request (see forward).
         return Ok((Limited::new(body, limit).boxed(), None));
     }
@@ -66,11 +66,13 @@ pub async fn read_request(
     Ok((full(bytes), jsonrpc))
 }
 
-fn is_json(parts: &Parts) -> bool {
-    parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
-        let essence = ct.split(';').next().unwrap_or("").trim();
-        essence.eq_ignore_ascii_case("application/json")
-    })
+/// An MCP JSON-RPC POST: its body is read, and refusals answer with a JSON-RPC error.
+pub fn is_json_post(method: &Method, headers: &http::HeaderMap) -> bool {
+    method == Method::POST
+        && headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            essence.eq_ignore_ascii_case("application/json")
+        })
 }
 
 /// Reads the id and method of a JSON-RPC message without copying the rest of it. `None` when the body
@@ -97,7 +99,7 @@ pub fn peek_jsonrpc(bytes: &[u8]) -> Option<JsonRpc> {
     })
 }
 
-fn null_id() -> Box<RawValue> {
+pub fn null_id() -> Box<RawValue> {
     RawValue::from_string("null".to_owned()).expect("null is JSON")
 }
 

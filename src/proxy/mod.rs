@@ -19,7 +19,8 @@ use crate::error::ProxyError;
 use crate::policy::{auth, credential, identity};
 use crate::store::KeyKind;
 use crate::telemetry::audit::{AuditEvent, AuditSink};
-use body::{JsonRpc, ProxyBody};
+use body::ProxyBody;
+use serde_json::value::RawValue;
 
 /// Where a connection comes from.
 #[derive(Clone, Copy, Debug)]
@@ -37,7 +38,9 @@ struct RequestCtx {
     requested_user: Option<String>,
     acting_user: Option<Arc<str>>,
     fallback: bool,
-    jsonrpc: Option<JsonRpc>,
+    /// Set for an MCP JSON-RPC POST: `null` until the body is read, then the request's id.
+    jsonrpc_id: Option<Box<RawValue>>,
+    jsonrpc_method: Option<Box<str>>,
 }
 
 pub struct Proxy {
@@ -60,12 +63,15 @@ impl Proxy {
         let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let mut ctx = RequestCtx::default();
+        let mut ctx = RequestCtx {
+            jsonrpc_id: body::is_json_post(request.method(), request.headers()).then(body::null_id),
+            ..Default::default()
+        };
 
         let (response, decision, reason) = match self.pipeline(&config, &mut ctx, request, peer, &request_id).await {
             Ok(response) => (response, "allow", "ok"),
             Err(Refusal { error, detail }) => {
-                let response = error.into_response(ctx.jsonrpc.as_ref().map(|j| &*j.id));
+                let response = error.into_response(ctx.jsonrpc_id.as_deref());
                 // The one place a refusal is logged.
                 tracing::info!(
                     request_id,
@@ -95,7 +101,7 @@ impl Proxy {
                 reason,
                 fallback: ctx.fallback,
                 upstream: ctx.upstream.as_deref(),
-                jsonrpc_method: ctx.jsonrpc.as_ref().and_then(|j| j.method.as_deref()),
+                jsonrpc_method: ctx.jsonrpc_method.as_deref(),
                 status,
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             })
@@ -125,7 +131,12 @@ impl Proxy {
         // Read an MCP JSON-RPC body (bounded in size and time) so that every refusal below answers with
         // the request's JSON-RPC id; other bodies stream.
         let (body, jsonrpc) = body::read_request(body, &parts, server.max_body_bytes, server.body_read_timeout).await?;
-        ctx.jsonrpc = jsonrpc;
+        if ctx.jsonrpc_id.is_some() {
+            (ctx.jsonrpc_id, ctx.jsonrpc_method) = match jsonrpc {
+                Some(rpc) => (Some(rpc.id), rpc.method),
+                None => (None, None), // JSON, but not JSON-RPC: errors answer in plain JSON
+            };
+        }
         // Authenticate: nothing about the caller is trusted, or recorded, before the key is valid.
         let key = auth::authenticate(&config.directory, &parts.headers)?;
         ctx.key_id = Some(key.id.clone());

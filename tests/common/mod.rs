@@ -1,0 +1,301 @@
+//! Test harness: the real app on 127.0.0.1:0, real upstreams on other :0 ports, a plain HTTP client.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use mcp_tenant_proxy::app::App;
+use mcp_tenant_proxy::config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn body(bytes: impl Into<Bytes>) -> TestBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+pub const ENTERPRISE_KEY: &str = "ent-key-0001";
+pub const ALICE_KEY: &str = "alice-key-0001";
+pub const BOB_KEY: &str = "bob-key-0001";
+pub const TENANT_KEY: &str = "tenant-key-0001";
+
+/// Keys, users and credentials most tests share. `{upstream}` is replaced by the upstream's address.
+pub fn base_config(upstream: SocketAddr, extra_upstream_fields: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+
+[[keys]]
+id = "acme-backend"
+kind = "enterprise"
+secret = "{ENTERPRISE_KEY}"
+user = "acme-service"
+act_as = ["*"]
+
+[[keys]]
+id = "tenant-a"
+kind = "enterprise"
+secret = "{TENANT_KEY}"
+user = "tenant-a-admin"
+act_as = ["tenant-a-*", "carol"]
+
+[[keys]]
+id = "alice-laptop"
+kind = "standard"
+sha256 = "{alice_hash}"
+user = "alice"
+
+[[keys]]
+id = "bob-laptop"
+kind = "standard"
+secret = "{BOB_KEY}"
+user = "bob"
+
+[[users]]
+id = "alice"
+[[users]]
+id = "bob"
+[[users]]
+id = "carol"
+[[users]]
+id = "tenant-a-dave"
+[[users]]
+id = "tenant-b-erin"
+
+[upstreams.github]
+url = "http://{upstream}/mcp"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+{extra_upstream_fields}
+
+[[credentials]]
+user = "alice"
+upstream = "github"
+secret = "cred-alice"
+
+[[credentials]]
+user = "bob"
+upstream = "github"
+secret = "cred-bob"
+
+[[credentials]]
+user = "acme-service"
+upstream = "github"
+secret = "cred-acme"
+
+[[credentials]]
+user = "tenant-a-dave"
+upstream = "github"
+secret = "cred-dave"
+
+[[credentials]]
+user = "tenant-a-admin"
+upstream = "github"
+secret = "cred-tenant-admin"
+
+[[credentials]]
+user = "carol"
+upstream = "github"
+id = "work"
+secret = "cred-carol-work"
+
+[[credentials]]
+user = "carol"
+upstream = "github"
+id = "home"
+secret = "cred-carol-home"
+"#,
+        alice_hash = hex::encode(mcp_tenant_proxy::secret::sha256(ALICE_KEY.as_bytes())),
+    )
+}
+
+/// The running app, its URLs and its audit file.
+pub struct Harness {
+    pub app: Option<App>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub audit: PathBuf,
+    pub client: Client<HttpConnector, TestBody>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Starts the app on `config` (TOML). The audit trail goes to a file in a temporary directory.
+    pub async fn start(config: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = dir.path().join("audit.log");
+        let config = format!("{config}\n[audit]\npath = \"{}\"\n", audit.display());
+        let config = Config::from_toml(&config, dir.path()).unwrap_or_else(|e| panic!("config: {e}"));
+        let app = App::start(config).await.unwrap();
+        Harness {
+            addr: app.proxy_addr,
+            admin: app.admin_addr.unwrap(),
+            app: Some(app),
+            audit,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn send(&self, request: Request<TestBody>) -> Response<Incoming> {
+        self.client.request(request).await.unwrap()
+    }
+
+    /// Audit lines written so far, after a clean shutdown flushed them.
+    pub async fn shutdown_and_read_audit(&mut self) -> Vec<serde_json::Value> {
+        self.app.take().unwrap().shutdown().await;
+        let text = std::fs::read_to_string(&self.audit).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+/// A POST of a JSON-RPC `tools/call` with the given headers.
+pub fn mcp_post(url: &str, headers: &[(&str, &str)]) -> Request<TestBody> {
+    let mut builder = Request::post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder
+        .body(body(
+            r#"{"jsonrpc":"2.0","id":"call-1","method":"tools/call","params":{"name":"whoami","arguments":{}}}"#,
+        ))
+        .unwrap()
+}
+
+pub async fn json(response: Response<Incoming>) -> serde_json::Value {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+}
+
+/// What an upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Serves `handler` over HTTP/1.1 and h2c on 127.0.0.1:0.
+pub async fn spawn_http<H, F>(handler: H) -> SocketAddr
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that records every request and answers 200 `{"ok":true}`.
+pub async fn recording_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let addr = spawn_http(move |req: Request<Incoming>| {
+        let record = record.clone();
+        async move {
+            let (parts, incoming) = req.into_parts();
+            let body = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            record.lock().unwrap().push(Seen {
+                method: parts.method,
+                uri: parts.uri,
+                version: parts.version,
+                headers: parts.headers,
+                body,
+            });
+            let mut response = Response::new(self::body(r#"{"ok":true}"#));
+            response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            response
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+/// A body that tells `dropped` when it is dropped: proves a stream was torn down.
+pub struct NotifyOnDrop<B> {
+    pub inner: B,
+    pub dropped: Option<oneshot::Sender<()>>,
+}
+
+impl<B: Body + Unpin> Body for NotifyOnDrop<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+}
+
+impl<B> Drop for NotifyOnDrop<B> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.dropped.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// An SSE upstream: each request gets a stream whose events the test sends through the returned channel.
+pub struct SseUpstream {
+    pub addr: SocketAddr,
+    /// One item per request: the sender of its events, and a receiver that fires when its body is dropped.
+    pub streams: mpsc::Receiver<(http_body_util::channel::Sender<Bytes, Infallible>, oneshot::Receiver<()>)>,
+}
+
+pub async fn sse_upstream() -> SseUpstream {
+    let (tx, streams) = mpsc::channel(8);
+    let addr = spawn_http(move |_req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let (events, channel) = http_body_util::channel::Channel::<Bytes, Infallible>::new(8);
+            let (dropped_tx, dropped_rx) = oneshot::channel();
+            tx.send((events, dropped_rx)).await.unwrap();
+            let body = NotifyOnDrop { inner: channel, dropped: Some(dropped_tx) };
+            let mut response = Response::new(body.map_err(|never| match never {}).boxed());
+            response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            response
+        }
+    })
+    .await;
+    SseUpstream { addr, streams }
+}
+
+pub fn status(response: &Response<Incoming>) -> StatusCode {
+    response.status()
+}
