@@ -1,6 +1,7 @@
 //! Validated runtime configuration ("parse, don't validate"): every check happens here, once, and every
 //! problem is reported with its field path. The request path only reads these types.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -248,7 +249,7 @@ impl Builder<'_> {
         })
     }
 
-    fn upstreams(&mut self, raw: &std::collections::BTreeMap<String, RawUpstream>) -> Vec<Upstream> {
+    fn upstreams(&mut self, raw: &BTreeMap<String, RawUpstream>) -> Vec<Upstream> {
         let mut upstreams: Vec<Upstream> = Vec::new();
         for (index, (name, u)) in raw.iter().enumerate() {
             let path = format!("upstreams.{name}");
@@ -353,7 +354,7 @@ impl Builder<'_> {
             self.key(&mut dir, i, key, max_len);
         }
         for (i, cred) in raw.credentials.iter().enumerate() {
-            self.credential(&mut dir, i, cred, upstreams, max_len);
+            self.credential(&mut dir, i, cred, upstreams, &raw.upstreams, max_len);
         }
         dir
     }
@@ -393,7 +394,7 @@ impl Builder<'_> {
                 key.secret.as_ref(),
                 key.secret_env.as_deref(),
                 key.secret_file.as_deref(),
-                key.sha256.is_some(),
+                Some(key.sha256.is_some()),
             ),
         ) {
             (Some(hex_digest), _) => {
@@ -423,6 +424,7 @@ impl Builder<'_> {
         i: usize,
         cred: &RawCredential,
         upstreams: &[Upstream],
+        declared_upstreams: &BTreeMap<String, RawUpstream>,
         max_len: usize,
     ) {
         let path = format!("credentials[{i}]");
@@ -433,15 +435,16 @@ impl Builder<'_> {
                 format!("unknown user {:?}: list it in [[users]] or as a key's user", cred.user),
             );
         }
+        // An upstream that is declared but invalid has its own problem reported; don't add a second one.
         let upstream = upstreams.iter().find(|u| *u.name == *cred.upstream);
-        if upstream.is_none() {
+        if !declared_upstreams.contains_key(&cred.upstream) {
             self.problem(format!("{path}.upstream"), format!("unknown upstream {:?}", cred.upstream));
         }
         if check_user_id(&cred.id, max_len).is_err() {
             self.problem(format!("{path}.id"), "credential ids use the user-id characters");
         }
         let secret =
-            self.secret(&path, cred.secret.as_ref(), cred.secret_env.as_deref(), cred.secret_file.as_deref(), false);
+            self.secret(&path, cred.secret.as_ref(), cred.secret_env.as_deref(), cred.secret_file.as_deref(), None);
         let (Some(user), Some(upstream), Some(secret)) = (user, upstream, secret) else { return };
         let rendered = upstream.inject_template.replacen("{secret}", secret.expose(), 1);
         let Ok(mut header_value) = HeaderValue::from_str(&rendered) else {
@@ -457,21 +460,23 @@ impl Builder<'_> {
         }
     }
 
-    /// Resolves `secret` / `secret_env` / `secret_file`: exactly one must be set (none when `has_hash`).
+    /// Resolves `secret` / `secret_env` / `secret_file`: exactly one must be set, or none when an API key
+    /// gives its `sha256` (`sha256` is `None` for credentials, which have no such field).
     fn secret(
         &mut self,
         path: &str,
         inline: Option<&Secret>,
         env: Option<&str>,
         file: Option<&Path>,
-        has_hash: bool,
+        sha256: Option<bool>,
     ) -> Option<Secret> {
+        let has_hash = sha256 == Some(true);
         let sources = usize::from(inline.is_some())
             + usize::from(env.is_some())
             + usize::from(file.is_some())
             + usize::from(has_hash);
         if sources != 1 {
-            let what = if has_hash {
+            let what = if sha256.is_some() {
                 "sha256, secret, secret_env or secret_file"
             } else {
                 "secret, secret_env or secret_file"

@@ -1,0 +1,144 @@
+//! Configuration loading and the CLI around it.
+
+use std::process::Command;
+
+use mcp_tenant_proxy::config::{Config, ConfigError};
+
+fn problems(toml: &str) -> Vec<String> {
+    match Config::from_toml(toml, std::path::Path::new(".")) {
+        Err(ConfigError::Invalid(problems)) => {
+            problems.into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect()
+        }
+        Err(e) => vec![e.to_string()],
+        Ok(_) => vec![],
+    }
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path() {
+    let found = problems(
+        r#"
+[server]
+listen = "nowhere"
+shutdown_grace = "soon"
+[identity]
+unknown_user = "guess"
+[[keys]]
+id = "k1"
+kind = "admin"
+user = "bad user"
+[[keys]]
+id = "k2"
+kind = "standard"
+user = "alice"
+secret = "s"
+act_as = ["bob"]
+[[keys]]
+id = "k3"
+kind = "enterprise"
+user = "carol"
+secret = "t"
+sha256 = "00"
+[upstreams.gh]
+url = "ftp://x"
+inject = { header = "authorization", value = "Bearer" }
+[[credentials]]
+user = "nobody"
+upstream = "nowhere"
+secret = "x"
+[[credentials]]
+user = "alice"
+upstream = "gh"
+"#,
+    );
+    let expected = [
+        "server.listen:",
+        "server.shutdown_grace:",
+        "identity.unknown_user:",
+        "keys[0].kind:",
+        "keys[0].user:",
+        "keys[0]: set exactly one of sha256, secret, secret_env or secret_file",
+        "keys[1].act_as:",
+        "keys[2]: set exactly one of",
+        "keys[2].sha256: must be 64 hex digits",
+        "upstreams.gh.url:",
+        "upstreams.gh.inject.value:",
+        "credentials[0].user:",
+        "credentials[0].upstream:",
+        "credentials[1]: set exactly one of secret, secret_env or secret_file",
+    ];
+    for prefix in expected {
+        assert!(found.iter().any(|p| p.starts_with(prefix)), "missing {prefix:?} in {found:#?}");
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+}
+
+#[test]
+fn unknown_fields_are_named() {
+    let found = problems("[server]\nlisten = \"127.0.0.1:1\"\nmax_body = 5\n");
+    assert_eq!(found.len(), 1);
+    assert!(found[0].contains("unknown field `max_body`"), "{found:?}");
+}
+
+#[test]
+fn secrets_come_from_env_and_files_and_never_show_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "file-token\n").unwrap();
+    // SAFETY: the variable name is unique to this test.
+    unsafe { std::env::set_var("MTP_TEST_CONFIG_KEY", "env-key") };
+    let toml = r#"
+[[keys]]
+id = "k"
+kind = "standard"
+user = "alice"
+secret_env = "MTP_TEST_CONFIG_KEY"
+[upstreams.gh]
+url = "http://127.0.0.1:1/mcp"
+inject = { header = "x-token", value = "{secret}" }
+[[credentials]]
+user = "alice"
+upstream = "gh"
+secret_file = "token"
+"#;
+    let config = Config::from_toml(toml, dir.path()).unwrap();
+    let key = config.directory.key_by_hash(&mcp_tenant_proxy::secret::sha256(b"env-key")).unwrap();
+    let creds = config.directory.credentials(key.user, config.upstreams[0].id);
+    assert_eq!(creds[0].header_value, "file-token", "trailing newline of the file is dropped");
+    assert!(!format!("{creds:?}").contains("file-token"));
+
+    let bad = toml.replace("secret_file = \"token\"", "secret = \"bad\\nvalue-with-newline\"");
+    let err = Config::from_toml(&bad, dir.path()).err().unwrap().to_string();
+    assert!(err.contains("credentials[0]") && !err.contains("value-with-newline"), "{err}");
+}
+
+#[test]
+fn check_config_cli_accepts_the_example_and_rejects_a_broken_file() {
+    let exe = env!("CARGO_BIN_EXE_mcp-tenant-proxy");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml.example");
+    let ok = Command::new(exe)
+        .args(["check-config", "--config", example])
+        .env("ALICE_API_KEY", "k")
+        .env("ALICE_GITHUB_TOKEN", "a")
+        .env("BOB_GITHUB_TOKEN", "b")
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok (3 users, 1 upstreams)"));
+
+    let missing_env =
+        Command::new(exe).args(["check-config", "--config", example]).env_remove("ALICE_API_KEY").output().unwrap();
+    assert_eq!(missing_env.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing_env.stderr);
+    assert!(stderr.contains("keys[1].secret_env: environment variable ALICE_API_KEY is not set"), "{stderr}");
+}
+
+#[test]
+fn keygen_prints_a_key_and_its_sha256() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy")).arg("keygen").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().to_owned();
+    let key = field("key:");
+    let hash = field("sha256:");
+    assert!(key.starts_with("mtp_") && key.len() == 68);
+    assert_eq!(hash, hex::encode(mcp_tenant_proxy::secret::sha256(key.as_bytes())));
+}
