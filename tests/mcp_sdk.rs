@@ -73,7 +73,9 @@ async fn sdk_client_sees_the_refusal() {
             HashMap::from([(HeaderName::from_static("x-alloy-userid"), HeaderValue::from_static("alice"))]),
         ),
     );
-    let error = ClientConfig::default().serve(transport).await.err().expect("bob's key cannot act as alice");
+    let Err(error) = ClientConfig::default().serve(transport).await else {
+        panic!("bob's key cannot act as alice");
+    };
     let message = format!("{error:?}");
     assert!(message.contains("403") || message.contains("user_override_forbidden"), "{message}");
 }
