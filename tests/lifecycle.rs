@@ -1,0 +1,78 @@
+//! The process around the pipeline: slow clients, and SIGTERM on the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let (upstream, seen) = recording_upstream().await;
+    let config = base_config(upstream, "").replacen("[server]\n", "[server]\nheader_read_timeout = \"300ms\"\n", 1);
+    let harness = Harness::start(&config).await;
+    let mut stream = tokio::net::TcpStream::connect(harness.addr).await.unwrap();
+    stream
+        .write_all(b"POST /mcp/github HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key-0001\r\n")
+        .await
+        .unwrap();
+    // The headers never end: the proxy must close the connection by itself (the 10 s bound only keeps
+    // a broken build from hanging the suite).
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open long after header_read_timeout");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[test]
+fn sigterm_stops_the_binary_cleanly_and_flushes_the_audit_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let config = dir.path().join("proxy.toml");
+    // Port 0 everywhere; the binary logs the bound addresses, which is how this test finds them.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[audit]\npath = \"{}\"\n[[keys]]\nid = \"k\"\nkind = \"standard\"\nsecret = \"s\"\nuser = \"alice\"\n",
+            audit.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited before listening");
+        if let Some(rest) = line.split("proxy_addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    // One request, so the audit trail has a line to flush.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut stream, b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    let trail = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(trail.lines().count(), 1);
+    assert!(trail.contains("\"reason\":\"route_not_found\""));
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "still listening after exit");
+}
