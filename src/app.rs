@@ -9,9 +9,13 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, Health};
 use crate::config::Config;
+use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::proxy::Proxy;
 use crate::server::listener::{self, ListenerSettings};
 use crate::telemetry::audit::AuditSink;
+
+/// How often idle users' rate-limiter state is dropped.
+const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct App {
     pub proxy_addr: SocketAddr,
@@ -19,12 +23,18 @@ pub struct App {
     health: Arc<Health>,
     shutdown: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
+    evictor: JoinHandle<()>,
     audit_writer: JoinHandle<()>,
 }
 
 impl App {
     /// Binds every listener (so a bad address fails here, not later) and starts serving.
     pub async fn start(config: Config) -> io::Result<App> {
+        Self::start_with_clock(config, LimitClock::default()).await
+    }
+
+    /// As [`App::start`], with the clock the rate limiters read (tests pass a fake one).
+    pub async fn start_with_clock(config: Config, clock: LimitClock) -> io::Result<App> {
         let config = Arc::new(config);
         let proxy_listener = listener::bind(config.server.listen).await?;
         let admin_listener = match config.admin_listen {
@@ -38,7 +48,17 @@ impl App {
         let health = Arc::new(Health::default());
         let server = &config.server;
 
-        let proxy = Arc::new(Proxy::new(config.clone(), audit));
+        let limits = Arc::new(RateLimits::with_clock(clock));
+        let proxy = Arc::new(Proxy::new(config.clone(), limits.clone(), audit));
+        // Idle users' limiter state is dropped on a schedule so memory stays bounded.
+        let evictor = tokio::spawn(async move {
+            let mut every = tokio::time::interval(LIMITER_EVICTION_INTERVAL);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                limits.evict();
+            }
+        });
         let settings = ListenerSettings {
             header_read_timeout: server.header_read_timeout,
             max_header_bytes: server.max_header_bytes,
@@ -64,7 +84,7 @@ impl App {
         }
         health.set_ready(true);
         tracing::info!(%proxy_addr, ?admin_addr, tls = server.tls.is_some(), upstreams = config.upstreams.len(), "listening");
-        Ok(App { proxy_addr, admin_addr, health, shutdown, listeners, audit_writer })
+        Ok(App { proxy_addr, admin_addr, health, shutdown, listeners, evictor, audit_writer })
     }
 
     /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, then flushes the audit trail.
@@ -74,6 +94,7 @@ impl App {
         for task in self.listeners {
             let _ = task.await;
         }
+        self.evictor.abort();
         // The listeners held the last references to the audit sink: the writer now drains and ends.
         let _ = self.audit_writer.await;
     }

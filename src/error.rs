@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::value::RawValue;
 
+use crate::policy::ratelimit::{self, ceil_secs};
 use crate::proxy::body::{ProxyBody, full};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -47,6 +48,8 @@ pub enum ProxyError {
     UnknownCredential,
     #[error("the acting user has several credentials for this upstream: name one with x-credential-id")]
     AmbiguousCredential,
+    #[error("rate limit exceeded at the {} level: retry in {} s", .0.level.as_str(), ceil_secs(.0.retry_after))]
+    RateLimited(ratelimit::Refusal),
     #[error("the upstream could not be reached")]
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
@@ -75,6 +78,7 @@ impl ProxyError {
             MissingCredential => (StatusCode::FORBIDDEN, "missing_credential"),
             UnknownCredential => (StatusCode::FORBIDDEN, "unknown_credential"),
             AmbiguousCredential => (StatusCode::BAD_REQUEST, "ambiguous_credential"),
+            RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
         }
@@ -89,6 +93,10 @@ impl ProxyError {
     pub fn into_response(&self, jsonrpc_id: Option<&RawValue>) -> Response<ProxyBody> {
         let (status, code) = self.describe();
         let message = self.to_string();
+        let retry_after = match self {
+            ProxyError::RateLimited(refusal) => Some(ceil_secs(refusal.retry_after)),
+            _ => None,
+        };
         let body = match jsonrpc_id {
             Some(id) => serde_json::json!({
                 "jsonrpc": "2.0",
@@ -96,10 +104,10 @@ impl ProxyError {
                 "error": {
                     "code": JSONRPC_PROXY_ERROR,
                     "message": message,
-                    "data": { "code": code, "status": status.as_u16() },
+                    "data": { "code": code, "status": status.as_u16(), "retry_after": retry_after },
                 },
             }),
-            None => serde_json::json!({ "error": { "code": code, "message": message } }),
+            None => serde_json::json!({ "error": { "code": code, "message": message, "retry_after": retry_after } }),
         };
         let mut response = Response::new(full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
@@ -107,6 +115,15 @@ impl ProxyError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ProxyError::RateLimited(refusal) = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(ceil_secs(refusal.retry_after)));
+            let (policy, state) = ratelimit::refusal_headers(refusal);
+            for (name, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+                if let Ok(value) = HeaderValue::try_from(value) {
+                    headers.insert(name, value);
+                }
+            }
         }
         response
     }
@@ -120,6 +137,25 @@ pub const JSONRPC_PROXY_ERROR: i64 = -32001;
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    fn refusal() -> ratelimit::Refusal {
+        let limit = ratelimit::Limit::new(10.try_into().unwrap(), std::time::Duration::from_secs(60), None).unwrap();
+        ratelimit::Refusal { level: ratelimit::Level::User, limit, retry_after: std::time::Duration::from_millis(5200) }
+    }
+
+    #[tokio::test]
+    async fn rate_limited_answers_carry_retry_after_and_ratelimit_headers() {
+        let id = RawValue::from_string("3".into()).unwrap();
+        let response = ProxyError::RateLimited(refusal()).into_response(Some(&id));
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "6");
+        assert_eq!(response.headers()["ratelimit-policy"], "\"user\";q=10;w=60");
+        assert_eq!(response.headers()["ratelimit"], "\"user\";r=0;t=6");
+        let body = body_json(response).await;
+        assert_eq!(body["id"], 3);
+        assert_eq!(body["error"]["data"]["code"], "rate_limited");
+        assert_eq!(body["error"]["data"]["retry_after"], 6);
+    }
 
     #[test]
     fn table_maps_every_variant_to_status_and_code() {
@@ -142,6 +178,7 @@ mod tests {
             (MissingCredential, 403, "missing_credential"),
             (UnknownCredential, 403, "unknown_credential"),
             (AmbiguousCredential, 400, "ambiguous_credential"),
+            (RateLimited(refusal()), 429, "rate_limited"),
             (UpstreamUnavailable, 502, "upstream_unavailable"),
             (UpstreamTimeout, 504, "upstream_timeout"),
         ];

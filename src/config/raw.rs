@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     pub credentials: Vec<RawCredential>,
+    /// The default per-user limit; none means unlimited.
+    pub rate_limit: Option<RawLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,12 +117,14 @@ pub struct RawKey {
     pub secret: Option<Secret>,
     pub secret_env: Option<String>,
     pub secret_file: Option<PathBuf>,
+    pub rate_limit: Option<RawLimit>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUser {
     pub id: String,
+    pub rate_limit: Option<RawLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +142,8 @@ pub struct RawUpstream {
     pub http2_prior_knowledge: bool,
     /// Extra PEM CA certificates trusted for an `https://` upstream, besides the webpki roots.
     pub ca_file: Option<PathBuf>,
+    /// Per user, on this upstream only.
+    pub rate_limit: Option<RawLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,4 +167,43 @@ pub struct RawCredential {
 
 fn default_credential_id() -> String {
     "default".into()
+}
+
+/// `rate_limit = "unlimited"` or `rate_limit = { requests = 100, per = "1m", burst = 100 }`.
+#[derive(Debug)]
+pub enum RawLimit {
+    Unlimited,
+    Quota(RawQuota),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    pub requests: u32,
+    pub per: String,
+    pub burst: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for RawLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, Unexpected, Visitor};
+
+        struct LimitVisitor;
+        impl<'de> Visitor<'de> for LimitVisitor {
+            type Value = RawLimit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"unlimited\" or a table { requests, per, burst }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLimit, E> {
+                match v {
+                    "unlimited" => Ok(RawLimit::Unlimited),
+                    _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawLimit, A::Error> {
+                RawQuota::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawLimit::Quota)
+            }
+        }
+        deserializer.deserialize_any(LimitVisitor)
+    }
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
-use super::raw::{RawConfig, RawCredential, RawKey, RawUpstream};
+use super::raw::{RawConfig, RawCredential, RawKey, RawLimit, RawUpstream};
+use crate::policy::ratelimit::Limit;
 use crate::proxy::forward::UpstreamClient;
 use crate::secret::{Secret, sha256};
 use crate::store::{ApiKey, Credential, Directory, KeyKind, UpstreamId, UserPattern, check_user_id};
@@ -70,6 +71,8 @@ pub struct Upstream {
     inject_template: String,
     pub forward_user_header: Option<HeaderName>,
     pub response_header_timeout: Duration,
+    /// Per user, on this upstream.
+    pub rate_limit: Option<Limit>,
     pub client: UpstreamClient,
 }
 
@@ -304,6 +307,7 @@ impl Builder<'_> {
             u.response_header_timeout.as_deref().unwrap_or("60s"),
         );
         let ca_file = u.ca_file.as_ref().map(|p| self.base_dir.join(p));
+        let rate_limit = self.limit(&format!("{path}.rate_limit"), u.rate_limit.as_ref());
         let url = url?;
         let is_https = url.scheme_str() == Some("https");
         if u.http2_prior_knowledge && is_https {
@@ -330,20 +334,28 @@ impl Builder<'_> {
             inject_template: u.inject.value.clone(),
             forward_user_header: forward_user_header?,
             response_header_timeout: response_header_timeout?,
+            rate_limit: rate_limit?,
             client,
         })
     }
 
     fn directory(&mut self, raw: &RawConfig, upstreams: &[Upstream], max_len: usize) -> Directory {
         let mut dir = Directory::default();
+        if let Some(limit) = self.limit("rate_limit", raw.rate_limit.as_ref()) {
+            dir.set_default_user_limit(limit);
+        }
         for (i, user) in raw.users.iter().enumerate() {
             let path = format!("users[{i}].id");
+            let limit = self.limit(&format!("users[{i}].rate_limit"), user.rate_limit.as_ref());
             if let Err(why) = check_user_id(&user.id, max_len) {
                 self.problem(path, why);
             } else if dir.user(&user.id).is_some() {
                 self.problem(path, format!("user {} is listed twice", user.id));
             } else {
-                dir.add_user(&user.id);
+                let id = dir.add_user(&user.id);
+                if let (Some(limit), Some(_)) = (limit, &user.rate_limit) {
+                    dir.set_user_limit(id, limit);
+                }
             }
         }
         let mut key_ids = std::collections::HashSet::new();
@@ -410,10 +422,12 @@ impl Builder<'_> {
             (None, Some(secret)) => Some(sha256(secret.expose().as_bytes())),
             (None, None) => None,
         };
-        let (Some(kind), Some(hash)) = (kind, hash) else { return };
+        let rate_limit = self.limit(&format!("{path}.rate_limit"), key.rate_limit.as_ref());
+        let (Some(kind), Some(hash), Some(rate_limit)) = (kind, hash, rate_limit) else { return };
         let user = dir.add_user(&key.user);
         let act_as = key.act_as.iter().map(|p| UserPattern::parse(p)).collect();
-        if !dir.add_key(hash, ApiKey { id: key.id.as_str().into(), kind, user, act_as }) {
+        let key = ApiKey { index: 0, id: key.id.as_str().into(), kind, user, act_as, rate_limit };
+        if !dir.add_key(hash, key) {
             self.problem(path, "the same key value is configured twice");
         }
     }
@@ -517,6 +531,34 @@ impl Builder<'_> {
             .parse()
             .map_err(|_| self.problem(path, format!("{value:?} is not an address such as 127.0.0.1:8080")))
             .ok()
+    }
+
+    /// `Some(None)` for no limit (absent or "unlimited"), `None` after reporting a problem.
+    fn limit(&mut self, path: &str, raw: Option<&RawLimit>) -> Option<Option<Limit>> {
+        let Some(RawLimit::Quota(q)) = raw else { return Some(None) };
+        let per = self.duration(&format!("{path}.per"), &q.per)?;
+        let Some(requests) = std::num::NonZeroU32::new(q.requests) else {
+            self.problem(
+                format!("{path}.requests"),
+                "must be at least 1 (use rate_limit = \"unlimited\" for no limit)",
+            );
+            return None;
+        };
+        let burst = match q.burst.map(std::num::NonZeroU32::new) {
+            None => None,
+            Some(Some(burst)) => Some(burst),
+            Some(None) => {
+                self.problem(format!("{path}.burst"), "must be at least 1");
+                return None;
+            }
+        };
+        match Limit::new(requests, per, burst) {
+            Some(limit) => Some(Some(limit)),
+            None => {
+                self.problem(path, "the period per request must be at least 1ns and per must be non-zero");
+                None
+            }
+        }
     }
 
     fn duration(&mut self, path: &str, value: &str) -> Option<Duration> {

@@ -1,6 +1,7 @@
 //! The decisions of the request path: who is calling ([`auth`]), as whom ([`identity`]), and with which
-//! upstream credential ([`credential`]).
+//! upstream credential ([`credential`]), and how often ([`ratelimit`]).
 
 pub mod auth;
 pub mod credential;
 pub mod identity;
+pub mod ratelimit;

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::policy::ratelimit::{self, Level, LimitPlan, RateLimits};
 use crate::policy::{auth, credential, identity};
 use crate::store::KeyKind;
 use crate::telemetry::audit::{AuditEvent, AuditSink};
@@ -38,13 +39,22 @@ struct RequestCtx {
     requested_user: Option<String>,
     acting_user: Option<Arc<str>>,
     fallback: bool,
+    /// The rate-limit level that refused the request.
+    limited_at: Option<Level>,
     /// Set for an MCP JSON-RPC POST: `null` until the body is read, then the request's id.
     jsonrpc_id: Option<Box<RawValue>>,
     jsonrpc_method: Option<Box<str>>,
 }
 
+/// The config in force and the limiters it resolves to, swapped together on reload.
+struct Active {
+    config: Arc<Config>,
+    limits: LimitPlan,
+}
+
 pub struct Proxy {
-    config: ArcSwap<Config>,
+    active: ArcSwap<Active>,
+    limits: Arc<RateLimits>,
     audit: AuditSink,
     request_seq: AtomicU64,
     /// Random per process, so request ids from restarts and replicas do not collide.
@@ -52,14 +62,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, audit: AuditSink) -> Self {
-        Proxy { config: ArcSwap::new(config), audit, request_seq: AtomicU64::new(0), instance: rand::random() }
+    pub fn new(config: Arc<Config>, limits: Arc<RateLimits>, audit: AuditSink) -> Self {
+        let active = Active { limits: limits.plan(&config), config };
+        Proxy {
+            active: ArcSwap::from_pointee(active),
+            limits,
+            audit,
+            request_seq: AtomicU64::new(0),
+            instance: rand::random(),
+        }
     }
 
     pub async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         let started = Instant::now();
         // One reference-count bump; the config is never cloned per request.
-        let config = self.config.load_full();
+        let active = self.active.load_full();
         let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
@@ -68,7 +85,7 @@ impl Proxy {
             ..Default::default()
         };
 
-        let (response, decision, reason) = match self.pipeline(&config, &mut ctx, request, peer, &request_id).await {
+        let (response, decision, reason) = match self.pipeline(&active, &mut ctx, request, peer, &request_id).await {
             Ok(response) => (response, "allow", "ok"),
             Err(Refusal { error, detail }) => {
                 let response = error.into_response(ctx.jsonrpc_id.as_deref());
@@ -80,6 +97,9 @@ impl Proxy {
                     detail,
                     "request refused"
                 );
+                if let ProxyError::RateLimited(refusal) = &error {
+                    ctx.limited_at = Some(refusal.level);
+                }
                 let decision = match error {
                     ProxyError::UpstreamUnavailable | ProxyError::UpstreamTimeout => "error",
                     _ => "deny",
@@ -102,6 +122,7 @@ impl Proxy {
                 fallback: ctx.fallback,
                 upstream: ctx.upstream.as_deref(),
                 jsonrpc_method: ctx.jsonrpc_method.as_deref(),
+                rate_limit_level: ctx.limited_at.map(Level::as_str),
                 status,
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             })
@@ -112,13 +133,14 @@ impl Proxy {
     /// The steps, in order. Each `?` is a refusal that never reaches the upstream.
     async fn pipeline(
         &self,
-        config: &Config,
+        active: &Active,
         ctx: &mut RequestCtx,
         request: Request<Incoming>,
         peer: Peer,
         request_id: &str,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let (mut parts, body) = request.into_parts();
+        let config = &active.config;
         let server = &config.server;
 
         // Limits first: the cheapest check, and it bounds the work of every later step.
@@ -148,6 +170,10 @@ impl Proxy {
         let acting_user = config.directory.user_name(who.user);
         ctx.acting_user = Some(acting_user.clone());
         ctx.fallback = who.fallback;
+        // Rate limit by the resolved user (and key, and user on this upstream): only now, so that bad keys
+        // and unknown users never create limiter state, and before any work is done on the user's behalf.
+        let statuses =
+            active.limits.check(&self.limits, key.index, who.user, upstream.id).map_err(ProxyError::RateLimited)?;
         // The acting user's own credential for this upstream: never the caller's key, never another user's.
         let credential = credential::select(config.directory.credentials(who.user, upstream.id), &parts.headers)?;
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
@@ -164,7 +190,17 @@ impl Proxy {
         let response = forward::send(upstream, Request::from_parts(parts, body))
             .await
             .map_err(|(error, detail)| Refusal { error, detail: Some(detail) })?;
-        Ok(forward::into_client_response(response))
+        let mut response = forward::into_client_response(response);
+        // Successful answers tell the client where it stands, so it can pace itself.
+        if let Some((policy, state)) = ratelimit::headers(&statuses) {
+            let headers = response.headers_mut();
+            for (name, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+                if let Ok(value) = http::HeaderValue::try_from(value) {
+                    headers.insert(name, value);
+                }
+            }
+        }
+        Ok(response)
     }
 }
 

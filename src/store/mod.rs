@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
+use crate::policy::ratelimit::Limit;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UserId(pub u32);
 
@@ -62,10 +64,13 @@ impl UserPattern {
 
 #[derive(Debug)]
 pub struct ApiKey {
+    /// Position in the config, for per-key state such as the key-level rate limiter.
+    pub index: u32,
     pub id: Arc<str>,
     pub kind: KeyKind,
     pub user: UserId,
     pub act_as: Vec<UserPattern>,
+    pub rate_limit: Option<Limit>,
 }
 
 impl ApiKey {
@@ -93,6 +98,9 @@ pub struct Directory {
     user_names: Vec<Arc<str>>,
     keys: HashMap<[u8; 32], ApiKey>,
     credentials: HashMap<(UserId, UpstreamId), Vec<Credential>>,
+    default_user_limit: Option<Limit>,
+    /// Users whose limit differs from the default (`None`: unlimited).
+    user_limits: HashMap<UserId, Option<Limit>>,
 }
 
 impl Directory {
@@ -108,13 +116,31 @@ impl Directory {
         id
     }
 
-    /// Returns false when a key with the same hash is already present.
-    pub fn add_key(&mut self, sha256: [u8; 32], key: ApiKey) -> bool {
+    /// Returns false when a key with the same hash is already present. Sets the key's `index`.
+    pub fn add_key(&mut self, sha256: [u8; 32], mut key: ApiKey) -> bool {
         if self.keys.contains_key(&sha256) {
             return false;
         }
+        key.index = u32::try_from(self.keys.len()).expect("fewer than 2^32 keys");
         self.keys.insert(sha256, key);
         true
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &ApiKey> {
+        self.keys.values()
+    }
+
+    pub fn set_default_user_limit(&mut self, limit: Option<Limit>) {
+        self.default_user_limit = limit;
+    }
+
+    pub fn set_user_limit(&mut self, user: UserId, limit: Option<Limit>) {
+        self.user_limits.insert(user, limit);
+    }
+
+    /// The user's own limit, or the default.
+    pub fn user_limit(&self, user: UserId) -> Option<Limit> {
+        self.user_limits.get(&user).copied().unwrap_or(self.default_user_limit)
     }
 
     /// Returns false when the user already has a credential with that id for that upstream.

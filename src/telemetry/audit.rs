@@ -30,6 +30,8 @@ pub struct AuditEvent<'a> {
     pub fallback: bool,
     pub upstream: Option<&'a str>,
     pub jsonrpc_method: Option<&'a str>,
+    /// The rate-limit level that refused: `key`, `user` or `user_upstream`.
+    pub rate_limit_level: Option<&'static str>,
     pub status: u16,
     pub latency_ms: f64,
 }

@@ -1,0 +1,275 @@
+//! Per-user rate limits: GCRA (`governor`), at three levels that all apply to a request:
+//!
+//! - `key`: the API key as a whole, across every user it acts as;
+//! - `user`: the acting user (a per-user override, or the `[rate_limit]` default);
+//! - `user_upstream`: the acting user on one upstream.
+//!
+//! Limiters are keyed by the interned [`UserId`] (a `u32`), never by a header value, and the check runs
+//! only after the key and the user are resolved: unauthenticated input creates no limiter state.
+//!
+//! One limiter exists per (scope, quota) pair and is kept in a registry across config reloads, so a
+//! reload keeps every bucket whose quota did not change. [`RateLimits::evict`] drops idle users' state
+//! and returns the memory.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, FakeRelativeClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+use crate::config::Config;
+use crate::store::{UpstreamId, UserId};
+
+/// A quota as configured: `requests` per `per`, in bursts of up to `burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Limit {
+    pub requests: NonZeroU32,
+    pub per: Duration,
+    pub burst: NonZeroU32,
+}
+
+impl Limit {
+    /// `None` when the period per request is too small to represent (more than 1e9 per second).
+    pub fn new(requests: NonZeroU32, per: Duration, burst: Option<NonZeroU32>) -> Option<Limit> {
+        let limit = Limit { requests, per, burst: burst.unwrap_or(requests) };
+        limit.quota().map(|_| limit)
+    }
+
+    fn quota(&self) -> Option<Quota> {
+        Quota::with_period(self.per / self.requests.get()).map(|q| q.allow_burst(self.burst))
+    }
+
+    /// Time for one request's worth of quota to come back.
+    fn interval(&self) -> Duration {
+        self.per / self.requests.get()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Level {
+    Key,
+    User,
+    UserUpstream,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Key => "key",
+            Level::User => "user",
+            Level::UserUpstream => "user_upstream",
+        }
+    }
+}
+
+/// The clock the limiters read: real time, or `governor`'s fake clock in tests.
+#[derive(Clone, Debug)]
+pub enum LimitClock {
+    Real(std::time::Instant),
+    Fake(FakeRelativeClock),
+}
+
+impl Default for LimitClock {
+    fn default() -> Self {
+        LimitClock::Real(std::time::Instant::now())
+    }
+}
+
+impl Clock for LimitClock {
+    type Instant = Nanos;
+    fn now(&self) -> Nanos {
+        match self {
+            LimitClock::Real(start) => start.elapsed().into(),
+            LimitClock::Fake(clock) => clock.now(),
+        }
+    }
+}
+
+type KeyedLimiter = RateLimiter<u32, DashMapStateStore<u32>, LimitClock, StateInformationMiddleware>;
+type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, LimitClock, StateInformationMiddleware>;
+
+/// How one level stands after a request was let through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LevelStatus {
+    pub level: Level,
+    pub limit: Limit,
+    pub remaining: u32,
+    /// Time until the whole burst is available again.
+    pub reset: Duration,
+}
+
+/// The level that refused a request, and when to retry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub level: Level,
+    pub limit: Limit,
+    pub retry_after: Duration,
+}
+
+/// The statuses of the levels that applied (at most one per level).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Statuses(Vec<LevelStatus>);
+
+impl Statuses {
+    pub fn iter(&self) -> impl Iterator<Item = &LevelStatus> {
+        self.0.iter()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Scope {
+    Key(u32),
+    User,
+    Upstream(u16),
+}
+
+/// Which limiter applies to each key, user and upstream under one config.
+pub struct LimitPlan {
+    keys: Vec<Option<(Limit, Arc<DirectLimiter>)>>,
+    users: Vec<Option<(Limit, Arc<KeyedLimiter>)>>,
+    upstreams: Vec<Option<(Limit, Arc<KeyedLimiter>)>>,
+}
+
+/// The process-wide limiter state. The local backend keeps it in memory; a shared backend (Redis) for
+/// several replicas would be another implementation of [`RateLimits::plan`] and [`LimitPlan::check`].
+#[derive(Default)]
+pub struct RateLimits {
+    clock: LimitClock,
+    keyed: Mutex<HashMap<(Scope, Limit), Arc<KeyedLimiter>>>,
+    direct: Mutex<HashMap<(Scope, Limit), Arc<DirectLimiter>>>,
+}
+
+impl RateLimits {
+    pub fn with_clock(clock: LimitClock) -> Self {
+        RateLimits { clock, ..Default::default() }
+    }
+
+    /// Resolves every level's limiter for `config`, reusing the limiter (and so the buckets) of any
+    /// (scope, quota) that an earlier plan already had. Runs at start and on reload, not per request.
+    pub fn plan(&self, config: &Config) -> LimitPlan {
+        let dir = &config.directory;
+        let mut keyed = self.keyed.lock().expect("limiter registry");
+        let mut direct = self.direct.lock().expect("limiter registry");
+        let mut keyed_for = |scope: Scope, limit: Option<Limit>| {
+            let limit = limit?;
+            let limiter = keyed.entry((scope, limit)).or_insert_with(|| {
+                let quota = limit.quota().expect("validated at load");
+                Arc::new(KeyedLimiter::new(quota, DashMapStateStore::default(), self.clock.clone()))
+            });
+            Some((limit, limiter.clone()))
+        };
+        let users = (0..dir.user_count()).map(|i| keyed_for(Scope::User, dir.user_limit(UserId(i as u32)))).collect();
+        let upstreams = config.upstreams.iter().map(|u| (u.id, u.rate_limit)).collect::<Vec<_>>();
+        let mut by_id = vec![None; upstreams.len()];
+        for (id, limit) in upstreams {
+            by_id[id.0 as usize] = keyed_for(Scope::Upstream(id.0), limit);
+        }
+        let keys = dir
+            .keys()
+            .map(|key| {
+                let limit = key.rate_limit?;
+                let limiter = direct.entry((Scope::Key(key.index), limit)).or_insert_with(|| {
+                    let quota = limit.quota().expect("validated at load");
+                    Arc::new(DirectLimiter::new(quota, InMemoryState::default(), self.clock.clone()))
+                });
+                Some((limit, limiter.clone()))
+            })
+            .collect();
+        LimitPlan { keys, users, upstreams: by_id }
+    }
+
+    /// Drops the state of users whose buckets are full again (indistinguishable from a fresh start), then
+    /// shrinks the maps so the memory actually returns; forgets limiters no current plan uses.
+    pub fn evict(&self) {
+        let mut keyed = self.keyed.lock().expect("limiter registry");
+        keyed.retain(|_, limiter| Arc::strong_count(limiter) > 1);
+        for limiter in keyed.values() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        self.direct.lock().expect("limiter registry").retain(|_, limiter| Arc::strong_count(limiter) > 1);
+    }
+
+    /// Users with limiter state, over all limiters (for tests and benchmarks).
+    pub fn tracked(&self) -> usize {
+        self.keyed.lock().expect("limiter registry").values().map(|l| l.len()).sum()
+    }
+
+    fn now(&self) -> Nanos {
+        self.clock.now()
+    }
+}
+
+impl LimitPlan {
+    /// Checks and counts one request of `user` (acting through key `key`) to `upstream`, key level first,
+    /// then user, then user-on-upstream. A level that refuses stops the check; earlier levels have
+    /// already counted the request, as with several nginx `limit_req` zones.
+    pub fn check(
+        &self,
+        limits: &RateLimits,
+        key: u32,
+        user: UserId,
+        upstream: UpstreamId,
+    ) -> Result<Statuses, Refusal> {
+        let mut statuses = Vec::new();
+        if let Some(Some((limit, limiter))) = self.keys.get(key as usize) {
+            statuses.push(outcome(limits, Level::Key, *limit, limiter.check())?);
+        }
+        if let Some(Some((limit, limiter))) = self.users.get(user.0 as usize) {
+            statuses.push(outcome(limits, Level::User, *limit, limiter.check_key(&user.0))?);
+        }
+        if let Some(Some((limit, limiter))) = self.upstreams.get(upstream.0 as usize) {
+            statuses.push(outcome(limits, Level::UserUpstream, *limit, limiter.check_key(&user.0))?);
+        }
+        Ok(Statuses(statuses))
+    }
+}
+
+fn outcome(
+    limits: &RateLimits,
+    level: Level,
+    limit: Limit,
+    result: Result<governor::middleware::StateSnapshot, governor::NotUntil<Nanos>>,
+) -> Result<LevelStatus, Refusal> {
+    match result {
+        Ok(snapshot) => {
+            let remaining = snapshot.remaining_burst_capacity();
+            let reset = limit.interval() * (limit.burst.get() - remaining.min(limit.burst.get()));
+            Ok(LevelStatus { level, limit, remaining, reset })
+        }
+        Err(not_until) => Err(Refusal { level, limit, retry_after: not_until.wait_time_from(limits.now()) }),
+    }
+}
+
+/// Whole seconds, rounded up: `Retry-After` and the `t` of `RateLimit` never promise too early.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers): one item per level.
+pub fn headers(statuses: &Statuses) -> Option<(String, String)> {
+    use std::fmt::Write;
+    if statuses.0.is_empty() {
+        return None;
+    }
+    let (mut policy, mut state) = (String::new(), String::new());
+    for (i, s) in statuses.0.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        let _ = write!(policy, "{sep}\"{}\";q={};w={}", s.level.as_str(), s.limit.requests, ceil_secs(s.limit.per));
+        let _ = write!(state, "{sep}\"{}\";r={};t={}", s.level.as_str(), s.remaining, ceil_secs(s.reset));
+    }
+    Some((policy, state))
+}
+
+/// `RateLimit-Policy` and `RateLimit` for a refused request: the refusing level, nothing left, and the
+/// reset at the retry time.
+pub fn refusal_headers(refusal: &Refusal) -> (String, String) {
+    let status = LevelStatus { level: refusal.level, limit: refusal.limit, remaining: 0, reset: refusal.retry_after };
+    headers(&Statuses(vec![status])).expect("one status")
+}
