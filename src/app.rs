@@ -24,6 +24,7 @@ pub struct App {
     shutdown: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
     evictor: JoinHandle<()>,
+    limits: Arc<RateLimits>,
     audit_writer: JoinHandle<()>,
 }
 
@@ -51,12 +52,13 @@ impl App {
         let limits = Arc::new(RateLimits::with_clock(clock));
         let proxy = Arc::new(Proxy::new(config.clone(), limits.clone(), audit));
         // Idle users' limiter state is dropped on a schedule so memory stays bounded.
+        let evictor_limits = limits.clone();
         let evictor = tokio::spawn(async move {
             let mut every = tokio::time::interval(LIMITER_EVICTION_INTERVAL);
             every.tick().await;
             loop {
                 every.tick().await;
-                limits.evict();
+                evictor_limits.evict();
             }
         });
         let settings = ListenerSettings {
@@ -84,7 +86,12 @@ impl App {
         }
         health.set_ready(true);
         tracing::info!(%proxy_addr, ?admin_addr, tls = server.tls.is_some(), upstreams = config.upstreams.len(), "listening");
-        Ok(App { proxy_addr, admin_addr, health, shutdown, listeners, evictor, audit_writer })
+        Ok(App { proxy_addr, admin_addr, health, shutdown, listeners, evictor, limits, audit_writer })
+    }
+
+    /// The rate limiters' state (tests and benchmarks inspect and evict it).
+    pub fn rate_limits(&self) -> &Arc<RateLimits> {
+        &self.limits
     }
 
     /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, then flushes the audit trail.

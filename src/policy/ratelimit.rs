@@ -122,11 +122,14 @@ impl Statuses {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// What a limiter counts for. Keys and upstreams are named, not numbered, so that a reload that
+/// reorders the config still finds their limiters. (Users are keyed by `UserId` inside a limiter: a
+/// reload must keep user ids stable, which the append-only interner in `store` is there for.)
+#[derive(Clone, PartialEq, Eq, Hash)]
 enum Scope {
-    Key(u32),
+    Key(Arc<str>),
     User,
-    Upstream(u16),
+    Upstream(Arc<str>),
 }
 
 /// Which limiter applies to each key, user and upstream under one config.
@@ -165,22 +168,20 @@ impl RateLimits {
             Some((limit, limiter.clone()))
         };
         let users = (0..dir.user_count()).map(|i| keyed_for(Scope::User, dir.user_limit(UserId(i as u32)))).collect();
-        let upstreams = config.upstreams.iter().map(|u| (u.id, u.rate_limit)).collect::<Vec<_>>();
-        let mut by_id = vec![None; upstreams.len()];
-        for (id, limit) in upstreams {
-            by_id[id.0 as usize] = keyed_for(Scope::Upstream(id.0), limit);
+        let mut by_id = vec![None; config.upstreams.len()];
+        for upstream in &config.upstreams {
+            by_id[upstream.id.0 as usize] = keyed_for(Scope::Upstream(upstream.name.clone()), upstream.rate_limit);
         }
-        let keys = dir
-            .keys()
-            .map(|key| {
-                let limit = key.rate_limit?;
-                let limiter = direct.entry((Scope::Key(key.index), limit)).or_insert_with(|| {
-                    let quota = limit.quota().expect("validated at load");
-                    Arc::new(DirectLimiter::new(quota, InMemoryState::default(), self.clock.clone()))
-                });
-                Some((limit, limiter.clone()))
-            })
-            .collect();
+        let mut keys = Vec::new();
+        keys.resize_with(dir.keys().count(), || None);
+        for key in dir.keys() {
+            let Some(limit) = key.rate_limit else { continue };
+            let limiter = direct.entry((Scope::Key(key.id.clone()), limit)).or_insert_with(|| {
+                let quota = limit.quota().expect("validated at load");
+                Arc::new(DirectLimiter::new(quota, InMemoryState::default(), self.clock.clone()))
+            });
+            keys[key.index as usize] = Some((limit, limiter.clone()));
+        }
         LimitPlan { keys, users, upstreams: by_id }
     }
 

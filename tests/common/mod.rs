@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mcp_tenant_proxy::app::App;
 use mcp_tenant_proxy::config::Config;
+use mcp_tenant_proxy::policy::ratelimit::LimitClock;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
@@ -139,11 +140,16 @@ pub struct Harness {
 impl Harness {
     /// Starts the app on `config` (TOML). The audit trail goes to a file in a temporary directory.
     pub async fn start(config: &str) -> Harness {
+        Self::start_with_clock(config, LimitClock::default()).await
+    }
+
+    /// As [`Harness::start`], with the rate limiters on `clock` (a `governor` fake clock in tests).
+    pub async fn start_with_clock(config: &str, clock: LimitClock) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let audit = dir.path().join("audit.log");
         let config = format!("{config}\n[audit]\npath = \"{}\"\n", audit.display());
         let config = Config::from_toml(&config, dir.path()).unwrap_or_else(|e| panic!("config: {e}"));
-        let app = App::start(config).await.unwrap();
+        let app = App::start_with_clock(config, clock).await.unwrap();
         Harness {
             addr: app.proxy_addr,
             admin: app.admin_addr.unwrap(),
