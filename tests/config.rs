@@ -142,3 +142,34 @@ fn keygen_prints_a_key_and_its_sha256() {
     assert!(key.starts_with("mtp_") && key.len() == 68);
     assert_eq!(hash, hex::encode(mcp_tenant_proxy::secret::sha256(key.as_bytes())));
 }
+
+#[test]
+fn rate_limits_are_validated() {
+    let found = problems(
+        r#"
+rate_limit = { requests = 0, per = "1m" }
+[[users]]
+id = "alice"
+rate_limit = { requests = 5, per = "forever" }
+[[users]]
+id = "bob"
+rate_limit = { requests = 5, per = "0s" }
+[upstreams.gh]
+url = "http://127.0.0.1:1/"
+inject = { header = "x", value = "{secret}" }
+rate_limit = { requests = 5, per = "1m", burst = 0 }
+"#,
+    );
+    let expected =
+        ["rate_limit.requests:", "users[0].rate_limit.per:", "users[1].rate_limit:", "upstreams.gh.rate_limit.burst:"];
+    for prefix in expected {
+        assert!(found.iter().any(|p| p.starts_with(prefix)), "missing {prefix:?} in {found:#?}");
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+
+    let typo = problems("rate_limit = \"sometimes\"\n");
+    assert!(typo[0].contains("\"unlimited\" or a table"), "{typo:?}");
+    let field = problems("rate_limit = { requests = 5, per = \"1m\", burts = 2 }\n");
+    assert!(field[0].contains("unknown field `burts`"), "{field:?}");
+    assert!(problems("rate_limit = \"unlimited\"\n").is_empty());
+}

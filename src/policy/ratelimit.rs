@@ -91,7 +91,35 @@ impl Clock for LimitClock {
     }
 }
 
-type KeyedLimiter = RateLimiter<u32, DashMapStateStore<u32>, LimitClock, StateInformationMiddleware>;
+type KeyedLimiter = RateLimiter<u32, DashMapStateStore<u32, UserIdHash>, LimitClock, StateInformationMiddleware>;
+
+/// Hashes a `UserId` with one multiplication (Fibonacci hashing). Safe here because the keys are not
+/// chosen by clients: only users the directory already knows, after authentication, ever get state.
+#[derive(Clone, Copy, Default)]
+pub struct UserIdHash;
+
+impl std::hash::BuildHasher for UserIdHash {
+    type Hasher = UserIdHasher;
+    fn build_hasher(&self) -> UserIdHasher {
+        UserIdHasher(0)
+    }
+}
+
+pub struct UserIdHasher(u64);
+
+impl std::hash::Hasher for UserIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(u32::from(b));
+        }
+    }
+}
 type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, LimitClock, StateInformationMiddleware>;
 
 /// How one level stands after a request was let through.
@@ -112,13 +140,19 @@ pub struct Refusal {
     pub retry_after: Duration,
 }
 
-/// The statuses of the levels that applied (at most one per level).
+/// The statuses of the levels that applied, at most one per level (no allocation per request).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Statuses(Vec<LevelStatus>);
+pub struct Statuses([Option<LevelStatus>; 3]);
 
 impl Statuses {
     pub fn iter(&self) -> impl Iterator<Item = &LevelStatus> {
-        self.0.iter()
+        self.0.iter().flatten()
+    }
+
+    fn push(&mut self, status: LevelStatus) {
+        if let Some(slot) = self.0.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(status);
+        }
     }
 }
 
@@ -163,7 +197,7 @@ impl RateLimits {
             let limit = limit?;
             let limiter = keyed.entry((scope, limit)).or_insert_with(|| {
                 let quota = limit.quota().expect("validated at load");
-                Arc::new(KeyedLimiter::new(quota, DashMapStateStore::default(), self.clock.clone()))
+                Arc::new(KeyedLimiter::new(quota, DashMapStateStore::with_hasher(UserIdHash), self.clock.clone()))
             });
             Some((limit, limiter.clone()))
         };
@@ -218,7 +252,7 @@ impl LimitPlan {
         user: UserId,
         upstream: UpstreamId,
     ) -> Result<Statuses, Refusal> {
-        let mut statuses = Vec::new();
+        let mut statuses = Statuses::default();
         if let Some(Some((limit, limiter))) = self.keys.get(key as usize) {
             statuses.push(outcome(limits, Level::Key, *limit, limiter.check())?);
         }
@@ -228,7 +262,7 @@ impl LimitPlan {
         if let Some(Some((limit, limiter))) = self.upstreams.get(upstream.0 as usize) {
             statuses.push(outcome(limits, Level::UserUpstream, *limit, limiter.check_key(&user.0))?);
         }
-        Ok(Statuses(statuses))
+        Ok(statuses)
     }
 }
 
@@ -256,11 +290,9 @@ pub fn ceil_secs(d: Duration) -> u64 {
 /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers): one item per level.
 pub fn headers(statuses: &Statuses) -> Option<(String, String)> {
     use std::fmt::Write;
-    if statuses.0.is_empty() {
-        return None;
-    }
+    statuses.iter().next()?;
     let (mut policy, mut state) = (String::new(), String::new());
-    for (i, s) in statuses.0.iter().enumerate() {
+    for (i, s) in statuses.iter().enumerate() {
         let sep = if i == 0 { "" } else { ", " };
         let _ = write!(policy, "{sep}\"{}\";q={};w={}", s.level.as_str(), s.limit.requests, ceil_secs(s.limit.per));
         let _ = write!(state, "{sep}\"{}\";r={};t={}", s.level.as_str(), s.remaining, ceil_secs(s.reset));
@@ -272,5 +304,5 @@ pub fn headers(statuses: &Statuses) -> Option<(String, String)> {
 /// reset at the retry time.
 pub fn refusal_headers(refusal: &Refusal) -> (String, String) {
     let status = LevelStatus { level: refusal.level, limit: refusal.limit, remaining: 0, reset: refusal.retry_after };
-    headers(&Statuses(vec![status])).expect("one status")
+    headers(&Statuses([Some(status), None, None])).expect("one status")
 }
