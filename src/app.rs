@@ -25,6 +25,7 @@ pub struct App {
     listeners: Vec<JoinHandle<()>>,
     evictor: JoinHandle<()>,
     limits: Arc<RateLimits>,
+    proxy: Arc<Proxy>,
     audit_writer: JoinHandle<()>,
 }
 
@@ -67,8 +68,9 @@ impl App {
             tls: server.tls.clone(),
             shutdown_grace: server.shutdown_grace,
         };
+        let serving = proxy.clone();
         let handler = move |request, peer| {
-            let proxy = proxy.clone();
+            let proxy = serving.clone();
             async move { proxy.handle(request, peer).await }
         };
         let mut listeners = vec![tokio::spawn(listener::serve(proxy_listener, settings, handler, shutdown_rx.clone()))];
@@ -86,7 +88,20 @@ impl App {
         }
         health.set_ready(true);
         tracing::info!(%proxy_addr, ?admin_addr, tls = server.tls.is_some(), upstreams = config.upstreams.len(), "listening");
-        Ok(App { proxy_addr, admin_addr, health, shutdown, listeners, evictor, limits, audit_writer })
+        Ok(App { proxy_addr, admin_addr, health, shutdown, listeners, evictor, limits, proxy, audit_writer })
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.proxy.config()
+    }
+
+    /// Applies a new config to the running proxy (see [`Config::reload_from_file`]). Listener and audit
+    /// settings need a restart: they are named in the returned list and keep their old values.
+    pub fn reload(&self, config: Config) -> Vec<&'static str> {
+        let restart = self.proxy.config().needs_restart(&config);
+        self.proxy.reload(Arc::new(config));
+        restart
     }
 
     /// The rate limiters' state (tests and benchmarks inspect and evict it).
@@ -96,6 +111,7 @@ impl App {
 
     /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, then flushes the audit trail.
     pub async fn shutdown(self) {
+        drop(self.proxy);
         self.health.set_ready(false);
         let _ = self.shutdown.send(true);
         for task in self.listeners {

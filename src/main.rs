@@ -77,10 +77,39 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    mcp_tenant_proxy::shutdown_signal().await;
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            eprintln!("cannot handle SIGHUP: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = mcp_tenant_proxy::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hangup.recv() => reload(&app, &path),
+        }
+    }
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     app.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-read the config file; a config with problems is refused and the running one stays.
+fn reload(app: &App, path: &Path) {
+    match app.config().reload_from_file(path) {
+        Ok(config) => {
+            let users = config.directory.user_count();
+            let restart = app.reload(config);
+            tracing::info!(users, "config reloaded");
+            if !restart.is_empty() {
+                tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
+            }
+        }
+        Err(e) => tracing::error!(problems = %e, "config not reloaded; the running config stays in force"),
+    }
 }
 
 fn check_config(path: &Path) -> ExitCode {

@@ -91,8 +91,40 @@ impl Config {
 
     /// Parses and validates. Relative file paths (secret files, TLS, CA) are resolved against `base_dir`.
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        Self::parse(text, base_dir, None)
+    }
+
+    /// Loads a new version of the running config: users keep the ids `self` gave them.
+    pub fn reload_from_file(&self, path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")), Some(&self.directory))
+    }
+
+    /// As [`Config::reload_from_file`], from text.
+    pub fn reload_from_toml(&self, text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        Self::parse(text, base_dir, Some(&self.directory))
+    }
+
+    fn parse(text: &str, base_dir: &Path, previous: Option<&Directory>) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-        Builder { problems: Vec::new(), base_dir }.build(raw)
+        Builder { problems: Vec::new(), base_dir, previous }.build(raw)
+    }
+
+    /// Settings a reload cannot change (listeners and the audit sink are bound at start): their names.
+    pub fn needs_restart(&self, next: &Config) -> Vec<&'static str> {
+        let (a, b) = (&self.server, &next.server);
+        [
+            ("server.listen", a.listen != b.listen),
+            ("server.tls", a.tls.is_some() != b.tls.is_some()),
+            ("server.header_read_timeout", a.header_read_timeout != b.header_read_timeout),
+            ("server.max_header_bytes", a.max_header_bytes != b.max_header_bytes),
+            ("server.shutdown_grace", a.shutdown_grace != b.shutdown_grace),
+            ("admin.listen", self.admin_listen != next.admin_listen),
+            ("audit.path", self.audit_path != next.audit_path),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
     }
 
     /// The upstream serving `path`. Upstreams are sorted longest prefix first, and a prefix matches only
@@ -138,6 +170,7 @@ impl fmt::Display for ProblemList<'_> {
 struct Builder<'a> {
     problems: Vec<Problem>,
     base_dir: &'a Path,
+    previous: Option<&'a Directory>,
 }
 
 const MAX_USER_ID_LEN_LIMIT: usize = 1024;
@@ -340,7 +373,7 @@ impl Builder<'_> {
     }
 
     fn directory(&mut self, raw: &RawConfig, upstreams: &[Upstream], max_len: usize) -> Directory {
-        let mut dir = Directory::default();
+        let mut dir = self.previous.map_or_else(Directory::default, Directory::continuing);
         if let Some(limit) = self.limit("rate_limit", raw.rate_limit.as_ref()) {
             dir.set_default_user_limit(limit);
         }

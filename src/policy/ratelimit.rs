@@ -201,7 +201,8 @@ impl RateLimits {
             });
             Some((limit, limiter.clone()))
         };
-        let users = (0..dir.user_count()).map(|i| keyed_for(Scope::User, dir.user_limit(UserId(i as u32)))).collect();
+        let users =
+            (0..dir.user_id_space()).map(|i| keyed_for(Scope::User, dir.user_limit(UserId(i as u32)))).collect();
         let mut by_id = vec![None; config.upstreams.len()];
         for upstream in &config.upstreams {
             by_id[upstream.id.0 as usize] = keyed_for(Scope::Upstream(upstream.name.clone()), upstream.rate_limit);

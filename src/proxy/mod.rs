@@ -73,6 +73,18 @@ impl Proxy {
         }
     }
 
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.active.load().config.clone()
+    }
+
+    /// Swaps in a new config atomically: requests in flight finish on the old one, the next request sees
+    /// the new one. Limiters whose (scope, quota) did not change keep their buckets.
+    pub fn reload(&self, config: Arc<Config>) {
+        let active = Active { limits: self.limits.plan(&config), config };
+        self.active.store(Arc::new(active));
+    }
+
     pub async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         let started = Instant::now();
         // One reference-count bump; the config is never cloned per request.

@@ -94,8 +94,12 @@ impl fmt::Debug for Credential {
 
 #[derive(Debug, Default)]
 pub struct Directory {
+    /// The interner: append-only, and carried over on reload, so a user keeps its id (and with it its
+    /// rate-limit buckets) for the life of the process.
     user_ids: HashMap<Arc<str>, UserId>,
     user_names: Vec<Arc<str>>,
+    /// By `UserId`: whether the user exists in this config (a removed user keeps its id, not its access).
+    present: Vec<bool>,
     keys: HashMap<[u8; 32], ApiKey>,
     credentials: HashMap<(UserId, UpstreamId), Vec<Credential>>,
     default_user_limit: Option<Limit>,
@@ -104,15 +108,27 @@ pub struct Directory {
 }
 
 impl Directory {
+    /// An empty directory for a reloaded config that keeps the user ids `previous` handed out.
+    pub fn continuing(previous: &Directory) -> Directory {
+        Directory {
+            user_ids: previous.user_ids.clone(),
+            user_names: previous.user_names.clone(),
+            present: vec![false; previous.user_names.len()],
+            ..Directory::default()
+        }
+    }
+
     /// Adds a user if it is new; returns its id either way.
     pub fn add_user(&mut self, name: &str) -> UserId {
-        if let Some(id) = self.user_ids.get(name) {
-            return *id;
+        if let Some(&id) = self.user_ids.get(name) {
+            self.present[id.0 as usize] = true;
+            return id;
         }
         let id = UserId(u32::try_from(self.user_names.len()).expect("fewer than 2^32 users"));
         let name: Arc<str> = name.into();
         self.user_names.push(name.clone());
         self.user_ids.insert(name, id);
+        self.present.push(true);
         id
     }
 
@@ -154,14 +170,20 @@ impl Directory {
     }
 
     pub fn user(&self, name: &str) -> Option<UserId> {
-        self.user_ids.get(name).copied()
+        self.user_ids.get(name).copied().filter(|id| self.present[id.0 as usize])
     }
 
     pub fn user_name(&self, id: UserId) -> &Arc<str> {
         &self.user_names[id.0 as usize]
     }
 
+    /// Users in this config.
     pub fn user_count(&self) -> usize {
+        self.present.iter().filter(|p| **p).count()
+    }
+
+    /// Ids handed out so far (users of earlier configs included): the size of per-user tables.
+    pub fn user_id_space(&self) -> usize {
         self.user_names.len()
     }
 

@@ -3,7 +3,12 @@
 pub mod audit;
 
 /// Logs go to stderr so stdout stays free for the audit trail; `RUST_LOG` filters (default `info`).
+/// A closed stderr loses log lines but never stops the proxy (tracing's own error report would panic).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rmcp=warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .try_init();
 }
