@@ -50,6 +50,16 @@ pub enum ProxyError {
     AmbiguousCredential,
     #[error("rate limit exceeded at the {} level: retry in {} s", .0.level.as_str(), ceil_secs(.0.retry_after))]
     RateLimited(ratelimit::Refusal),
+    #[error("the request body is not valid JSON")]
+    ParseError,
+    #[error("the request body is not a valid JSON-RPC 2.0 message")]
+    InvalidRequest,
+    #[error("the Mcp-Method or Mcp-Name header does not match the request body")]
+    HeaderMismatch,
+    #[error("this tool is not allowed on this server")]
+    ToolNotAllowed,
+    #[error("session not found: initialize a new session")]
+    SessionNotFound,
     #[error("the upstream could not be reached")]
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
@@ -57,10 +67,10 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// The table: HTTP status and stable error code for every variant.
-    pub fn describe(&self) -> (StatusCode, &'static str) {
+    /// The table: HTTP status, stable error code and JSON-RPC error code for every variant.
+    pub fn describe(&self) -> (StatusCode, &'static str, i64) {
         use ProxyError::*;
-        match self {
+        let (status, code) = match self {
             RouteNotFound => (StatusCode::NOT_FOUND, "route_not_found"),
             HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large"),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
@@ -79,19 +89,29 @@ impl ProxyError {
             UnknownCredential => (StatusCode::FORBIDDEN, "unknown_credential"),
             AmbiguousCredential => (StatusCode::BAD_REQUEST, "ambiguous_credential"),
             RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ParseError => return (StatusCode::BAD_REQUEST, "parse_error", -32700),
+            InvalidRequest => return (StatusCode::BAD_REQUEST, "invalid_request", -32600),
+            HeaderMismatch => return (StatusCode::BAD_REQUEST, "header_mismatch", -32020),
+            ToolNotAllowed => (StatusCode::FORBIDDEN, "tool_not_allowed"),
+            SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-        }
+        };
+        (status, code, JSONRPC_PROXY_ERROR)
     }
 
     pub fn code(&self) -> &'static str {
         self.describe().1
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.describe().0
+    }
+
     /// The response for this error. `jsonrpc_id` is `Some` when the request was an MCP JSON-RPC POST: the
     /// body is then a JSON-RPC error object carrying that id (`null` for a batch or an unreadable id).
     pub fn into_response(&self, jsonrpc_id: Option<&RawValue>) -> Response<ProxyBody> {
-        let (status, code) = self.describe();
+        let (status, code, jsonrpc_code) = self.describe();
         let message = self.to_string();
         let retry_after = match self {
             ProxyError::RateLimited(refusal) => Some(ceil_secs(refusal.retry_after)),
@@ -102,7 +122,7 @@ impl ProxyError {
                 "jsonrpc": "2.0",
                 "id": id,
                 "error": {
-                    "code": JSONRPC_PROXY_ERROR,
+                    "code": jsonrpc_code,
                     "message": message,
                     "data": { "code": code, "status": status.as_u16(), "retry_after": retry_after },
                 },
@@ -129,8 +149,9 @@ impl ProxyError {
     }
 }
 
-/// JSON-RPC error code for every refusal by the proxy (implementation-defined server-error range);
-/// `error.data.code` carries the stable proxy code that tells them apart.
+/// JSON-RPC error code for refusals by the proxy (implementation-defined server-error range), except the
+/// protocol errors that JSON-RPC and MCP define (-32700, -32600, -32020); `error.data.code` carries the
+/// stable proxy code that tells them apart.
 pub const JSONRPC_PROXY_ERROR: i64 = -32001;
 
 #[cfg(test)]
@@ -161,30 +182,35 @@ mod tests {
     fn table_maps_every_variant_to_status_and_code() {
         use ProxyError::*;
         let table = [
-            (RouteNotFound, 404, "route_not_found"),
-            (HeadersTooLarge, 431, "headers_too_large"),
-            (BodyTooLarge, 413, "body_too_large"),
-            (BodyTimeout, 408, "body_timeout"),
-            (BodyUnreadable, 400, "body_unreadable"),
-            (OriginNotAllowed, 403, "origin_not_allowed"),
-            (MissingApiKey, 401, "missing_api_key"),
-            (InvalidApiKey, 401, "invalid_api_key"),
-            (DuplicateHeader("authorization"), 400, "duplicate_header"),
-            (InvalidUserId("empty"), 400, "invalid_user_id"),
-            (UserOverrideForbidden, 403, "user_override_forbidden"),
-            (UserNotPermitted, 403, "user_not_permitted"),
-            (UnknownUser, 403, "unknown_user"),
-            (InvalidCredentialId, 400, "invalid_credential_id"),
-            (MissingCredential, 403, "missing_credential"),
-            (UnknownCredential, 403, "unknown_credential"),
-            (AmbiguousCredential, 400, "ambiguous_credential"),
-            (RateLimited(refusal()), 429, "rate_limited"),
-            (UpstreamUnavailable, 502, "upstream_unavailable"),
-            (UpstreamTimeout, 504, "upstream_timeout"),
+            (RouteNotFound, 404, "route_not_found", JSONRPC_PROXY_ERROR),
+            (HeadersTooLarge, 431, "headers_too_large", JSONRPC_PROXY_ERROR),
+            (BodyTooLarge, 413, "body_too_large", JSONRPC_PROXY_ERROR),
+            (BodyTimeout, 408, "body_timeout", JSONRPC_PROXY_ERROR),
+            (BodyUnreadable, 400, "body_unreadable", JSONRPC_PROXY_ERROR),
+            (OriginNotAllowed, 403, "origin_not_allowed", JSONRPC_PROXY_ERROR),
+            (MissingApiKey, 401, "missing_api_key", JSONRPC_PROXY_ERROR),
+            (InvalidApiKey, 401, "invalid_api_key", JSONRPC_PROXY_ERROR),
+            (DuplicateHeader("authorization"), 400, "duplicate_header", JSONRPC_PROXY_ERROR),
+            (InvalidUserId("empty"), 400, "invalid_user_id", JSONRPC_PROXY_ERROR),
+            (UserOverrideForbidden, 403, "user_override_forbidden", JSONRPC_PROXY_ERROR),
+            (UserNotPermitted, 403, "user_not_permitted", JSONRPC_PROXY_ERROR),
+            (UnknownUser, 403, "unknown_user", JSONRPC_PROXY_ERROR),
+            (InvalidCredentialId, 400, "invalid_credential_id", JSONRPC_PROXY_ERROR),
+            (MissingCredential, 403, "missing_credential", JSONRPC_PROXY_ERROR),
+            (UnknownCredential, 403, "unknown_credential", JSONRPC_PROXY_ERROR),
+            (AmbiguousCredential, 400, "ambiguous_credential", JSONRPC_PROXY_ERROR),
+            (RateLimited(refusal()), 429, "rate_limited", JSONRPC_PROXY_ERROR),
+            (ParseError, 400, "parse_error", -32700),
+            (InvalidRequest, 400, "invalid_request", -32600),
+            (HeaderMismatch, 400, "header_mismatch", -32020),
+            (ToolNotAllowed, 403, "tool_not_allowed", JSONRPC_PROXY_ERROR),
+            (SessionNotFound, 404, "session_not_found", JSONRPC_PROXY_ERROR),
+            (UpstreamUnavailable, 502, "upstream_unavailable", JSONRPC_PROXY_ERROR),
+            (UpstreamTimeout, 504, "upstream_timeout", JSONRPC_PROXY_ERROR),
         ];
         let mut codes = std::collections::HashSet::new();
-        for (err, status, code) in table {
-            assert_eq!(err.describe(), (StatusCode::from_u16(status).unwrap(), code), "{err:?}");
+        for (err, status, code, jsonrpc) in table {
+            assert_eq!(err.describe(), (StatusCode::from_u16(status).unwrap(), code, jsonrpc), "{err:?}");
             assert!(codes.insert(code), "code {code} used twice");
             assert!(!err.to_string().is_empty());
         }

@@ -202,7 +202,7 @@ async fn identity_rules_with_unknown_users_rejected() {
     assert_eq!(bob["acting_user"], "bob");
     assert_eq!(bob["upstream"], "github");
     assert_eq!(bob["status"], 200);
-    assert_eq!(bob["jsonrpc_method"], "tools/call");
+    assert_eq!(bob["mcp_method"], "tools/call");
     // Malformed ids are refused and audited, but never written into the trail.
     let malformed = audit.iter().filter(|l| l["reason"] == "invalid_user_id").count();
     assert_eq!(malformed, 8);

@@ -4,4 +4,5 @@
 pub mod auth;
 pub mod credential;
 pub mod identity;
+pub mod mcp;
 pub mod ratelimit;

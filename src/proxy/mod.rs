@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, RateLimits};
 use crate::policy::{auth, credential, identity};
 use crate::store::KeyKind;
@@ -41,9 +42,10 @@ struct RequestCtx {
     fallback: bool,
     /// The rate-limit level that refused the request.
     limited_at: Option<Level>,
-    /// Set for an MCP JSON-RPC POST: `null` until the body is read, then the request's id.
-    jsonrpc_id: Option<Box<RawValue>>,
-    jsonrpc_method: Option<Box<str>>,
+    /// An `application/json` POST: refusals answer with a JSON-RPC error.
+    json_post: bool,
+    /// The JSON-RPC messages of the body, once read.
+    rpc: Option<Rpc>,
 }
 
 /// The config in force and the limiters it resolves to, swapped together on reload.
@@ -92,15 +94,13 @@ impl Proxy {
         let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let mut ctx = RequestCtx {
-            jsonrpc_id: body::is_json_post(request.method(), request.headers()).then(body::null_id),
-            ..Default::default()
-        };
+        let mut ctx =
+            RequestCtx { json_post: body::is_json_post(request.method(), request.headers()), ..Default::default() };
 
         let (response, decision, reason) = match self.pipeline(&active, &mut ctx, request, peer, &request_id).await {
             Ok(response) => (response, "allow", "ok"),
             Err(Refusal { error, detail }) => {
-                let response = error.into_response(ctx.jsonrpc_id.as_deref());
+                let response = error.into_response(ctx.error_id());
                 // The one place a refusal is logged.
                 tracing::info!(
                     request_id,
@@ -133,7 +133,11 @@ impl Proxy {
                 reason,
                 fallback: ctx.fallback,
                 upstream: ctx.upstream.as_deref(),
-                jsonrpc_method: ctx.jsonrpc_method.as_deref(),
+                mcp_method: ctx.rpc.as_ref().and_then(Rpc::method),
+                jsonrpc_id: ctx.rpc.as_ref().and_then(Rpc::error_id),
+                tool: ctx.target(|t| matches!(t, Target::Tool(_))),
+                prompt: ctx.target(|t| matches!(t, Target::Prompt(_))),
+                resource: ctx.target(|t| matches!(t, Target::Resource(_))),
                 rate_limit_level: ctx.limited_at.map(Level::as_str),
                 status,
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
@@ -164,12 +168,12 @@ impl Proxy {
         headers::check_origin(&parts, server.allowed_origins.as_deref(), peer.tls)?;
         // Read an MCP JSON-RPC body (bounded in size and time) so that every refusal below answers with
         // the request's JSON-RPC id; other bodies stream.
-        let (body, jsonrpc) = body::read_request(body, &parts, server.max_body_bytes, server.body_read_timeout).await?;
-        if ctx.jsonrpc_id.is_some() {
-            (ctx.jsonrpc_id, ctx.jsonrpc_method) = match jsonrpc {
-                Some(rpc) => (Some(rpc.id), rpc.method),
-                None => (None, None), // JSON, but not JSON-RPC: errors answer in plain JSON
-            };
+        let (body, json) = body::read_request(body, &parts, server.max_body_bytes, server.body_read_timeout).await?;
+        // Inspect: the JSON-RPC messages (-32700 / -32600 when they are not), and the 2026-07-28 mirror
+        // headers, which must agree with the body that policy is enforced on.
+        if let Some(json) = &json {
+            ctx.rpc = Some(mcp::inspect(json)?);
+            mcp::check_mirrored_headers(&parts.headers, ctx.rpc.as_ref().expect("just set"))?;
         }
         // Authenticate: nothing about the caller is trusted, or recorded, before the key is valid.
         let key = auth::authenticate(&config.directory, &parts.headers)?;
@@ -213,6 +217,22 @@ impl Proxy {
             }
         }
         Ok(response)
+    }
+}
+
+impl RequestCtx {
+    /// The id a JSON-RPC error answer carries: the request's own, `null` when it has none or is unread.
+    fn error_id(&self) -> Option<&RawValue> {
+        match &self.rpc {
+            Some(rpc) => Some(rpc.error_id().unwrap_or(RawValue::NULL)),
+            None => self.json_post.then_some(RawValue::NULL),
+        }
+    }
+
+    /// The single message's target, when it is of the kind `kind` accepts.
+    fn target(&self, kind: impl Fn(&Target) -> bool) -> Option<&str> {
+        let target = self.rpc.as_ref()?.single()?.target.as_ref()?;
+        kind(target).then(|| target.name())
     }
 }
 

@@ -29,7 +29,13 @@ pub struct AuditEvent<'a> {
     pub reason: &'static str,
     pub fallback: bool,
     pub upstream: Option<&'a str>,
-    pub jsonrpc_method: Option<&'a str>,
+    /// MCP facts of a JSON-RPC POST (single messages; a batch records none). Argument values are never
+    /// recorded: they may hold personal data.
+    pub mcp_method: Option<&'a str>,
+    pub jsonrpc_id: Option<&'a serde_json::value::RawValue>,
+    pub tool: Option<&'a str>,
+    pub prompt: Option<&'a str>,
+    pub resource: Option<&'a str>,
     /// The rate-limit level that refused: `key`, `user` or `user_upstream`.
     pub rate_limit_level: Option<&'static str>,
     pub status: u16,
