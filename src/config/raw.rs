@@ -144,6 +144,25 @@ pub struct RawUpstream {
     pub ca_file: Option<PathBuf>,
     /// Per user, on this upstream only.
     pub rate_limit: Option<RawLimit>,
+    pub restrictions: Option<RawRestrictions>,
+    /// Per user, per tool: `"create_issue" = { requests = 10, per = "1m" }`.
+    #[serde(default)]
+    pub tool_limits: BTreeMap<String, RawLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRestrictions {
+    pub tools: Option<RawRule>,
+    pub users: Option<RawRule>,
+}
+
+/// `{ allow = [...] }` or `{ block = [...] }`, with `*` globs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub allow: Option<Vec<String>>,
+    pub block: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,7 +11,8 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
-use super::raw::{RawConfig, RawCredential, RawKey, RawLimit, RawUpstream};
+use super::raw::{RawConfig, RawCredential, RawKey, RawLimit, RawRule, RawUpstream};
+use crate::policy::mcp::Rule;
 use crate::policy::ratelimit::Limit;
 use crate::proxy::forward::UpstreamClient;
 use crate::secret::{Secret, sha256};
@@ -73,6 +74,12 @@ pub struct Upstream {
     pub response_header_timeout: Duration,
     /// Per user, on this upstream.
     pub rate_limit: Option<Limit>,
+    /// Which tools clients may call and see in `tools/list`; `None`: all.
+    pub tools: Option<Rule>,
+    /// Which users may use this upstream; `None`: all.
+    pub users: Option<Rule>,
+    /// Per user, per tool.
+    pub tool_limits: Vec<(Box<str>, Limit)>,
     pub client: UpstreamClient,
 }
 
@@ -341,6 +348,18 @@ impl Builder<'_> {
         );
         let ca_file = u.ca_file.as_ref().map(|p| self.base_dir.join(p));
         let rate_limit = self.limit(&format!("{path}.rate_limit"), u.rate_limit.as_ref());
+        let restrictions = u.restrictions.as_ref();
+        let tools = self.rule(&format!("{path}.restrictions.tools"), restrictions.and_then(|r| r.tools.as_ref()));
+        let users = self.rule(&format!("{path}.restrictions.users"), restrictions.and_then(|r| r.users.as_ref()));
+        let tool_limits: Option<Vec<_>> = u
+            .tool_limits
+            .iter()
+            .map(|(tool, raw)| {
+                let limit = self.limit(&format!("{path}.tool_limits.{tool}"), Some(raw))?;
+                Some(limit.map(|l| (Box::from(tool.as_str()), l)))
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|l| l.into_iter().flatten().collect());
         let url = url?;
         let is_https = url.scheme_str() == Some("https");
         if u.http2_prior_knowledge && is_https {
@@ -368,6 +387,9 @@ impl Builder<'_> {
             forward_user_header: forward_user_header?,
             response_header_timeout: response_header_timeout?,
             rate_limit: rate_limit?,
+            tools: tools?,
+            users: users?,
+            tool_limits: tool_limits?,
             client,
         })
     }
@@ -564,6 +586,19 @@ impl Builder<'_> {
             .parse()
             .map_err(|_| self.problem(path, format!("{value:?} is not an address such as 127.0.0.1:8080")))
             .ok()
+    }
+
+    /// `Some(None)` for no rule, `None` after reporting a problem.
+    fn rule(&mut self, path: &str, raw: Option<&RawRule>) -> Option<Option<Rule>> {
+        let Some(raw) = raw else { return Some(None) };
+        match (&raw.allow, &raw.block) {
+            (Some(list), None) => Some(Some(Rule::Allow(list.clone()))),
+            (None, Some(list)) => Some(Some(Rule::Block(list.clone()))),
+            _ => {
+                self.problem(path, "set exactly one of allow or block");
+                None
+            }
+        }
     }
 
     /// `Some(None)` for no limit (absent or "unlimited"), `None` after reporting a problem.

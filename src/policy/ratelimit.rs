@@ -56,6 +56,7 @@ pub enum Level {
     Key,
     User,
     UserUpstream,
+    Tool,
 }
 
 impl Level {
@@ -64,6 +65,7 @@ impl Level {
             Level::Key => "key",
             Level::User => "user",
             Level::UserUpstream => "user_upstream",
+            Level::Tool => "tool",
         }
     }
 }
@@ -142,14 +144,14 @@ pub struct Refusal {
 
 /// The statuses of the levels that applied, at most one per level (no allocation per request).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Statuses([Option<LevelStatus>; 3]);
+pub struct Statuses([Option<LevelStatus>; 4]);
 
 impl Statuses {
     pub fn iter(&self) -> impl Iterator<Item = &LevelStatus> {
         self.0.iter().flatten()
     }
 
-    fn push(&mut self, status: LevelStatus) {
+    pub fn push(&mut self, status: LevelStatus) {
         if let Some(slot) = self.0.iter_mut().find(|s| s.is_none()) {
             *slot = Some(status);
         }
@@ -164,13 +166,19 @@ enum Scope {
     Key(Arc<str>),
     User,
     Upstream(Arc<str>),
+    Tool(Arc<str>, Box<str>),
 }
+
+/// A limit and the limiter that enforces it, per user.
+type PerUser = (Limit, Arc<KeyedLimiter>);
 
 /// Which limiter applies to each key, user and upstream under one config.
 pub struct LimitPlan {
     keys: Vec<Option<(Limit, Arc<DirectLimiter>)>>,
-    users: Vec<Option<(Limit, Arc<KeyedLimiter>)>>,
-    upstreams: Vec<Option<(Limit, Arc<KeyedLimiter>)>>,
+    users: Vec<Option<PerUser>>,
+    upstreams: Vec<Option<PerUser>>,
+    /// By upstream id: per-tool limiters.
+    tools: Vec<HashMap<Box<str>, PerUser>>,
 }
 
 /// The process-wide limiter state. The local backend keeps it in memory; a shared backend (Redis) for
@@ -204,8 +212,15 @@ impl RateLimits {
         let users =
             (0..dir.user_id_space()).map(|i| keyed_for(Scope::User, dir.user_limit(UserId(i as u32)))).collect();
         let mut by_id = vec![None; config.upstreams.len()];
+        let mut tools = vec![HashMap::new(); config.upstreams.len()];
         for upstream in &config.upstreams {
             by_id[upstream.id.0 as usize] = keyed_for(Scope::Upstream(upstream.name.clone()), upstream.rate_limit);
+            for (tool, limit) in &upstream.tool_limits {
+                let scope = Scope::Tool(upstream.name.clone(), tool.clone());
+                if let Some(entry) = keyed_for(scope, Some(*limit)) {
+                    tools[upstream.id.0 as usize].insert(tool.clone(), entry);
+                }
+            }
         }
         let mut keys = Vec::new();
         keys.resize_with(dir.keys().count(), || None);
@@ -217,7 +232,7 @@ impl RateLimits {
             });
             keys[key.index as usize] = Some((limit, limiter.clone()));
         }
-        LimitPlan { keys, users, upstreams: by_id }
+        LimitPlan { keys, users, upstreams: by_id, tools }
     }
 
     /// Drops the state of users whose buckets are full again (indistinguishable from a fresh start), then
@@ -267,6 +282,22 @@ impl LimitPlan {
     }
 }
 
+impl LimitPlan {
+    /// Checks and counts one call of `tool` by `user` on `upstream`, when that tool has a limit.
+    pub fn check_tool(
+        &self,
+        limits: &RateLimits,
+        upstream: UpstreamId,
+        tool: &str,
+        user: UserId,
+    ) -> Result<Option<LevelStatus>, Refusal> {
+        let Some((limit, limiter)) = self.tools.get(upstream.0 as usize).and_then(|t| t.get(tool)) else {
+            return Ok(None);
+        };
+        outcome(limits, Level::Tool, *limit, limiter.check_key(&user.0)).map(Some)
+    }
+}
+
 fn outcome(
     limits: &RateLimits,
     level: Level,
@@ -305,5 +336,5 @@ pub fn headers(statuses: &Statuses) -> Option<(String, String)> {
 /// reset at the retry time.
 pub fn refusal_headers(refusal: &Refusal) -> (String, String) {
     let status = LevelStatus { level: refusal.level, limit: refusal.limit, remaining: 0, reset: refusal.retry_after };
-    headers(&Statuses([Some(status), None, None])).expect("one status")
+    headers(&Statuses([Some(status), None, None, None])).expect("one status")
 }

@@ -4,6 +4,8 @@
 pub mod body;
 pub mod forward;
 pub mod headers;
+pub mod respond;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -186,10 +188,29 @@ impl Proxy {
         let acting_user = config.directory.user_name(who.user);
         ctx.acting_user = Some(acting_user.clone());
         ctx.fallback = who.fallback;
+        // Restrict users: an upstream may be open to some users only.
+        if upstream.users.as_ref().is_some_and(|rule| !rule.permits(acting_user)) {
+            return Err(ProxyError::UserNotPermitted.into());
+        }
         // Rate limit by the resolved user (and key, and user on this upstream): only now, so that bad keys
         // and unknown users never create limiter state, and before any work is done on the user's behalf.
-        let statuses =
+        let mut statuses =
             active.limits.check(&self.limits, key.index, who.user, upstream.id).map_err(ProxyError::RateLimited)?;
+        // Restrict tools, from the JSON-RPC body: a blocked tool never reaches the upstream; then the
+        // per-tool limits of the tools that may be called.
+        if let Some(rpc) = &ctx.rpc {
+            if let Some(rule) = &upstream.tools
+                && rpc.tool_calls().any(|tool| !rule.permits(tool))
+            {
+                return Err(ProxyError::ToolNotAllowed.into());
+            }
+            for tool in rpc.tool_calls() {
+                let status = active.limits.check_tool(&self.limits, upstream.id, tool, who.user);
+                if let Some(status) = status.map_err(ProxyError::RateLimited)? {
+                    statuses.push(status);
+                }
+            }
+        }
         // The acting user's own credential for this upstream: never the caller's key, never another user's.
         let credential = credential::select(config.directory.credentials(who.user, upstream.id), &parts.headers)?;
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
@@ -207,6 +228,15 @@ impl Proxy {
             .await
             .map_err(|(error, detail)| Refusal { error, detail: Some(detail) })?;
         let mut response = forward::into_client_response(response);
+        // Respond: clients see only the tools they may call, in JSON and SSE answers alike.
+        if let (Some(rule), Some(rpc)) = (&upstream.tools, &ctx.rpc)
+            && rpc.messages.iter().any(|m| m.method.as_deref() == Some("tools/list"))
+        {
+            response = respond::filter_tools(response, rule.clone()).await.map_err(|e| Refusal {
+                error: ProxyError::UpstreamUnavailable,
+                detail: Some(format!("tools/list answer: {e}")),
+            })?;
+        }
         // Successful answers tell the client where it stands, so it can pace itself.
         if let Some((policy, state)) = ratelimit::headers(&statuses) {
             let headers = response.headers_mut();

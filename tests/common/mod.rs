@@ -305,3 +305,91 @@ pub async fn sse_upstream() -> SseUpstream {
 pub fn status(response: &Response<Incoming>) -> StatusCode {
     response.status()
 }
+
+/// An rmcp (official Rust MCP SDK) server with the given tools; every call is recorded as
+/// `(tool, authorization header)` and answered with the tool's name.
+#[derive(Clone)]
+pub struct ToolServer {
+    pub tools: Vec<&'static str>,
+    pub calls: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl rmcp::ServerHandler for ToolServer {
+    fn get_info(&self) -> rmcp::model::ServerConfig {
+        rmcp::model::ServerConfig::new(rmcp::model::ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ListToolsResult, rmcp::ErrorData> {
+        let schema: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"type":"object","properties":{}}"#).unwrap();
+        let schema = Arc::new(schema);
+        let tools = self.tools.iter().map(|t| rmcp::model::Tool::new(*t, "test tool", schema.clone())).collect();
+        Ok(rmcp::model::ListToolsResult::with_all_items(tools))
+    }
+
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        let auth = context
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|p| p.headers.get("authorization"))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        self.calls.lock().unwrap().push((request.name.to_string(), auth));
+        let text = rmcp::model::ContentBlock::text(format!("called {}", request.name));
+        Ok(rmcp::model::CallToolResult::success(vec![text]).into())
+    }
+}
+
+/// Serves a [`ToolServer`] at `http://<addr>/mcp`: stateful (sessions, SSE answers) or stateless
+/// (JSON answers).
+pub async fn spawn_tool_server(
+    tools: &[&'static str],
+    stateful: bool,
+) -> (SocketAddr, Arc<Mutex<Vec<(String, String)>>>) {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+    let server = ToolServer { tools: tools.to_vec(), calls: Arc::default() };
+    let calls = server.calls.clone();
+    let config = StreamableHttpServerConfig::default().with_legacy_session_mode(stateful).with_json_response(!stateful);
+    let service: StreamableHttpService<ToolServer, LocalSessionManager> =
+        StreamableHttpService::new(move || Ok(server.clone()), Default::default(), config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper_util::service::TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    (addr, calls)
+}
+
+/// An rmcp client connected through the proxy at `url`.
+pub async fn mcp_client(
+    url: &str,
+    key: &str,
+    user: Option<&str>,
+) -> Result<rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>, String> {
+    use rmcp::ServiceExt;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let mut headers = std::collections::HashMap::new();
+    if let Some(user) = user {
+        headers.insert(http::HeaderName::from_static("x-alloy-userid"), http::HeaderValue::from_str(user).unwrap());
+    }
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url).auth_header(key).custom_headers(headers),
+    );
+    rmcp::model::ClientConfig::default().serve(transport).await.map_err(|e| format!("{e:?}"))
+}

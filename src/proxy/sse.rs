@@ -1,0 +1,214 @@
+//! Event-by-event rewriting of a `text/event-stream` body.
+//!
+//! Bytes are held only until the event they belong to is complete (a blank line ends an event), then
+//! passed on, rewritten if the rewrite function says so. A stream is never buffered whole, and events
+//! that are not rewritten go out as the very bytes that came in.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame};
+
+use super::body::BoxError;
+
+/// The most an event may grow to while it is held; a larger one fails the stream rather than being
+/// passed on unchecked.
+pub const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// One parsed event: its `event:` type and its `data:` lines joined by `\n`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub kind: Option<&'a str>,
+    pub data: String,
+}
+
+/// Parses the fields the proxy cares about. `raw` is one event, blank-line terminator included.
+pub fn parse(raw: &[u8]) -> Option<Event<'_>> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let mut kind = None;
+    let mut data: Option<String> = None;
+    for line in text.split(['\n', '\r']).filter(|l| !l.is_empty()) {
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => kind = Some(value),
+            "data" => match &mut data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => data = Some(value.to_owned()),
+            },
+            _ => {}
+        }
+    }
+    Some(Event { kind, data: data? })
+}
+
+/// Serializes an event with the given type and data (multi-line data becomes several `data:` lines).
+pub fn render(kind: Option<&str>, data: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 32);
+    if let Some(kind) = kind {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(kind.as_bytes());
+        out.push(b'\n');
+    }
+    for line in data.split('\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out
+}
+
+/// End of the first complete event in `buf` (just past its blank line), if there is one.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < buf.len() {
+        match buf[i] {
+            b'\n' if buf.get(i + 1) == Some(&b'\n') => return Some(i + 2),
+            b'\r' if buf.get(i + 1) == Some(&b'\r') => return Some(i + 2),
+            b'\r' if buf.get(i + 1) == Some(&b'\n') => {
+                match (buf.get(i + 2), buf.get(i + 3)) {
+                    (Some(b'\r'), Some(b'\n')) => return Some(i + 4),
+                    (Some(b'\n'), _) => return Some(i + 3),
+                    _ => {}
+                }
+                i += 2;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// A body that passes `inner`'s events through `rewrite`: `Some(bytes)` replaces the event, `None`
+/// keeps it as it came.
+pub struct EventRewrite<B, F> {
+    inner: B,
+    buf: BytesMut,
+    rewrite: F,
+    ended: bool,
+}
+
+impl<B, F> EventRewrite<B, F> {
+    pub fn new(inner: B, rewrite: F) -> Self {
+        EventRewrite { inner, buf: BytesMut::new(), rewrite, ended: false }
+    }
+}
+
+impl<B, F> EventRewrite<B, F>
+where
+    F: FnMut(&[u8]) -> Option<Vec<u8>>,
+{
+    /// Takes every complete event out of the buffer, rewritten where asked.
+    fn complete_events(&mut self) -> Option<Bytes> {
+        let mut end = 0;
+        let mut out: Option<BytesMut> = None;
+        while let Some(len) = event_end(&self.buf[end..]) {
+            let event = &self.buf[end..end + len];
+            match (self.rewrite)(event) {
+                Some(new) => out.get_or_insert_with(|| BytesMut::from(&self.buf[..end])).extend_from_slice(&new),
+                None => {
+                    if let Some(out) = &mut out {
+                        out.extend_from_slice(event);
+                    }
+                }
+            }
+            end += len;
+        }
+        if end == 0 {
+            return None;
+        }
+        let taken = self.buf.split_to(end).freeze();
+        Some(out.map_or(taken, BytesMut::freeze))
+    }
+}
+
+impl<B, F> Body for EventRewrite<B, F>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    F: FnMut(&[u8]) -> Option<Vec<u8>> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(events) = this.complete_events() {
+                return Poll::Ready(Some(Ok(Frame::data(events))));
+            }
+            if this.ended {
+                // A last event without its blank line is passed on as it is.
+                let rest = this.buf.split().freeze();
+                return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => this.ended = true,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if this.buf.len() + data.len() > MAX_EVENT_BYTES && event_end(&data).is_none() {
+                            return Poll::Ready(Some(Err("server-sent event larger than 8 MiB".into())));
+                        }
+                        this.buf.extend_from_slice(&data);
+                    }
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+
+    /// A body that yields the given chunks, one frame each.
+    struct Chunks(VecDeque<&'static str>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes())))))
+        }
+    }
+
+    fn chunks(parts: &[&'static str]) -> Chunks {
+        Chunks(parts.iter().copied().collect())
+    }
+
+    #[tokio::test]
+    async fn events_split_across_chunks_are_rewritten_whole_and_others_pass_untouched() {
+        let body =
+            chunks(&["event: message\ndata: keep\n\nevent: mess", "age\ndata: swap\n", "\n: comment\n\ndata: tail"]);
+        let rewrite = |raw: &[u8]| {
+            let event = parse(raw)?;
+            (event.data == "swap").then(|| render(event.kind, "swapped"))
+        };
+        let out = EventRewrite::new(body, rewrite).collect().await.unwrap().to_bytes();
+        assert_eq!(out, "event: message\ndata: keep\n\nevent: message\ndata: swapped\n\n: comment\n\ndata: tail");
+    }
+
+    #[test]
+    fn parsing_and_line_endings() {
+        assert_eq!(event_end(b"data: a\r\n\r\nrest"), Some(11));
+        assert_eq!(event_end(b"data: a\n\nrest"), Some(9));
+        assert_eq!(event_end(b"data: a\r\rrest"), Some(9));
+        assert_eq!(event_end(b"data: a\r\ndata: b"), None);
+        let e = parse(b"event: endpoint\r\ndata: /messages?x=1\r\n\r\n").unwrap();
+        assert_eq!(e, Event { kind: Some("endpoint"), data: "/messages?x=1".into() });
+        let e = parse(b"data: {\"a\":\ndata: 1}\n\n").unwrap();
+        assert_eq!(e.data, "{\"a\":\n1}");
+        assert!(parse(b": keepalive\n\n").is_none());
+    }
+}
