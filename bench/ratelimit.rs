@@ -15,7 +15,7 @@ use criterion::{BenchmarkId, Criterion};
 use governor::clock::FakeRelativeClock;
 use governor::{Quota, RateLimiter};
 use mcp_tenant_proxy::config::Config;
-use mcp_tenant_proxy::policy::ratelimit::{LimitClock, LimitPlan, RateLimits};
+use mcp_tenant_proxy::policy::ratelimit::{LimitClock, LimitPlan, LimitRequest, RateLimits};
 use mcp_tenant_proxy::store::{UpstreamId, UserId};
 
 struct Counting;
@@ -54,6 +54,10 @@ fn setup(users: u32, clock: &FakeRelativeClock) -> (RateLimits, LimitPlan) {
     (limits, plan)
 }
 
+fn request(user: u32) -> LimitRequest<'static> {
+    LimitRequest { key: 0, user: UserId(user), upstream: UpstreamId(0), calls: None }
+}
+
 /// A fixed pseudo-random walk over the users (xorshift), so both limiters see the same sequence.
 fn sequence(users: u32, len: usize) -> Vec<u32> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -74,13 +78,13 @@ fn check_cost(c: &mut Criterion) {
         let clock = FakeRelativeClock::default();
         let (limits, plan) = setup(users, &clock);
         for &u in &order {
-            let _ = plan.check(&limits, 0, UserId(u), UpstreamId(0)); // warm: every user tracked
+            let _ = limits.check(&plan, &request(u)); // warm: every user tracked
         }
         let mut i = 0;
         group.bench_with_input(BenchmarkId::new("proxy_userid_u32", users), &users, |b, _| {
             b.iter(|| {
                 i = (i + 1) & (order.len() - 1);
-                black_box(plan.check(&limits, 0, UserId(order[i]), UpstreamId(0)).is_ok())
+                black_box(limits.check(&plan, &request(order[i])).is_ok())
             })
         });
 
@@ -107,7 +111,7 @@ fn memory_report() {
     let (limits, plan) = setup(USERS, &clock);
     let before = LIVE.load(Ordering::Relaxed);
     for u in 0..USERS {
-        let _ = plan.check(&limits, 0, UserId(u), UpstreamId(0));
+        let _ = limits.check(&plan, &request(u));
     }
     let tracked = LIVE.load(Ordering::Relaxed) - before;
     limits.evict();

@@ -51,7 +51,7 @@ impl App {
         let server = &config.server;
 
         let limits = Arc::new(RateLimits::with_clock(clock));
-        let proxy = Arc::new(Proxy::new(config.clone(), limits.clone(), audit));
+        let proxy = Arc::new(Proxy::new(config.clone(), limits.clone(), audit, proxy_addr));
         // Idle users' limiter state is dropped on a schedule so memory stays bounded.
         let evictor_limits = limits.clone();
         let evictor = tokio::spawn(async move {

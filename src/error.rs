@@ -16,6 +16,8 @@ use crate::proxy::body::{ProxyBody, full};
 pub enum ProxyError {
     #[error("no route for this path")]
     RouteNotFound,
+    #[error("the path has dot segments, encoded slashes or empty segments")]
+    InvalidPath,
     #[error("the request headers are larger than server.max_header_bytes allows")]
     HeadersTooLarge,
     #[error("the request body is larger than server.max_body_bytes allows")]
@@ -72,6 +74,7 @@ impl ProxyError {
         use ProxyError::*;
         let (status, code) = match self {
             RouteNotFound => (StatusCode::NOT_FOUND, "route_not_found"),
+            InvalidPath => (StatusCode::BAD_REQUEST, "invalid_path"),
             HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large"),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
@@ -183,6 +186,7 @@ mod tests {
         use ProxyError::*;
         let table = [
             (RouteNotFound, 404, "route_not_found", JSONRPC_PROXY_ERROR),
+            (InvalidPath, 400, "invalid_path", JSONRPC_PROXY_ERROR),
             (HeadersTooLarge, 431, "headers_too_large", JSONRPC_PROXY_ERROR),
             (BodyTooLarge, 413, "body_too_large", JSONRPC_PROXY_ERROR),
             (BodyTimeout, 408, "body_timeout", JSONRPC_PROXY_ERROR),

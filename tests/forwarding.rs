@@ -280,3 +280,65 @@ async fn shutdown_lets_in_flight_requests_finish() {
     assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "finished");
     shutdown.await.unwrap();
 }
+
+#[tokio::test]
+async fn paths_that_could_escape_the_route_never_reach_the_upstream() {
+    let (upstream, seen) = recording_upstream().await;
+    let harness = Harness::start(&base_config(upstream, "")).await;
+    for path in
+        ["/mcp/github/../admin", "/mcp/github/%2e%2e/admin", "/mcp/github/.%2E/x", "/mcp//github", "/mcp/github/a%2Fb"]
+    {
+        let response = harness.send(mcp_post(&harness.url(path), &alice())).await;
+        assert_eq!(response.status(), 400, "{path}");
+        assert_eq!(json(response).await["error"]["data"]["code"], "invalid_path", "{path}");
+    }
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn request_trailers_never_reach_the_upstream() {
+    let (upstream, seen) = recording_upstream().await;
+    let harness = Harness::start(&base_config(upstream, "http2_prior_knowledge = true")).await;
+    let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+    let request = Request::post(harness.url("/mcp/github"))
+        .header("authorization", "Bearer alice-key-0001")
+        .header("content-type", "application/octet-stream")
+        .body(channel.map_err(|never| match never {}).boxed())
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<TestBody>();
+    let sending = tokio::spawn(async move {
+        tx.send_data(Bytes::from_static(b"payload")).await.unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("authorization", "Bearer alice-key-0001".parse().unwrap());
+        trailers.insert("x-mcp-user", "bob".parse().unwrap());
+        tx.send_trailers(trailers).await.unwrap();
+    });
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    sending.await.unwrap();
+    let seen = seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.body, "payload");
+    assert_eq!(seen.headers["authorization"], "Bearer cred-alice");
+    assert!(seen.headers.get("x-mcp-user").is_none());
+}
+
+#[tokio::test]
+async fn a_rebinding_page_is_refused_even_when_host_agrees_with_origin() {
+    let (upstream, seen) = recording_upstream().await;
+    let harness = Harness::start(&base_config(upstream, "")).await;
+    let mut request = mcp_post(&harness.url("/mcp/github"), &alice());
+    request.headers_mut().insert("host", "evil.example:8080".parse().unwrap());
+    request.headers_mut().insert("origin", "http://evil.example:8080".parse().unwrap());
+    let response = harness.send(request).await;
+    assert_eq!(response.status(), 403);
+    for origin in
+        [format!("http://localhost:{}", harness.addr.port()), format!("http://127.0.0.1:{}", harness.addr.port())]
+    {
+        let mut request = mcp_post(&harness.url("/mcp/github"), &alice());
+        request.headers_mut().insert("origin", origin.parse().unwrap());
+        assert_eq!(harness.send(request).await.status(), 200, "{origin}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::*;
 use governor::clock::FakeRelativeClock;
 use mcp_tenant_proxy::config::Config;
-use mcp_tenant_proxy::policy::ratelimit::{LimitClock, RateLimits};
+use mcp_tenant_proxy::policy::ratelimit::{LimitClock, LimitRequest, RateLimits};
 use mcp_tenant_proxy::store::{UpstreamId, UserId};
 
 fn as_user(user: &str) -> [(&'static str, String); 2] {
@@ -205,16 +205,32 @@ fn a_reload_keeps_buckets_of_unchanged_quotas() {
         );
         Config::from_toml(&text, std::path::Path::new(".")).unwrap()
     };
-    let (alice, gh) = (UserId(0), UpstreamId(0));
+    let request = LimitRequest { key: 0, user: UserId(0), upstream: UpstreamId(0), calls: None };
     let first = limits.plan(&config(5));
     for _ in 0..2 {
-        first.check(&limits, 0, alice, gh).unwrap();
+        limits.check(&first, &request).unwrap();
     }
     // Same user quota, new upstream quota: the user bucket carries over, the upstream one starts fresh.
     let second = limits.plan(&config(4));
-    let statuses = second.check(&limits, 0, alice, gh).unwrap();
+    let statuses = limits.check(&second, &request).unwrap();
     let remaining: Vec<_> = statuses.iter().map(|s| (s.level.as_str(), s.remaining)).collect();
-    assert_eq!(remaining, [("user", 0), ("user_upstream", 3)]);
-    let refusal = second.check(&limits, 0, alice, gh).unwrap_err();
+    assert_eq!(remaining, [("user_upstream", 3), ("user", 0)]);
+    let refusal = limits.check(&second, &request).unwrap_err();
     assert_eq!(refusal.level.as_str(), "user");
+}
+
+#[tokio::test]
+async fn requests_refused_for_one_user_do_not_use_up_the_keys_shared_quota() {
+    let (upstream, _) = recording_upstream().await;
+    let config = format!(
+        "rate_limit = {{ requests = 1, per = \"1h\" }}\n{}",
+        base_config(upstream, "")
+            .replace("act_as = [\"*\"]", "act_as = [\"*\"]\nrate_limit = { requests = 3, per = \"1h\" }")
+    );
+    let harness = Harness::start_with_clock(&config, LimitClock::Fake(FakeRelativeClock::default())).await;
+    let t = Limited { harness, clock: FakeRelativeClock::default(), seen: Default::default() };
+    assert_eq!(t.statuses("alice", 5).await, [200, 429, 429, 429, 429]);
+    assert_eq!(t.statuses("bob", 1).await, [200], "alice's refused requests cost the key nothing");
+    assert_eq!(t.statuses("tenant-a-dave", 1).await, [200]);
+    assert_eq!(t.statuses("carol", 1).await, [429], "the key's 3 are used: alice, bob, dave");
 }

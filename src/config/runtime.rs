@@ -34,7 +34,8 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
-    /// `None`: only the proxy's own origin may send an `Origin` header.
+    /// Origins whose requests are accepted (lowercase, no trailing slash). `None`: the proxy's own
+    /// loopback origins (see `headers::own_origins`).
     pub allowed_origins: Option<Vec<String>>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }

@@ -24,6 +24,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
 use crate::config::Config;
+use crate::policy::mcp::Rpc;
 use crate::store::{UpstreamId, UserId};
 
 /// A quota as configured: `requests` per `per`, in bursts of up to `burst`.
@@ -181,8 +182,9 @@ pub struct LimitPlan {
     tools: Vec<HashMap<Box<str>, PerUser>>,
 }
 
-/// The process-wide limiter state. The local backend keeps it in memory; a shared backend (Redis) for
-/// several replicas would be another implementation of [`RateLimits::plan`] and [`LimitPlan::check`].
+/// The process-wide limiter state, and the interface the request path uses: [`RateLimits::plan`] when a
+/// config is loaded, [`RateLimits::check`] per request. This backend keeps the state in memory; a shared
+/// one (Redis) for several replicas would implement the same two calls.
 #[derive(Default)]
 pub struct RateLimits {
     clock: LimitClock,
@@ -257,44 +259,39 @@ impl RateLimits {
     }
 }
 
-impl LimitPlan {
-    /// Checks and counts one request of `user` (acting through key `key`) to `upstream`, key level first,
-    /// then user, then user-on-upstream. A level that refuses stops the check; earlier levels have
-    /// already counted the request, as with several nginx `limit_req` zones.
-    pub fn check(
-        &self,
-        limits: &RateLimits,
-        key: u32,
-        user: UserId,
-        upstream: UpstreamId,
-    ) -> Result<Statuses, Refusal> {
-        let mut statuses = Statuses::default();
-        if let Some(Some((limit, limiter))) = self.keys.get(key as usize) {
-            statuses.push(outcome(limits, Level::Key, *limit, limiter.check())?);
-        }
-        if let Some(Some((limit, limiter))) = self.users.get(user.0 as usize) {
-            statuses.push(outcome(limits, Level::User, *limit, limiter.check_key(&user.0))?);
-        }
-        if let Some(Some((limit, limiter))) = self.upstreams.get(upstream.0 as usize) {
-            statuses.push(outcome(limits, Level::UserUpstream, *limit, limiter.check_key(&user.0))?);
-        }
-        Ok(statuses)
-    }
+/// One request, as the limiters see it.
+pub struct LimitRequest<'a> {
+    pub key: u32,
+    pub user: UserId,
+    pub upstream: UpstreamId,
+    /// The JSON-RPC messages, for the per-tool limits of the tools they call.
+    pub calls: Option<&'a Rpc>,
 }
 
-impl LimitPlan {
-    /// Checks and counts one call of `tool` by `user` on `upstream`, when that tool has a limit.
-    pub fn check_tool(
-        &self,
-        limits: &RateLimits,
-        upstream: UpstreamId,
-        tool: &str,
-        user: UserId,
-    ) -> Result<Option<LevelStatus>, Refusal> {
-        let Some((limit, limiter)) = self.tools.get(upstream.0 as usize).and_then(|t| t.get(tool)) else {
-            return Ok(None);
-        };
-        outcome(limits, Level::Tool, *limit, limiter.check_key(&user.0)).map(Some)
+impl RateLimits {
+    /// Checks and counts one request: the one call the request path makes. The most specific level goes
+    /// first (tool, user on upstream, user, key), and a level that refuses stops the check, so a refused
+    /// request never uses up a broader level that other users share (the key's, for instance).
+    pub fn check(&self, plan: &LimitPlan, request: &LimitRequest<'_>) -> Result<Statuses, Refusal> {
+        let mut statuses = Statuses::default();
+        let user = request.user.0;
+        if let (Some(rpc), Some(tools)) = (request.calls, plan.tools.get(request.upstream.0 as usize)) {
+            for tool in rpc.tool_calls() {
+                if let Some((limit, limiter)) = tools.get(tool) {
+                    statuses.push(outcome(self, Level::Tool, *limit, limiter.check_key(&user))?);
+                }
+            }
+        }
+        if let Some(Some((limit, limiter))) = plan.upstreams.get(request.upstream.0 as usize) {
+            statuses.push(outcome(self, Level::UserUpstream, *limit, limiter.check_key(&user))?);
+        }
+        if let Some(Some((limit, limiter))) = plan.users.get(user as usize) {
+            statuses.push(outcome(self, Level::User, *limit, limiter.check_key(&user))?);
+        }
+        if let Some(Some((limit, limiter))) = plan.keys.get(request.key as usize) {
+            statuses.push(outcome(self, Level::Key, *limit, limiter.check())?);
+        }
+        Ok(statuses)
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, header, request::Parts};
+use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 
@@ -39,7 +40,12 @@ pub async fn read_request(
     let limit = usize::try_from(max_bytes).unwrap_or(usize::MAX);
     if !is_json_post(&parts.method, &parts.headers) {
         // Streamed; a body that outgrows the limit mid-way fails the upstream request (see forward).
-        return Ok((Limited::new(body, limit).boxed(), None));
+        // Trailers are dropped: they are headers too, and the client's must not reach the upstream.
+        let body = Limited::new(body, limit).map_frame(|frame| match frame.into_data() {
+            Ok(data) => Frame::data(data),
+            Err(_trailers) => Frame::data(Bytes::new()),
+        });
+        return Ok((body.boxed(), None));
     }
     let collected = tokio::time::timeout(read_timeout, Limited::new(body, limit).collect())
         .await
@@ -53,6 +59,12 @@ pub async fn read_request(
         })?;
     let bytes = collected.to_bytes();
     Ok((full(bytes.clone()), Some(bytes)))
+}
+
+/// At most `max` bytes of a body that ends within `wait`: `None` when it is longer, slower or broken.
+pub async fn read_prefix(body: Incoming, max: usize, wait: Duration) -> Option<Bytes> {
+    let collected = tokio::time::timeout(wait, Limited::new(body, max).collect()).await.ok()?.ok()?;
+    Some(collected.to_bytes())
 }
 
 /// An MCP JSON-RPC POST: its body is read, and refusals answer with a JSON-RPC error.

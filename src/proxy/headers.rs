@@ -46,27 +46,64 @@ pub fn single<'a>(
     Ok(first)
 }
 
-/// The spec's DNS-rebinding rule at the edge: no Origin passes; a present Origin must be listed in
-/// `allowed` or, with no list, be the proxy's own origin (scheme + the Host the client addressed).
-pub fn check_origin(parts: &Parts, allowed: Option<&[String]>, tls: bool) -> Result<(), ProxyError> {
+/// The spec's DNS-rebinding rule at the edge: a request without `Origin` passes; one with an `Origin`
+/// passes only if it is in `allowed` (the configured list, or the proxy's own loopback origins). The
+/// client's `Host` is never the reference: in a rebinding attack it names the attacker's domain too.
+pub fn check_origin(parts: &Parts, allowed: &[String]) -> Result<(), ProxyError> {
     let Some(origin) = single(&parts.headers, &header::ORIGIN, "origin")? else {
         return Ok(());
     };
     let origin = origin.to_str().map_err(|_| ProxyError::OriginNotAllowed)?.trim_end_matches('/');
-    let permitted = match allowed {
-        Some(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
-        None => {
-            let scheme = if tls { "https://" } else { "http://" };
-            let host = request_host(parts);
-            match (origin.get(..scheme.len()), host) {
-                (Some(prefix), Some(host)) => {
-                    prefix.eq_ignore_ascii_case(scheme) && origin[scheme.len()..].eq_ignore_ascii_case(host)
-                }
-                _ => false,
-            }
+    if allowed.iter().any(|o| o.eq_ignore_ascii_case(origin)) { Ok(()) } else { Err(ProxyError::OriginNotAllowed) }
+}
+
+/// The proxy's own origins, allowed when no `allowed_origins` are configured: the loopback names at the
+/// port it listens on, and its listen address when that is a specific one.
+pub fn own_origins(listen: SocketAddr, tls: bool) -> Vec<String> {
+    let scheme = if tls { "https" } else { "http" };
+    let port = listen.port();
+    let mut own: Vec<String> =
+        ["localhost", "127.0.0.1", "[::1]"].iter().map(|host| format!("{scheme}://{host}:{port}")).collect();
+    if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
+        own.push(format!("{scheme}://{listen}"));
+    }
+    own
+}
+
+/// Refuses paths that could mean something else once the upstream normalizes them: `.` and `..`
+/// segments (also percent-encoded), encoded slashes and backslashes, NUL, and empty segments (`//`;
+/// a trailing slash is fine).
+pub fn check_path(path: &str) -> Result<(), ProxyError> {
+    let bytes = path.as_bytes();
+    let encoded = |needle: &[u8]| bytes.windows(3).any(|w| w.eq_ignore_ascii_case(needle));
+    if path.contains('\\') || encoded(b"%2f") || encoded(b"%5c") || encoded(b"%00") {
+        return Err(ProxyError::InvalidPath);
+    }
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, segment) in segments.iter().enumerate() {
+        if (segment.is_empty() && i != last) || is_dot_segment(segment) {
+            return Err(ProxyError::InvalidPath);
         }
-    };
-    if permitted { Ok(()) } else { Err(ProxyError::OriginNotAllowed) }
+    }
+    Ok(())
+}
+
+/// `.` or `..`, each dot possibly written `%2e`.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    (1..=2).contains(&dots)
 }
 
 /// The authority the client addressed: `Host` for HTTP/1.1, `:authority` for HTTP/2.
@@ -205,17 +242,39 @@ mod tests {
 
     #[test]
     fn origin_rules() {
-        let own = parts(&[("host", "proxy.local:8080"), ("origin", "http://proxy.local:8080")]);
-        assert_eq!(check_origin(&own, None, false), Ok(()));
-        assert_eq!(check_origin(&own, None, true), Err(ProxyError::OriginNotAllowed));
-        let foreign = parts(&[("host", "proxy.local:8080"), ("origin", "http://evil.example")]);
-        assert_eq!(check_origin(&foreign, None, false), Err(ProxyError::OriginNotAllowed));
-        let listed = vec!["http://evil.example".to_owned()];
-        assert_eq!(check_origin(&foreign, Some(&listed), false), Ok(()));
-        assert_eq!(check_origin(&own, Some(&listed), false), Err(ProxyError::OriginNotAllowed));
-        assert_eq!(check_origin(&parts(&[("host", "x")]), None, false), Ok(()));
-        let two = parts(&[("origin", "http://a"), ("origin", "http://b")]);
-        assert_eq!(check_origin(&two, None, false), Err(ProxyError::DuplicateHeader("origin")));
+        let allowed = vec!["http://localhost:8080".to_owned(), "https://app.example.com".to_owned()];
+        let check =
+            |origin: &'static str| check_origin(&parts(&[("host", "evil.example"), ("origin", origin)]), &allowed);
+        assert_eq!(check("http://localhost:8080"), Ok(()));
+        assert_eq!(check("HTTPS://APP.EXAMPLE.COM/"), Ok(()));
+        // A rebinding page has Host and Origin agree on the attacker's name: still refused.
+        assert_eq!(check("http://evil.example"), Err(ProxyError::OriginNotAllowed));
+        assert_eq!(check("null"), Err(ProxyError::OriginNotAllowed));
+        assert_eq!(check_origin(&parts(&[("host", "x")]), &allowed), Ok(()));
+        let two = parts(&[("origin", "http://localhost:8080"), ("origin", "http://b")]);
+        assert_eq!(check_origin(&two, &allowed), Err(ProxyError::DuplicateHeader("origin")));
+    }
+
+    #[test]
+    fn paths_that_could_escape_the_route_are_refused() {
+        for ok in ["/mcp/github", "/mcp/github/", "/mcp/github/messages/", "/mcp/github/a.b/..c/.d", "/"] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "/mcp/github/../admin",
+            "/mcp/github/./x",
+            "/mcp/github/%2e%2e/admin",
+            "/mcp/github/.%2E/admin",
+            "/mcp/github/%2E",
+            "/mcp/github/..",
+            "/mcp//github",
+            "/mcp/github/a%2fb",
+            "/mcp/github/a%5Cb",
+            "/mcp/github/a\\b",
+            "/mcp/github/a%00",
+        ] {
+            assert_eq!(check_path(bad), Err(ProxyError::InvalidPath), "{bad}");
+        }
     }
 
     #[test]

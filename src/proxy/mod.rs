@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::policy::mcp::{self, Rpc, Target};
-use crate::policy::ratelimit::{self, Level, LimitPlan, RateLimits};
+use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
 use crate::policy::{auth, credential, identity};
 use crate::store::KeyKind;
 use crate::telemetry::audit::{AuditEvent, AuditSink};
@@ -61,17 +61,22 @@ pub struct Proxy {
     limits: Arc<RateLimits>,
     audit: AuditSink,
     request_seq: AtomicU64,
+    /// Allowed origins when the config lists none.
+    own_origins: Vec<String>,
     /// Random per process, so request ids from restarts and replicas do not collide.
     instance: u32,
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, limits: Arc<RateLimits>, audit: AuditSink) -> Self {
+    /// `listen` is the bound proxy address (its port, when the config said 0).
+    pub fn new(config: Arc<Config>, limits: Arc<RateLimits>, audit: AuditSink, listen: std::net::SocketAddr) -> Self {
+        let own_origins = headers::own_origins(listen, config.server.tls.is_some());
         let active = Active { limits: limits.plan(&config), config };
         Proxy {
             active: ArcSwap::from_pointee(active),
             limits,
             audit,
+            own_origins,
             request_seq: AtomicU64::new(0),
             instance: rand::random(),
         }
@@ -161,26 +166,27 @@ impl Proxy {
         let config = &active.config;
         let server = &config.server;
 
-        // Limits first: the cheapest check, and it bounds the work of every later step.
-        headers::check_size(&parts.headers, server.max_header_bytes)?;
-        // Route: which upstream's rules apply. An unknown path is a 404 whoever asks.
-        let upstream = config.upstream_by_path(parts.uri.path()).ok_or(ProxyError::RouteNotFound)?;
-        ctx.upstream = Some(upstream.name.clone());
-        // Origin at the edge (the spec's DNS-rebinding rule), before any secret is looked at.
-        headers::check_origin(&parts, server.allowed_origins.as_deref(), peer.tls)?;
-        // Read an MCP JSON-RPC body (bounded in size and time) so that every refusal below answers with
-        // the request's JSON-RPC id; other bodies stream.
+        // Admit: headers only. Until the key is valid nothing else is read; a refusal here reads at most
+        // a small prefix of a JSON-RPC body, only to answer with the request's id.
+        let origins = server.allowed_origins.as_deref().unwrap_or(&self.own_origins);
+        let (upstream, key) = match admit(config, ctx, &parts, origins) {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                if ctx.json_post {
+                    let prefix = body::read_prefix(body, ID_PEEK_BYTES, ID_PEEK_TIME).await;
+                    ctx.rpc = prefix.and_then(|bytes| mcp::inspect(&bytes[..]).ok());
+                }
+                return Err(error.into());
+            }
+        };
+        // Read an MCP JSON-RPC body (bounded in size and time; other bodies stream) and inspect it:
+        // -32700 / -32600 when it is not JSON-RPC, -32020 when the 2026-07-28 mirror headers disagree with
+        // the body that policy is enforced on. Every later refusal answers with the request's id.
         let (body, json) = body::read_request(body, &parts, server.max_body_bytes, server.body_read_timeout).await?;
-        // Inspect: the JSON-RPC messages (-32700 / -32600 when they are not), and the 2026-07-28 mirror
-        // headers, which must agree with the body that policy is enforced on.
         if let Some(json) = &json {
             ctx.rpc = Some(mcp::inspect(json)?);
             mcp::check_mirrored_headers(&parts.headers, ctx.rpc.as_ref().expect("just set"))?;
         }
-        // Authenticate: nothing about the caller is trusted, or recorded, before the key is valid.
-        let key = auth::authenticate(&config.directory, &parts.headers)?;
-        ctx.key_id = Some(key.id.clone());
-        ctx.key_kind = Some(key.kind);
         // Identify the acting user. The requested name is recorded first so that denials are audited too.
         let requested = identity::requested_user(&config.identity, &parts.headers)?;
         ctx.requested_user = requested.map(str::to_owned);
@@ -188,29 +194,20 @@ impl Proxy {
         let acting_user = config.directory.user_name(who.user);
         ctx.acting_user = Some(acting_user.clone());
         ctx.fallback = who.fallback;
-        // Restrict users: an upstream may be open to some users only.
+        // Restrict: the upstream's user rule, then its tool rule read from the JSON-RPC body (a blocked
+        // tool never reaches the upstream, and costs no quota).
         if upstream.users.as_ref().is_some_and(|rule| !rule.permits(acting_user)) {
             return Err(ProxyError::UserNotPermitted.into());
         }
-        // Rate limit by the resolved user (and key, and user on this upstream): only now, so that bad keys
-        // and unknown users never create limiter state, and before any work is done on the user's behalf.
-        let mut statuses =
-            active.limits.check(&self.limits, key.index, who.user, upstream.id).map_err(ProxyError::RateLimited)?;
-        // Restrict tools, from the JSON-RPC body: a blocked tool never reaches the upstream; then the
-        // per-tool limits of the tools that may be called.
-        if let Some(rpc) = &ctx.rpc {
-            if let Some(rule) = &upstream.tools
-                && rpc.tool_calls().any(|tool| !rule.permits(tool))
-            {
-                return Err(ProxyError::ToolNotAllowed.into());
-            }
-            for tool in rpc.tool_calls() {
-                let status = active.limits.check_tool(&self.limits, upstream.id, tool, who.user);
-                if let Some(status) = status.map_err(ProxyError::RateLimited)? {
-                    statuses.push(status);
-                }
-            }
+        if let (Some(rule), Some(rpc)) = (&upstream.tools, &ctx.rpc)
+            && rpc.tool_calls().any(|tool| !rule.permits(tool))
+        {
+            return Err(ProxyError::ToolNotAllowed.into());
         }
+        // Rate limit by the resolved user: only now, so that bad keys and unknown users never create
+        // limiter state, and before any work is done on the user's behalf.
+        let check = LimitRequest { key: key.index, user: who.user, upstream: upstream.id, calls: ctx.rpc.as_ref() };
+        let statuses = self.limits.check(&active.limits, &check).map_err(ProxyError::RateLimited)?;
         // The acting user's own credential for this upstream: never the caller's key, never another user's.
         let credential = credential::select(config.directory.credentials(who.user, upstream.id), &parts.headers)?;
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
@@ -264,6 +261,33 @@ impl RequestCtx {
         let target = self.rpc.as_ref()?.single()?.target.as_ref()?;
         kind(target).then(|| target.name())
     }
+}
+
+/// What a refusal before authentication may read of a JSON-RPC body to find the request's id.
+const ID_PEEK_BYTES: usize = 16 * 1024;
+const ID_PEEK_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The header-only steps before anything else is read: size limit, path, route, origin, API key.
+fn admit<'c>(
+    config: &'c Config,
+    ctx: &mut RequestCtx,
+    parts: &http::request::Parts,
+    origins: &[String],
+) -> Result<(&'c crate::config::Upstream, &'c crate::store::ApiKey), ProxyError> {
+    // Limits first: the cheapest check, and it bounds the work of every later step.
+    headers::check_size(&parts.headers, config.server.max_header_bytes)?;
+    // Route: which upstream's rules apply. A path with dot segments, encoded slashes or empty segments
+    // is refused outright: it could reach beyond the upstream's path once the upstream normalizes it.
+    headers::check_path(parts.uri.path())?;
+    let upstream = config.upstream_by_path(parts.uri.path()).ok_or(ProxyError::RouteNotFound)?;
+    ctx.upstream = Some(upstream.name.clone());
+    // Origin at the edge (the spec's DNS-rebinding rule), before any secret is looked at.
+    headers::check_origin(parts, origins)?;
+    // Authenticate: nothing about the caller is trusted, or recorded, before the key is valid.
+    let key = auth::authenticate(&config.directory, &parts.headers)?;
+    ctx.key_id = Some(key.id.clone());
+    ctx.key_kind = Some(key.kind);
+    Ok((upstream, key))
 }
 
 /// A refusal and, for upstream failures, the detail that goes to the log (never to the client).
