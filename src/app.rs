@@ -59,7 +59,9 @@ impl App {
             every.tick().await;
             loop {
                 every.tick().await;
-                evictor_limits.evict();
+                // O(users) and it locks map shards briefly: off the request threads.
+                let limits = evictor_limits.clone();
+                let _ = tokio::task::spawn_blocking(move || limits.evict()).await;
             }
         });
         let settings = ListenerSettings {
@@ -67,6 +69,7 @@ impl App {
             max_header_bytes: server.max_header_bytes,
             tls: server.tls.clone(),
             shutdown_grace: server.shutdown_grace,
+            max_connections: server.max_connections,
         };
         let serving = proxy.clone();
         let handler = move |request, peer| {
@@ -81,6 +84,7 @@ impl App {
                 max_header_bytes: server.max_header_bytes,
                 tls: None,
                 shutdown_grace: server.shutdown_grace,
+                max_connections: 256,
             };
             let health = health.clone();
             let handler = move |request, _peer| admin::handle(health.clone(), request);

@@ -173,3 +173,17 @@ rate_limit = { requests = 5, per = "1m", burst = 0 }
     assert!(field[0].contains("unknown field `burts`"), "{field:?}");
     assert!(problems("rate_limit = \"unlimited\"\n").is_empty());
 }
+
+#[test]
+fn syntax_errors_give_the_position_but_never_quote_the_line() {
+    for text in [
+        "[[keys]]\nid = \"k\"\nkind = \"standard\"\nuser = \"alice\"\nsecert = \"ghp_TOPSECRET\"\n",
+        "[[credentials]]\nuser = \"alice\"\nsecret = \"ghp_TOPSECRET\n",
+    ] {
+        let err = Config::from_toml(text, std::path::Path::new(".")).err().unwrap().to_string();
+        assert!(!err.contains("ghp_TOPSECRET"), "{err}");
+        assert!(err.starts_with("line "), "{err}");
+    }
+    let err = problems("[[keys]]\nid = \"k\"\nkind = \"standard\"\nuser = \"alice\"\nsecert = \"x\"\n");
+    assert!(err[0].starts_with("line 5, column 1: unknown field `secert`"), "{err:?}");
+}

@@ -76,3 +76,40 @@ fn sigterm_stops_the_binary_cleanly_and_flushes_the_audit_trail() {
     assert!(trail.contains("\"reason\":\"route_not_found\""));
     assert!(std::net::TcpStream::connect(&addr).is_err(), "still listening after exit");
 }
+
+#[tokio::test]
+async fn connections_that_never_start_a_request_are_closed() {
+    let (upstream, _) = recording_upstream().await;
+    let config = base_config(upstream, "").replacen("[server]\n", "[server]\nheader_read_timeout = \"300ms\"\n", 1);
+    let harness = Harness::start(&config).await;
+    // Nothing at all, and half an HTTP/2 preface: hyper is still deciding which protocol it is.
+    for opening in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(harness.addr).await.unwrap();
+        stream.write_all(opening).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "{opening:?}: connection still open long after the deadline");
+    }
+}
+
+#[tokio::test]
+async fn max_connections_holds_new_connections_back() {
+    let (upstream, _) = recording_upstream().await;
+    let config = base_config(upstream, "").replacen("[server]\n", "[server]\nmax_connections = 1\n", 1);
+    let harness = Harness::start(&config).await;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut first = tokio::net::TcpStream::connect(harness.addr).await.unwrap();
+    first.write_all(request).await.unwrap();
+    let mut buf = [0u8; 12];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 404");
+
+    // The second connection is accepted by the kernel but not served while the first stays open.
+    let mut second = tokio::net::TcpStream::connect(harness.addr).await.unwrap();
+    second.write_all(request).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(300), second.read_exact(&mut buf)).await;
+    assert!(early.is_err(), "served a connection beyond max_connections");
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(10), second.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 404");
+}

@@ -40,6 +40,7 @@ pub struct RawServer {
     pub header_read_timeout: String,
     pub body_read_timeout: String,
     pub shutdown_grace: String,
+    pub max_connections: usize,
     pub allowed_origins: Option<Vec<String>>,
     pub tls: Option<RawTls>,
 }
@@ -53,6 +54,7 @@ impl Default for RawServer {
             header_read_timeout: "10s".into(),
             body_read_timeout: "30s".into(),
             shutdown_grace: "30s".into(),
+            max_connections: 10_000,
             allowed_origins: None,
             tls: None,
         }

@@ -34,10 +34,13 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub max_connections: usize,
     /// Origins whose requests are accepted (lowercase, no trailing slash). `None`: the proxy's own
     /// loopback origins (see `headers::own_origins`).
     pub allowed_origins: Option<Vec<String>>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Certificate and key paths, to tell a reload that the TLS setup changed.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
 }
 
 pub struct IdentitySettings {
@@ -114,7 +117,7 @@ impl Config {
     }
 
     fn parse(text: &str, base_dir: &Path, previous: Option<&Directory>) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         Builder { problems: Vec::new(), base_dir, previous }.build(raw)
     }
 
@@ -123,7 +126,7 @@ impl Config {
         let (a, b) = (&self.server, &next.server);
         [
             ("server.listen", a.listen != b.listen),
-            ("server.tls", a.tls.is_some() != b.tls.is_some()),
+            ("server.tls", a.tls_files != b.tls_files),
             ("server.header_read_timeout", a.header_read_timeout != b.header_read_timeout),
             ("server.max_header_bytes", a.max_header_bytes != b.max_header_bytes),
             ("server.shutdown_grace", a.shutdown_grace != b.shutdown_grace),
@@ -159,6 +162,18 @@ pub enum ConfigError {
     Syntax(String),
     #[error("{}", ProblemList(.0))]
     Invalid(Vec<Problem>),
+}
+
+/// A TOML error as position and message only: toml's own `Display` quotes the offending line, which may
+/// hold a secret (a misspelt `secret = "..."` field, an unclosed quote).
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or_else(String::new, |span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    ConfigError::Syntax(format!("{at}{}", e.message().trim_end()))
 }
 
 struct ProblemList<'a>(&'a [Problem]);
@@ -221,6 +236,9 @@ impl Builder<'_> {
         if s.max_header_bytes < 1024 {
             self.problem("server.max_header_bytes", "must be at least 1024");
         }
+        if s.max_connections == 0 {
+            self.problem("server.max_connections", "must be at least 1");
+        }
         if s.max_body_bytes == 0 {
             self.problem("server.max_body_bytes", "must be greater than 0");
         }
@@ -257,8 +275,10 @@ impl Builder<'_> {
             header_read_timeout: header_read_timeout?,
             body_read_timeout: body_read_timeout?,
             shutdown_grace: shutdown_grace?,
+            max_connections: s.max_connections,
             allowed_origins,
             tls,
+            tls_files: s.tls.as_ref().map(|t| (t.cert_file.clone(), t.key_file.clone())),
         })
     }
 
@@ -324,9 +344,15 @@ impl Builder<'_> {
         if url.is_none() {
             self.problem(format!("{path}.url"), "must be an absolute http:// or https:// URL without a query");
         }
-        let inject_header = HeaderName::from_bytes(u.inject.header.as_bytes()).ok();
+        // `authorization` is the usual target; every other header the proxy sets itself is off limits.
+        let inject_header = HeaderName::from_bytes(u.inject.header.as_bytes())
+            .ok()
+            .filter(|h| *h == http::header::AUTHORIZATION || !is_reserved_header(h));
         if inject_header.is_none() {
-            self.problem(format!("{path}.inject.header"), "is not a valid header name");
+            self.problem(format!("{path}.inject.header"), "is not a valid header name, or one the proxy sets itself");
+        }
+        if u.forward_user_header.as_deref().is_some_and(|f| f.eq_ignore_ascii_case(&u.inject.header)) {
+            self.problem(format!("{path}.forward_user_header"), "must differ from inject.header");
         }
         if u.inject.value.matches("{secret}").count() != 1 {
             self.problem(format!("{path}.inject.value"), "must contain {secret} exactly once");
@@ -643,5 +669,7 @@ fn is_reserved_header(name: &HeaderName) -> bool {
     [AUTHORIZATION, HOST, ORIGIN, CONTENT_LENGTH, CONTENT_TYPE, CONNECTION, TRANSFER_ENCODING, TE, TRAILER, UPGRADE]
         .contains(name)
         || name.as_str() == crate::proxy::headers::CREDENTIAL_ID
+        || ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "mcp-session-id"]
+            .contains(&name.as_str())
         || name.as_str().starts_with("proxy-")
 }

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -15,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::Peer;
@@ -26,6 +27,7 @@ pub struct ListenerSettings {
     pub max_header_bytes: usize,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub shutdown_grace: Duration,
+    pub max_connections: usize,
 }
 
 pub async fn serve<H, F>(
@@ -54,8 +56,15 @@ pub async fn serve<H, F>(
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
 
+    // At most `max_connections` at once: past that, new connections wait in the kernel's backlog.
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+
     loop {
         while connections.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            _ = shutdown.changed() => break,
+        };
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -71,15 +80,23 @@ pub async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let peer = Peer { addr, tls: tls.is_some() };
         let handler = handler.clone();
+        let started = Arc::new(AtomicBool::new(false));
+        let first_request = started.clone();
         let service = service_fn(move |request| {
+            first_request.store(true, Ordering::Relaxed);
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(request, peer).await) }
         });
+        let deadline = settings.header_read_timeout;
         match &tls {
             None => {
                 let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
                 connections.spawn(async move {
-                    let _ = conn.await;
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = no_request_within(deadline, &started) => {}
+                    }
+                    drop(slot);
                 });
             }
             Some(acceptor) => {
@@ -90,12 +107,17 @@ pub async fn serve<H, F>(
                 connections.spawn(async move {
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                            let _ = watcher.watch(conn).await;
+                            let conn =
+                                watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = no_request_within(deadline, &started) => {}
+                            }
                         }
                         Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
                     }
+                    drop(slot);
                 });
             }
         }
@@ -106,6 +128,18 @@ pub async fn serve<H, F>(
         tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period over; closing remaining connections");
     }
     connections.shutdown().await;
+}
+
+/// Resolves when `deadline` has passed and no request has begun on the connection, which is then closed.
+/// hyper's header-read timeout starts only once it knows the protocol, and telling HTTP/1 from HTTP/2
+/// waits for the first bytes: a client that sends nothing, or half an HTTP/2 preface, would otherwise
+/// hold the socket forever.
+async fn no_request_within(deadline: Duration, started: &AtomicBool) {
+    tokio::time::sleep(deadline).await;
+    if started.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+    tracing::debug!("closed a connection that sent no request in time");
 }
 
 /// Binds a listener, naming the address in the error.
