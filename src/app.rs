@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::proxy::Proxy;
 use crate::server::listener::{self, ListenerSettings};
-use crate::telemetry::audit::AuditSink;
+use crate::telemetry::audit::{AuditHealth, AuditSink, AuditWriter};
 
 /// How often idle users' rate-limiter state is dropped.
 const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -26,7 +26,8 @@ pub struct App {
     evictor: JoinHandle<()>,
     limits: Arc<RateLimits>,
     proxy: Arc<Proxy>,
-    audit_writer: JoinHandle<()>,
+    audit_health: Arc<AuditHealth>,
+    audit_writer: AuditWriter,
 }
 
 impl App {
@@ -43,11 +44,12 @@ impl App {
             Some(addr) => Some(listener::bind(addr).await?),
             None => None,
         };
-        let (audit, audit_writer) = AuditSink::open(&config.audit_path).await?;
+        let (audit, audit_health, audit_writer) = AuditSink::open(&config.audit_path).await?;
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let health = Arc::new(Health::default());
+        // `/readyz` also answers 503 while the audit sink cannot be written.
+        let health = Arc::new(Health::new(audit_health.clone()));
         let server = &config.server;
 
         let limits = Arc::new(RateLimits::with_clock(clock));
@@ -92,7 +94,18 @@ impl App {
         }
         health.set_ready(true);
         tracing::info!(%proxy_addr, ?admin_addr, tls = server.tls.is_some(), upstreams = config.upstreams.len(), "listening");
-        Ok(App { proxy_addr, admin_addr, health, shutdown, listeners, evictor, limits, proxy, audit_writer })
+        Ok(App {
+            proxy_addr,
+            admin_addr,
+            health,
+            shutdown,
+            listeners,
+            evictor,
+            limits,
+            proxy,
+            audit_health,
+            audit_writer,
+        })
     }
 
     /// The config in force.
@@ -113,8 +126,16 @@ impl App {
         &self.limits
     }
 
-    /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, then flushes the audit trail.
+    /// Whether the audit sink can be written, and how many writes failed.
+    pub fn audit_health(&self) -> &Arc<AuditHealth> {
+        &self.audit_health
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, then writes out the audit
+    /// trail. A sink that still fails gets another `shutdown_grace`; then the lines it could not take are
+    /// logged as lost and the app stops anyway.
     pub async fn shutdown(self) {
+        let grace = self.proxy.config().server.shutdown_grace;
         drop(self.proxy);
         self.health.set_ready(false);
         let _ = self.shutdown.send(true);
@@ -123,6 +144,6 @@ impl App {
         }
         self.evictor.abort();
         // The listeners held the last references to the audit sink: the writer now drains and ends.
-        let _ = self.audit_writer.await;
+        self.audit_writer.finish(grace).await;
     }
 }

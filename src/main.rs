@@ -34,6 +34,25 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
     },
+    /// Work with an audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit file and report the first line where an edit, a deletion or a
+    /// reordering breaks it. Exit status: 0 intact, 1 broken, 2 unreadable.
+    Verify {
+        /// The audit file ("-" reads stdin).
+        file: PathBuf,
+        /// Accept any `prev` on the first line: the file continues a chain started elsewhere (rotated or
+        /// truncated).
+        #[arg(long)]
+        allow_continuation: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +68,9 @@ fn main() -> ExitCode {
             println!("key:    {key}\nsha256: {hash}");
             println!("\nGive the key to its owner once; put only the sha256 in the config:\n  sha256 = \"{hash}\"");
             ExitCode::SUCCESS
+        }
+        Command::Audit { command: AuditCommand::Verify { file, allow_continuation } } => {
+            verify_audit(&file, allow_continuation)
         }
         Command::Demo { listen, admin_listen } => {
             match runtime.block_on(mcp_tenant_proxy::demo::run(listen, admin_listen)) {
@@ -126,6 +148,32 @@ fn check_config(path: &Path) -> ExitCode {
         Err(e) => {
             eprintln!("{}: {}", path.display(), indent(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn verify_audit(path: &Path, allow_continuation: bool) -> ExitCode {
+    use mcp_tenant_proxy::telemetry::audit::{VerifyError, verify};
+    let result = if path == Path::new("-") {
+        verify(std::io::stdin().lock(), allow_continuation)
+    } else {
+        match std::fs::File::open(path) {
+            Ok(file) => verify(std::io::BufReader::new(file), allow_continuation),
+            Err(e) => Err(VerifyError::Io(e)),
+        }
+    };
+    match result {
+        Ok(lines) => {
+            println!("ok: {lines} lines, chain intact");
+            ExitCode::SUCCESS
+        }
+        Err(broken @ VerifyError::Broken { .. }) => {
+            println!("{broken}");
+            ExitCode::from(1)
+        }
+        Err(VerifyError::Io(e)) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::from(2)
         }
     }
 }

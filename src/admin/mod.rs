@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz` (the process is up) and `/readyz` (it is accepting traffic).
+//! The admin listener: `/healthz` (the process is up) and `/readyz` (it is accepting traffic and can write
+//! its audit trail).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,27 +9,68 @@ use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::proxy::body::{ProxyBody, full};
+use crate::telemetry::audit::AuditHealth;
 
-#[derive(Default)]
 pub struct Health {
     ready: AtomicBool,
+    audit: Arc<AuditHealth>,
 }
 
 impl Health {
+    /// Not ready until [`Health::set_ready`]; never ready while `audit` reports a failing sink.
+    pub fn new(audit: Arc<AuditHealth>) -> Self {
+        Self { ready: AtomicBool::new(false), audit }
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// The `/readyz` answer. A failing audit sink makes requests wait (audit lines are never dropped), so
+    /// traffic is better sent elsewhere until it recovers.
+    fn readiness(&self) -> (StatusCode, &'static str) {
+        if !self.ready.load(Ordering::SeqCst) {
+            (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready"}"#)
+        } else if !self.audit.is_healthy() {
+            (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready","reason":"audit sink failing"}"#)
+        } else {
+            (StatusCode::OK, r#"{"status":"ready"}"#)
+        }
     }
 }
 
 pub async fn handle(health: Arc<Health>, request: Request<Incoming>) -> Response<ProxyBody> {
     let (status, body) = match request.uri().path() {
         "/healthz" => (StatusCode::OK, r#"{"status":"ok"}"#),
-        "/readyz" if health.ready.load(Ordering::SeqCst) => (StatusCode::OK, r#"{"status":"ready"}"#),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready"}"#),
+        "/readyz" => health.readiness(),
         _ => (StatusCode::NOT_FOUND, r#"{"error":{"code":"route_not_found","message":"no route for this path"}}"#),
     };
     let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::audit::AuditHealth;
+
+    #[test]
+    fn readiness_follows_startup_shutdown_and_the_audit_sink() {
+        // The sink's state is driven by the audit writer; its own tests cover the transitions. Here: a sink
+        // reported failing makes `/readyz` 503 with the reason, and only then.
+        let audit = Arc::new(AuditHealth::default());
+        let health = Health::new(audit.clone());
+        assert_eq!(health.readiness(), (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready"}"#));
+        health.set_ready(true);
+        assert_eq!(health.readiness(), (StatusCode::OK, r#"{"status":"ready"}"#));
+        audit.failed();
+        assert_eq!(
+            health.readiness(),
+            (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready","reason":"audit sink failing"}"#)
+        );
+        audit.succeeded();
+        assert_eq!(health.readiness(), (StatusCode::OK, r#"{"status":"ready"}"#));
+    }
 }

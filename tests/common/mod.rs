@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -147,6 +147,17 @@ impl Harness {
     pub async fn start_with_clock(config: &str, clock: LimitClock) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let audit = dir.path().join("audit.log");
+        Self::start_in(dir, config, &audit, clock).await
+    }
+
+    /// As [`Harness::start`], with the audit trail appended to `audit`: a file that outlives this harness
+    /// (to start the app again on it), or a device such as `/dev/full`.
+    pub async fn start_with_audit(config: &str, audit: &Path) -> Harness {
+        Self::start_in(tempfile::tempdir().unwrap(), config, audit, LimitClock::default()).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, config: &str, audit: &Path, clock: LimitClock) -> Harness {
+        let audit = audit.to_owned();
         let config = format!("{config}\n[audit]\npath = \"{}\"\n", audit.display());
         let config = Config::from_toml(&config, dir.path()).unwrap_or_else(|e| panic!("config: {e}"));
         let app = App::start_with_clock(config, clock).await.unwrap();
