@@ -29,6 +29,16 @@ pub struct RawConfig {
     pub credentials: Vec<RawCredential>,
     /// The default per-user limit; none means unlimited.
     pub rate_limit: Option<RawLimit>,
+    pub sessions: Option<RawSessions>,
+}
+
+/// The key that binds MCP sessions to users: one of the three, shared by every replica.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    pub secret: Option<Secret>,
+    pub secret_env: Option<String>,
+    pub secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

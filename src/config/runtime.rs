@@ -25,6 +25,8 @@ pub struct Config {
     pub audit_path: AuditPath,
     pub directory: Directory,
     pub upstreams: Vec<Upstream>,
+    /// The key binding MCP sessions to users; `None`: a random key of this process.
+    pub session_secret: Option<Secret>,
 }
 
 pub struct ServerSettings {
@@ -219,12 +221,18 @@ impl Builder<'_> {
             p => AuditPath::File(self.base_dir.join(p)),
         };
         let upstreams = self.upstreams(&raw.upstreams);
+        let session_secret = match &raw.sessions {
+            None => Some(None),
+            Some(s) => self
+                .secret("sessions", s.secret.as_ref(), s.secret_env.as_deref(), s.secret_file.as_deref(), None)
+                .map(Some),
+        };
         let max_len = identity.as_ref().map_or(128, |i| i.max_user_id_len);
         let directory = self.directory(&raw, &upstreams, max_len);
 
-        match (self.problems.is_empty(), server, identity) {
-            (true, Some(server), Some(identity)) => {
-                Ok(Config { server, admin_listen, identity, audit_path, directory, upstreams })
+        match (self.problems.is_empty(), server, identity, session_secret) {
+            (true, Some(server), Some(identity), Some(session_secret)) => {
+                Ok(Config { server, admin_listen, identity, audit_path, directory, upstreams, session_secret })
             }
             _ => Err(ConfigError::Invalid(self.problems)),
         }

@@ -6,3 +6,4 @@ pub mod credential;
 pub mod identity;
 pub mod mcp;
 pub mod ratelimit;
+pub mod session;

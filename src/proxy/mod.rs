@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
+use crate::policy::session::{self, SessionBinder};
 use crate::policy::{auth, credential, identity};
 use crate::store::KeyKind;
 use crate::telemetry::audit::{AuditEvent, AuditSink};
@@ -44,6 +45,9 @@ struct RequestCtx {
     fallback: bool,
     /// The rate-limit level that refused the request.
     limited_at: Option<Level>,
+    /// Fingerprint of the MCP session the request belongs to.
+    session: Option<String>,
+    method: http::Method,
     /// An `application/json` POST: refusals answer with a JSON-RPC error.
     json_post: bool,
     /// The JSON-RPC messages of the body, once read.
@@ -54,6 +58,7 @@ struct RequestCtx {
 struct Active {
     config: Arc<Config>,
     limits: LimitPlan,
+    sessions: Arc<SessionBinder>,
 }
 
 pub struct Proxy {
@@ -63,6 +68,8 @@ pub struct Proxy {
     request_seq: AtomicU64,
     /// Allowed origins when the config lists none.
     own_origins: Vec<String>,
+    /// The session key when the config gives none: random, and kept across reloads.
+    process_sessions: Arc<SessionBinder>,
     /// Random per process, so request ids from restarts and replicas do not collide.
     instance: u32,
 }
@@ -71,12 +78,18 @@ impl Proxy {
     /// `listen` is the bound proxy address (its port, when the config said 0).
     pub fn new(config: Arc<Config>, limits: Arc<RateLimits>, audit: AuditSink, listen: std::net::SocketAddr) -> Self {
         let own_origins = headers::own_origins(listen, config.server.tls.is_some());
-        let active = Active { limits: limits.plan(&config), config };
+        let process_sessions = Arc::new(SessionBinder::random());
+        if config.session_secret.is_none() {
+            tracing::warn!("no [sessions] secret: MCP sessions are bound with a key of this process only");
+        }
+        let active =
+            Active { limits: limits.plan(&config), sessions: sessions_for(&config, &process_sessions), config };
         Proxy {
             active: ArcSwap::from_pointee(active),
             limits,
             audit,
             own_origins,
+            process_sessions,
             request_seq: AtomicU64::new(0),
             instance: rand::random(),
         }
@@ -90,7 +103,8 @@ impl Proxy {
     /// Swaps in a new config atomically: requests in flight finish on the old one, the next request sees
     /// the new one. Limiters whose (scope, quota) did not change keep their buckets.
     pub fn reload(&self, config: Arc<Config>) {
-        let active = Active { limits: self.limits.plan(&config), config };
+        let sessions = sessions_for(&config, &self.process_sessions);
+        let active = Active { limits: self.limits.plan(&config), sessions, config };
         self.active.store(Arc::new(active));
     }
 
@@ -101,8 +115,11 @@ impl Proxy {
         let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let mut ctx =
-            RequestCtx { json_post: body::is_json_post(request.method(), request.headers()), ..Default::default() };
+        let mut ctx = RequestCtx {
+            json_post: body::is_json_post(request.method(), request.headers()),
+            method: method.clone(),
+            ..Default::default()
+        };
 
         let (response, decision, reason) = match self.pipeline(&active, &mut ctx, request, peer, &request_id).await {
             Ok(response) => (response, "allow", "ok"),
@@ -146,6 +163,7 @@ impl Proxy {
                 prompt: ctx.target(|t| matches!(t, Target::Prompt(_))),
                 resource: ctx.target(|t| matches!(t, Target::Resource(_))),
                 rate_limit_level: ctx.limited_at.map(Level::as_str),
+                session: ctx.session.as_deref(),
                 status,
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             })
@@ -204,6 +222,9 @@ impl Proxy {
         {
             return Err(ProxyError::ToolNotAllowed.into());
         }
+        // Sessions: a session the client presents must be the acting user's on this upstream (else 404, the
+        // spec's "session not found"); the upstream gets its own id back.
+        ctx.session = session::unbind_request(&mut parts, &active.sessions, acting_user, &upstream.name)?;
         // Rate limit by the resolved user: only now, so that bad keys and unknown users never create
         // limiter state, and before any work is done on the user's behalf.
         let check = LimitRequest { key: key.index, user: who.user, upstream: upstream.id, calls: ctx.rpc.as_ref() };
@@ -225,6 +246,11 @@ impl Proxy {
             .await
             .map_err(|(error, detail)| Refusal { error, detail: Some(detail) })?;
         let mut response = forward::into_client_response(response);
+        // Bind the session the upstream hands out, and point the legacy endpoint event at the proxy.
+        let get = ctx.method == http::Method::GET;
+        if let Some(handed_out) = respond::bind_sessions(&mut response, &active.sessions, acting_user, upstream, get) {
+            ctx.session = Some(handed_out);
+        }
         // Respond: clients see only the tools they may call, in JSON and SSE answers alike.
         if let (Some(rule), Some(rpc)) = (&upstream.tools, &ctx.rpc)
             && rpc.messages.iter().any(|m| m.method.as_deref() == Some("tools/list"))
@@ -261,6 +287,10 @@ impl RequestCtx {
         let target = self.rpc.as_ref()?.single()?.target.as_ref()?;
         kind(target).then(|| target.name())
     }
+}
+
+fn sessions_for(config: &Config, process: &Arc<SessionBinder>) -> Arc<SessionBinder> {
+    config.session_secret.as_ref().map_or_else(|| process.clone(), |secret| Arc::new(SessionBinder::new(secret)))
 }
 
 /// What a refusal before authentication may read of a JSON-RPC body to find the request's id.

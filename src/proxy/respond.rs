@@ -1,4 +1,5 @@
-//! Rewrites of the upstream's answer: `tools/list` filtered to the tools a client may call.
+//! Rewrites of the upstream's answer: `tools/list` filtered to the tools a client may call, session ids
+//! bound to the user, and the legacy transport's `endpoint` event pointed at the proxy.
 
 use bytes::Bytes;
 use http::{Response, header};
@@ -6,7 +7,11 @@ use http_body_util::BodyExt;
 
 use super::body::{ProxyBody, full};
 use super::sse::{self, EventRewrite};
+use std::sync::Arc;
+
+use crate::config::Upstream;
 use crate::policy::mcp::Rule;
+use crate::policy::session::{self, SESSION_HEADER, SessionBinder};
 
 /// The most of a JSON `tools/list` answer the proxy will hold to filter it.
 const MAX_JSON_ANSWER_BYTES: usize = 16 * 1024 * 1024;
@@ -35,6 +40,80 @@ pub async fn filter_tools(response: Response<ProxyBody>, rule: Rule) -> Result<R
         }
         _ => Ok(Response::from_parts(parts, body)),
     }
+}
+
+/// Binds the session the upstream hands out (`Mcp-Session-Id`) to the acting user and upstream, and, on
+/// event streams opened by GET (the legacy HTTP+SSE transport), rewrites the `endpoint` event: its URI
+/// moves under the proxy's path and its session parameter is bound the same way. Returns the session's
+/// fingerprint, if one was handed out.
+pub fn bind_sessions(
+    response: &mut Response<ProxyBody>,
+    binder: &Arc<SessionBinder>,
+    user: &Arc<str>,
+    upstream: &Upstream,
+    get: bool,
+) -> Option<String> {
+    let mut handed_out = None;
+    if let Some(session) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+        handed_out = Some(session::fingerprint(session));
+        let bound = binder.bind(user, &upstream.name, session);
+        if let Ok(value) = http::HeaderValue::from_str(&bound) {
+            response.headers_mut().insert(SESSION_HEADER, value);
+        }
+    }
+    let is_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+    if get && is_stream {
+        let (binder, user, name) = (binder.clone(), user.clone(), upstream.name.clone());
+        let (prefix, base_path) = (upstream.prefix.clone(), upstream.base_path.clone());
+        let body = std::mem::replace(response.body_mut(), super::body::empty());
+        let rewrite = move |raw: &[u8]| {
+            if !raw.starts_with(b"event:") {
+                return None;
+            }
+            let event = sse::parse(raw)?;
+            if event.kind != Some("endpoint") {
+                return None;
+            }
+            let uri = public_endpoint(&event.data, &prefix, &base_path, |s| binder.bind(&user, &name, s))?;
+            Some(sse::render(event.kind, &uri))
+        };
+        *response.body_mut() = EventRewrite::new(body, rewrite).boxed();
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    handed_out
+}
+
+/// The legacy transport's endpoint URI as the client must use it: under the proxy's `prefix` instead of
+/// the upstream's `base_path`, with its session parameter bound. Absolute URIs become paths: the client
+/// talks to the proxy, never to the upstream directly.
+fn public_endpoint(data: &str, prefix: &str, base_path: &str, bind: impl FnOnce(&str) -> String) -> Option<String> {
+    let uri: http::Uri = data.trim().parse().ok()?;
+    let path = uri.path();
+    let rest = match path.strip_prefix(base_path) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+        _ => {
+            tracing::warn!(
+                endpoint = path,
+                "the legacy endpoint lies outside the upstream's URL path; point url at the server root"
+            );
+            return None;
+        }
+    };
+    let mut out = if prefix == "/" { String::new() } else { prefix.to_owned() };
+    out.push_str(if rest.is_empty() { "/" } else { rest });
+    if let Some(query) = uri.query() {
+        let query = match session::map_query_session(query, |v| Some(bind(v))) {
+            Ok(Some((query, _))) => query,
+            _ => query.to_owned(),
+        };
+        out.push('?');
+        out.push_str(&query);
+    }
+    Some(out)
 }
 
 /// Reads a body whole, refusing more than `max` bytes. (Written out rather than `Limited::collect`, whose
@@ -74,6 +153,21 @@ pub fn filter_tools_json(json: &[u8], rule: &Rule) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn legacy_endpoints_move_under_the_proxy_path_with_bound_sessions() {
+        let bind = |s: &str| format!("{s}.tag");
+        assert_eq!(
+            public_endpoint("/messages/?session_id=abc", "/mcp/legacy", "", bind).as_deref(),
+            Some("/mcp/legacy/messages/?session_id=abc.tag")
+        );
+        assert_eq!(
+            public_endpoint("http://127.0.0.1:3001/api/message?sessionId=u1&x=1", "/mcp/ts", "/api", bind).as_deref(),
+            Some("/mcp/ts/message?sessionId=u1.tag&x=1")
+        );
+        assert_eq!(public_endpoint("/elsewhere/messages", "/mcp/ts", "/api", bind), None);
+        assert_eq!(public_endpoint("/messages", "/", "", bind).as_deref(), Some("/messages"));
+    }
 
     #[test]
     fn removes_only_disallowed_tools() {

@@ -50,6 +50,8 @@ pub struct AuditEvent<'a> {
     pub resource: Option<&'a str>,
     /// The rate-limit level that refused: `key`, `user` or `user_upstream`.
     pub rate_limit_level: Option<&'static str>,
+    /// Fingerprint (truncated SHA-256) of the MCP session id: the id itself is a bearer secret.
+    pub session: Option<&'a str>,
     pub status: u16,
     pub latency_ms: f64,
 }

@@ -1,0 +1,177 @@
+//! Binding MCP sessions to the user and upstream that created them.
+//!
+//! The upstream's session id never reaches the client as it is: the client gets
+//! `<upstream id>.<tag>`, where the tag is an HMAC over (user, upstream, upstream id). Every request that
+//! presents a session is checked against the acting user and stripped back to the upstream's id; another
+//! user presenting it gets 404, the spec's "session not found", and the upstream never sees the attempt.
+//! Stateless: nothing is stored, so bindings survive restarts and work across replicas that share the key.
+
+use hmac::{Hmac, KeyInit, Mac};
+use http::HeaderValue;
+use http::request::Parts;
+use sha2::Sha256;
+
+use crate::error::ProxyError;
+use crate::proxy::headers::single;
+use crate::secret::Secret;
+
+pub const SESSION_HEADER: &str = "mcp-session-id";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Hex characters of the tag: 128 bits of the HMAC.
+const TAG_LEN: usize = 32;
+
+pub struct SessionBinder {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for SessionBinder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionBinder(***)")
+    }
+}
+
+impl SessionBinder {
+    pub fn new(secret: &Secret) -> Self {
+        SessionBinder { key: secret.expose().as_bytes().to_vec() }
+    }
+
+    /// A key of this process only: sessions then end with the process.
+    pub fn random() -> Self {
+        SessionBinder { key: rand::random::<[u8; 32]>().to_vec() }
+    }
+
+    fn mac(&self, user: &str, upstream: &str, session: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        // Lengths first, so that no two (user, upstream, session) triples feed the same bytes.
+        for part in [user, upstream, session] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part.as_bytes());
+        }
+        mac
+    }
+
+    /// The id the client gets for the upstream's `session`.
+    pub fn bind(&self, user: &str, upstream: &str, session: &str) -> String {
+        let tag = self.mac(user, upstream, session).finalize().into_bytes();
+        format!("{session}.{}", &hex::encode(tag)[..TAG_LEN])
+    }
+
+    /// The upstream's session id inside `presented`, if it was bound to this user and upstream.
+    pub fn unbind<'a>(&self, user: &str, upstream: &str, presented: &'a str) -> Option<&'a str> {
+        let (session, tag) = presented.rsplit_once('.')?;
+        let tag = hex::decode(tag).ok().filter(|t| t.len() == TAG_LEN / 2)?;
+        // Constant-time comparison of the truncated tag.
+        self.mac(user, upstream, session).verify_truncated_left(&tag).ok()?;
+        Some(session)
+    }
+}
+
+/// The query parameters that carry the legacy (2024-11-05) transport's session id: the Python SDK's
+/// and the TypeScript SDK's spelling.
+const SESSION_PARAMS: [&str; 2] = ["session_id", "sessionId"];
+
+/// Replaces the value of the legacy session parameter in `query` by `map(value)`. `Ok(None)` when the
+/// query has no such parameter; `SessionNotFound` when `map` refuses the value. Otherwise the new query and
+/// the value it replaced.
+pub fn map_query_session(
+    query: &str,
+    map: impl FnOnce(&str) -> Option<String>,
+) -> Result<Option<(String, String)>, ProxyError> {
+    let mut map = Some(map);
+    let mut found = None;
+    let mut out = String::with_capacity(query.len() + TAG_LEN + 1);
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, value)) if SESSION_PARAMS.contains(&name) && found.is_none() => {
+                let mapped = (map.take().expect("used once"))(value).ok_or(ProxyError::SessionNotFound)?;
+                out.push_str(name);
+                out.push('=');
+                out.push_str(&mapped);
+                found = Some(value.to_owned());
+            }
+            // Two session ids: ambiguous.
+            Some((name, _)) if SESSION_PARAMS.contains(&name) => return Err(ProxyError::SessionNotFound),
+            _ => out.push_str(pair),
+        }
+    }
+    Ok(found.map(|value| (out, value)))
+}
+
+/// Checks the session a request presents (the `Mcp-Session-Id` header, or the legacy transport's query
+/// parameter) against the acting user and upstream, and puts the upstream's own id in its place.
+/// Returns the session's fingerprint for the audit trail.
+pub fn unbind_request(
+    parts: &mut Parts,
+    binder: &SessionBinder,
+    user: &str,
+    upstream: &str,
+) -> Result<Option<String>, ProxyError> {
+    let name = http::HeaderName::from_static(SESSION_HEADER);
+    let mut fingerprint_of = None;
+    if let Some(presented) = single(&parts.headers, &name, SESSION_HEADER).map_err(|_| ProxyError::SessionNotFound)? {
+        let presented = presented.to_str().map_err(|_| ProxyError::SessionNotFound)?;
+        let session = binder.unbind(user, upstream, presented).ok_or(ProxyError::SessionNotFound)?;
+        fingerprint_of = Some(fingerprint(session));
+        let value = HeaderValue::from_str(session).map_err(|_| ProxyError::SessionNotFound)?;
+        parts.headers.insert(name, value);
+    }
+    if let Some(query) = parts.uri.query() {
+        let mapped = map_query_session(query, |v| binder.unbind(user, upstream, v).map(str::to_owned))?;
+        if let Some((query, bound)) = mapped {
+            fingerprint_of = fingerprint_of.or_else(|| binder.unbind(user, upstream, &bound).map(fingerprint));
+            let path_and_query = format!("{}?{query}", parts.uri.path());
+            parts.uri = http::Uri::try_from(path_and_query).map_err(|_| ProxyError::SessionNotFound)?;
+        }
+    }
+    Ok(fingerprint_of)
+}
+
+/// A short, stable fingerprint of a session id for the audit trail (the id itself is a bearer secret).
+pub fn fingerprint(session: &str) -> String {
+    hex::encode(&crate::secret::sha256(session.as_bytes())[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_query_parameters() {
+        let upper = |v: &str| Some(v.to_uppercase());
+        assert_eq!(
+            map_query_session("a=1&session_id=ab&b=2", upper),
+            Ok(Some(("a=1&session_id=AB&b=2".into(), "ab".into())))
+        );
+        assert_eq!(map_query_session("sessionId=x", upper), Ok(Some(("sessionId=X".into(), "x".into()))));
+        assert_eq!(map_query_session("a=1", upper), Ok(None));
+        assert_eq!(map_query_session("session_id=x", |_| None), Err(ProxyError::SessionNotFound));
+        assert_eq!(map_query_session("session_id=x&sessionId=y", upper), Err(ProxyError::SessionNotFound));
+    }
+
+    #[test]
+    fn a_session_is_usable_only_by_its_user_on_its_upstream() {
+        let binder = SessionBinder::new(&Secret::new("k"));
+        let bound = binder.bind("alice", "github", "abc.123");
+        assert!(bound.starts_with("abc.123."));
+        assert_eq!(binder.unbind("alice", "github", &bound), Some("abc.123"));
+        assert_eq!(binder.unbind("bob", "github", &bound), None);
+        assert_eq!(binder.unbind("alice", "gitlab", &bound), None);
+        assert_eq!(binder.unbind("alice", "github", "abc.123"), None, "an unbound id is refused");
+        assert_eq!(binder.unbind("alice", "github", &bound.replace("abc", "abd")), None);
+        let mut tampered = bound.clone();
+        let last = tampered.pop().unwrap();
+        tampered.push(if last == '0' { '1' } else { '0' });
+        assert_eq!(binder.unbind("alice", "github", &tampered), None);
+        // Another process with the same key accepts it (restarts, replicas); another key does not.
+        assert_eq!(SessionBinder::new(&Secret::new("k")).unbind("alice", "github", &bound), Some("abc.123"));
+        assert_eq!(SessionBinder::new(&Secret::new("other")).unbind("alice", "github", &bound), None);
+        // Field boundaries matter: ("ab", "c") and ("a", "bc") do not collide.
+        assert_ne!(binder.bind("ab", "c", "s"), binder.bind("a", "bc", "s"));
+        assert!(!format!("{binder:?}").contains('k'));
+    }
+}

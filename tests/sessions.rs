@@ -1,0 +1,146 @@
+//! MCP sessions bound to the user and upstream that created them: a session id is useless to anyone else.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use http::Request;
+use http_body_util::BodyExt;
+use rmcp::model::CallToolRequestParams;
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+const CALL: &str = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"whoami","arguments":{}}}"#;
+
+fn post(harness: &Harness, user: &str, session: Option<&str>, payload: &'static str) -> Request<TestBody> {
+    let mut request = mcp_post(&harness.url("/mcp/github"), &[("authorization", "Bearer ent-key-0001")]);
+    request.headers_mut().insert("x-alloy-userid", user.parse().unwrap());
+    request.headers_mut().insert("mcp-protocol-version", "2025-06-18".parse().unwrap());
+    if let Some(session) = session {
+        request.headers_mut().insert("mcp-session-id", session.parse().unwrap());
+    }
+    *request.body_mut() = body(payload);
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_belongs_to_the_user_who_opened_it() {
+    let (upstream, calls) = spawn_tool_server(&["whoami"], true).await;
+    let mut harness =
+        Harness::start(&format!("[sessions]\nsecret = \"session-key\"\n{}", base_config(upstream, ""))).await;
+
+    // An SDK client works through the proxy: it never notices its session id is bound.
+    let client = mcp_client(&harness.url("/mcp/github"), ENTERPRISE_KEY, Some("alice")).await.unwrap();
+    client.call_tool(CallToolRequestParams::new("whoami")).await.unwrap();
+    let _ = client.cancel().await;
+
+    // Alice opens a session by hand, to see the id.
+    let response = harness.send(post(&harness, "alice", None, INIT)).await;
+    assert_eq!(response.status(), 200);
+    let alice_session = response.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    let (upstream_id, tag) = alice_session.rsplit_once('.').unwrap();
+    assert_eq!(tag.len(), 32, "the client gets the upstream id plus a tag");
+    let _ = response.into_body().collect().await;
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    assert_eq!(harness.send(post(&harness, "alice", Some(&alice_session), initialized)).await.status(), 202);
+    let before = calls.lock().unwrap().len();
+    let response = harness.send(post(&harness, "alice", Some(&alice_session), CALL)).await;
+    assert_eq!(response.status(), 200);
+    let _ = response.into_body().collect().await;
+    assert_eq!(calls.lock().unwrap().len(), before + 1);
+
+    // Bob with alice's session id, or with the bare upstream id, or a forged tag: 404, and the upstream
+    // never hears of it.
+    let upstream_only = upstream_id.to_owned();
+    let forged = format!("{upstream_id}.{}", "0".repeat(32));
+    for (user, session) in
+        [("bob", alice_session.as_str()), ("alice", upstream_only.as_str()), ("alice", forged.as_str())]
+    {
+        let response = harness.send(post(&harness, user, Some(session), CALL)).await;
+        assert_eq!(response.status(), 404, "{user} with {session}");
+        let answer = json(response).await;
+        assert_eq!(answer["error"]["data"]["code"], "session_not_found");
+        assert_eq!(answer["id"], 2);
+    }
+    // The same for GET streams and DELETE.
+    for method in [http::Method::GET, http::Method::DELETE] {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(harness.url("/mcp/github"))
+            .header("authorization", "Bearer ent-key-0001")
+            .header("x-alloy-userid", "bob")
+            .header("mcp-session-id", &alice_session)
+            .body(body(""))
+            .unwrap();
+        assert_eq!(harness.send(request).await.status(), 404, "{method}");
+    }
+    assert_eq!(calls.lock().unwrap().len(), before + 1);
+
+    // Alice ends her session.
+    let request = Request::delete(harness.url("/mcp/github"))
+        .header("authorization", "Bearer ent-key-0001")
+        .header("x-alloy-userid", "alice")
+        .header("mcp-session-id", &alice_session)
+        .body(body(""))
+        .unwrap();
+    assert!(harness.send(request).await.status().is_success());
+
+    let audit = harness.shutdown_and_read_audit().await;
+    let fingerprints: std::collections::HashSet<_> =
+        audit.iter().filter(|l| l["acting_user"] == "alice").filter_map(|l| l["session"].as_str()).collect();
+    assert!(!fingerprints.is_empty());
+    let text = serde_json::to_string(&audit).unwrap();
+    assert!(!text.contains(upstream_id), "the audit trail holds session fingerprints, not ids");
+}
+
+#[tokio::test]
+async fn the_legacy_endpoint_event_points_at_the_proxy_with_a_bound_session() {
+    // A 2024-11-05 server: GET /sse announces where to POST; POSTs to /messages/ carry its session id.
+    let posted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = posted.clone();
+    let upstream = spawn_http(move |req: http::Request<hyper::body::Incoming>| {
+        let record = record.clone();
+        async move {
+            if req.method() == http::Method::GET {
+                let events = "event: endpoint\r\ndata: /messages/?session_id=5f2a\r\n\r\nevent: message\ndata: {}\n\n";
+                let mut response = http::Response::new(body(events));
+                response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+                response
+            } else {
+                record.lock().unwrap().push(req.uri().to_string());
+                let mut response = http::Response::new(body(""));
+                *response.status_mut() = http::StatusCode::ACCEPTED;
+                response
+            }
+        }
+    })
+    .await;
+    let config = base_config(upstream, "")
+        .replace(&format!("url = \"http://{upstream}/mcp\""), &format!("url = \"http://{upstream}\""));
+    let harness = Harness::start(&config).await;
+    let request = Request::get(harness.url("/mcp/github/sse"))
+        .header("authorization", "Bearer ent-key-0001")
+        .header("x-alloy-userid", "alice")
+        .header("accept", "text/event-stream")
+        .body(body(""))
+        .unwrap();
+    let response = harness.send(request).await;
+    assert_eq!(response.status(), 200);
+    let text = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let (first, rest) = text.split_once("\n\n").unwrap();
+    let endpoint = first.strip_prefix("event: endpoint\ndata: ").unwrap();
+    assert!(endpoint.starts_with("/mcp/github/messages/?session_id=5f2a."), "{text}");
+    assert_eq!(rest, "event: message\ndata: {}\n\n", "other events pass untouched");
+
+    // The bound endpoint works for alice, who gets the upstream's own session id through; not for bob.
+    let message = |user: &str| {
+        let mut request = mcp_post(&harness.url(endpoint), &[("authorization", "Bearer ent-key-0001")]);
+        request.headers_mut().insert("x-alloy-userid", user.parse().unwrap());
+        request
+    };
+    assert_eq!(harness.send(message("alice")).await.status(), 202);
+    let response = harness.send(message("bob")).await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(json(response).await["error"]["data"]["code"], "session_not_found");
+    assert_eq!(*posted.lock().unwrap(), ["/messages/?session_id=5f2a"]);
+}
