@@ -342,3 +342,34 @@ async fn a_rebinding_page_is_refused_even_when_host_agrees_with_origin() {
     }
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_before_the_answer_cancels_the_upstream_request() {
+    // The upstream holds the request; its handler future tells us when it is dropped.
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::channel::<tokio::sync::oneshot::Receiver<()>>(1);
+    let upstream = spawn_http(move |_req| {
+        let arrived_tx = arrived_tx.clone();
+        async move {
+            let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+            arrived_tx.send(dropped_rx).await.unwrap();
+            let _guard = NotifyOnDrop { inner: http_body_util::Empty::<Bytes>::new(), dropped: Some(dropped_tx) };
+            std::future::pending::<http::Response<TestBody>>().await
+        }
+    })
+    .await;
+    let harness = Harness::start(&base_config(upstream, "")).await;
+    let mut stream = tokio::net::TcpStream::connect(harness.addr).await.unwrap();
+    let payload = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let request = format!(
+        "POST /mcp/github HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key-0001\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await.unwrap();
+    let dropped =
+        tokio::time::timeout(Duration::from_secs(10), arrived.recv()).await.expect("never forwarded").unwrap();
+    drop(stream);
+    tokio::time::timeout(Duration::from_secs(10), dropped)
+        .await
+        .expect("the upstream request is still pending after the client left")
+        .ok();
+}
