@@ -13,6 +13,7 @@ use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::proxy::Proxy;
 use crate::server::listener::{self, ListenerSettings};
 use crate::telemetry::audit::{AuditHealth, AuditSink, AuditWriter};
+use crate::telemetry::metrics::Metrics;
 
 /// How often idle users' rate-limiter state is dropped.
 const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -53,7 +54,9 @@ impl App {
         let server = &config.server;
 
         let limits = Arc::new(RateLimits::with_clock(clock));
-        let proxy = Arc::new(Proxy::new(config.clone(), limits.clone(), audit, proxy_addr));
+        // `mcp_proxy_audit_write_errors_total` reads the audit writer's own count at each scrape.
+        let metrics = Arc::new(Metrics::new(audit_health.clone()));
+        let proxy = Arc::new(Proxy::new(config.clone(), limits.clone(), audit, metrics.clone(), proxy_addr));
         // Idle users' limiter state is dropped on a schedule so memory stays bounded.
         let evictor_limits = limits.clone();
         let evictor = tokio::spawn(async move {
@@ -89,7 +92,7 @@ impl App {
                 max_connections: 256,
             };
             let health = health.clone();
-            let handler = move |request, _peer| admin::handle(health.clone(), request);
+            let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), request);
             listeners.push(tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown_rx)));
         }
         health.set_ready(true);

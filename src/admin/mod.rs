@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz` (the process is up) and `/readyz` (it is accepting traffic and can write
-//! its audit trail).
+//! The admin listener: `/healthz` (the process is up), `/readyz` (it is accepting traffic and can write
+//! its audit trail) and `/metrics` (Prometheus, OpenMetrics text).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 
 use crate::proxy::body::{ProxyBody, full};
 use crate::telemetry::audit::AuditHealth;
+use crate::telemetry::metrics::{self, Metrics};
 
 pub struct Health {
     ready: AtomicBool,
@@ -39,7 +40,12 @@ impl Health {
     }
 }
 
-pub async fn handle(health: Arc<Health>, request: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(health: Arc<Health>, metrics: Arc<Metrics>, request: Request<Incoming>) -> Response<ProxyBody> {
+    if request.uri().path() == "/metrics" {
+        let mut response = Response::new(full(Bytes::from(metrics.encode())));
+        response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(metrics::CONTENT_TYPE));
+        return response;
+    }
     let (status, body) = match request.uri().path() {
         "/healthz" => (StatusCode::OK, r#"{"status":"ok"}"#),
         "/readyz" => health.readiness(),

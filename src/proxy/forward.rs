@@ -1,9 +1,12 @@
 //! The pooled upstream client and the forwarding call.
 
 use std::path::Path;
-use std::time::Duration;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -17,6 +20,7 @@ use super::body::ProxyBody;
 use super::headers::strip_hop_by_hop;
 use crate::config::Upstream;
 use crate::error::ProxyError;
+use crate::telemetry::metrics::{Metrics, OpenStream};
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
@@ -62,10 +66,13 @@ pub fn build_client(
 
 /// Sends the rewritten request. Only the wait for the response head is timed: an SSE stream may stay
 /// open for as long as the client keeps it. Returns the error detail for the log alongside the error.
+/// The wait for a response head that arrives is `mcp_proxy_upstream_latency_seconds`.
 pub async fn send(
     upstream: &Upstream,
     request: Request<ProxyBody>,
+    metrics: &Metrics,
 ) -> Result<Response<Incoming>, (ProxyError, String)> {
+    let started = Instant::now();
     match tokio::time::timeout(upstream.response_header_timeout, upstream.client.request(request)).await {
         Err(_) => Err((
             ProxyError::UpstreamTimeout,
@@ -83,15 +90,43 @@ pub async fn send(
             }
             Err((ProxyError::UpstreamUnavailable, detail))
         }
-        Ok(Ok(response)) => Ok(response),
+        Ok(Ok(response)) => {
+            metrics.observe_upstream_latency(&upstream.name, started.elapsed());
+            Ok(response)
+        }
     }
 }
 
-/// The upstream's answer as the client's: hop-by-hop headers dropped, body streamed frame by frame.
-pub fn into_client_response(response: Response<Incoming>) -> Response<ProxyBody> {
+/// The upstream's answer as the client's: hop-by-hop headers dropped, body streamed frame by frame. The
+/// body counts in `mcp_proxy_open_streams` until it is dropped: sent to the end, or the client went away.
+pub fn into_client_response(response: Response<Incoming>, metrics: &Metrics) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let body = Counted { inner: body, _open: metrics.stream_opened() };
     Response::from_parts(parts, body.map_err(Into::into).boxed())
+}
+
+/// A response body that is an open stream for as long as it lives.
+struct Counted<B> {
+    inner: B,
+    _open: OpenStream,
+}
+
+impl<B: Body + Unpin> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

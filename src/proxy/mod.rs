@@ -24,6 +24,7 @@ use crate::policy::session::{self, SessionBinder};
 use crate::policy::{auth, credential, identity};
 use crate::store::KeyKind;
 use crate::telemetry::audit::{AuditEvent, AuditSink};
+use crate::telemetry::metrics::{self, Metrics};
 use body::ProxyBody;
 use serde_json::value::RawValue;
 
@@ -65,6 +66,7 @@ pub struct Proxy {
     active: ArcSwap<Active>,
     limits: Arc<RateLimits>,
     audit: AuditSink,
+    metrics: Arc<Metrics>,
     request_seq: AtomicU64,
     /// Allowed origins when the config lists none.
     own_origins: Vec<String>,
@@ -76,7 +78,13 @@ pub struct Proxy {
 
 impl Proxy {
     /// `listen` is the bound proxy address (its port, when the config said 0).
-    pub fn new(config: Arc<Config>, limits: Arc<RateLimits>, audit: AuditSink, listen: std::net::SocketAddr) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        limits: Arc<RateLimits>,
+        audit: AuditSink,
+        metrics: Arc<Metrics>,
+        listen: std::net::SocketAddr,
+    ) -> Self {
         let own_origins = headers::own_origins(listen, config.server.tls.is_some());
         let process_sessions = Arc::new(SessionBinder::random());
         if config.session_secret.is_none() {
@@ -88,6 +96,7 @@ impl Proxy {
             active: ArcSwap::from_pointee(active),
             limits,
             audit,
+            metrics,
             own_origins,
             process_sessions,
             request_seq: AtomicU64::new(0),
@@ -144,6 +153,14 @@ impl Proxy {
             }
         };
         let status = response.status().as_u16();
+        self.metrics.record(&metrics::Outcome {
+            upstream: ctx.upstream.as_ref(),
+            status,
+            decision,
+            reason,
+            rate_limited: ctx.limited_at,
+            rpc: ctx.rpc.as_ref(),
+        });
         self.audit
             .record(&AuditEvent {
                 request_id: &request_id,
@@ -242,10 +259,10 @@ impl Proxy {
         };
         headers::rewrite_request(&mut parts, upstream, &rewrite)?;
         // Forward over the pooled client and stream the answer back.
-        let response = forward::send(upstream, Request::from_parts(parts, body))
+        let response = forward::send(upstream, Request::from_parts(parts, body), &self.metrics)
             .await
             .map_err(|(error, detail)| Refusal { error, detail: Some(detail) })?;
-        let mut response = forward::into_client_response(response);
+        let mut response = forward::into_client_response(response, &self.metrics);
         // Bind the session the upstream hands out, and point the legacy endpoint event at the proxy.
         let get = ctx.method == http::Method::GET;
         if let Some(handed_out) = respond::bind_sessions(&mut response, &active.sessions, acting_user, upstream, get) {

@@ -1,6 +1,7 @@
-//! Operational logs (tracing, to stderr) and the audit trail ([`audit`]).
+//! Operational logs (tracing, to stderr), the audit trail ([`audit`]) and the Prometheus metrics ([`metrics`]).
 
 pub mod audit;
+pub mod metrics;
 
 /// Logs go to stderr so stdout stays free for the audit trail; `RUST_LOG` filters (default `info`).
 /// A closed stderr loses log lines but never stops the proxy (tracing's own error report would panic).
