@@ -114,24 +114,8 @@ impl ProxyError {
     /// The response for this error. `jsonrpc_id` is `Some` when the request was an MCP JSON-RPC POST: the
     /// body is then a JSON-RPC error object carrying that id (`null` for a batch or an unreadable id).
     pub fn into_response(&self, jsonrpc_id: Option<&RawValue>) -> Response<ProxyBody> {
-        let (status, code, jsonrpc_code) = self.describe();
-        let message = self.to_string();
-        let retry_after = match self {
-            ProxyError::RateLimited(refusal) => Some(ceil_secs(refusal.retry_after)),
-            _ => None,
-        };
-        let body = match jsonrpc_id {
-            Some(id) => serde_json::json!({
-                "jsonrpc": "2.0",
-                "id": id,
-                "error": {
-                    "code": jsonrpc_code,
-                    "message": message,
-                    "data": { "code": code, "status": status.as_u16(), "retry_after": retry_after },
-                },
-            }),
-            None => serde_json::json!({ "error": { "code": code, "message": message, "retry_after": retry_after } }),
-        };
+        let status = self.status();
+        let body = self.body(jsonrpc_id);
         let mut response = Response::new(full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();
@@ -149,6 +133,30 @@ impl ProxyError {
             }
         }
         response
+    }
+}
+
+impl ProxyError {
+    /// The error body: a JSON-RPC error object carrying `jsonrpc_id`, or the plain JSON error.
+    pub fn body(&self, jsonrpc_id: Option<&RawValue>) -> serde_json::Value {
+        let (status, code, jsonrpc_code) = self.describe();
+        let message = self.to_string();
+        let retry_after = match self {
+            ProxyError::RateLimited(refusal) => Some(ceil_secs(refusal.retry_after)),
+            _ => None,
+        };
+        match jsonrpc_id {
+            Some(id) => serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": id,
+                "error": {
+                    "code": jsonrpc_code,
+                    "message": message,
+                    "data": { "code": code, "status": status.as_u16(), "retry_after": retry_after },
+                },
+            }),
+            None => serde_json::json!({ "error": { "code": code, "message": message, "retry_after": retry_after } }),
+        }
     }
 }
 

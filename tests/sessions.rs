@@ -144,3 +144,91 @@ async fn the_legacy_endpoint_event_points_at_the_proxy_with_a_bound_session() {
     assert_eq!(json(response).await["error"]["data"]["code"], "session_not_found");
     assert_eq!(*posted.lock().unwrap(), ["/messages/?session_id=5f2a"]);
 }
+
+async fn next(stream: &mut hyper::body::Incoming) -> String {
+    let frame = stream.frame().await.unwrap().unwrap();
+    String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn legacy_streams_get_filtered_tool_lists_and_the_proxys_refusals() {
+    // A legacy server whose GET stream the test drives event by event.
+    let (streams_tx, mut streams) = tokio::sync::mpsc::channel(4);
+    let posted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = posted.clone();
+    let upstream = spawn_http(move |req: http::Request<hyper::body::Incoming>| {
+        let (streams_tx, record) = (streams_tx.clone(), record.clone());
+        async move {
+            if req.method() == http::Method::GET {
+                let (events, channel) =
+                    http_body_util::channel::Channel::<bytes::Bytes, std::convert::Infallible>::new(8);
+                streams_tx.send(events).await.unwrap();
+                let mut response = http::Response::new(channel.map_err(|never| match never {}).boxed());
+                response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+                response
+            } else {
+                record.lock().unwrap().push(req.uri().to_string());
+                let mut response = http::Response::new(body(""));
+                *response.status_mut() = http::StatusCode::ACCEPTED;
+                response
+            }
+        }
+    })
+    .await;
+    let config = base_config(upstream, "[upstreams.github.restrictions]\ntools = { block = [\"delete_*\"] }")
+        .replace(&format!("url = \"http://{upstream}/mcp\""), &format!("url = \"http://{upstream}\""));
+    let harness = Harness::start(&config).await;
+    let request = Request::get(harness.url("/mcp/github/sse"))
+        .header("authorization", "Bearer ent-key-0001")
+        .header("x-alloy-userid", "alice")
+        .body(body(""))
+        .unwrap();
+    let mut stream = harness.send(request).await.into_body();
+    let mut events = streams.recv().await.unwrap();
+    events.send_data("event: endpoint\ndata: /messages/?session_id=s1\n\n".into()).await.unwrap();
+    let endpoint = next(&mut stream).await;
+    let endpoint = endpoint.strip_prefix("event: endpoint\ndata: ").unwrap().trim_end().to_owned();
+
+    // The server's tools/list answer arrives on the stream: filtered there.
+    events
+        .send_data(
+            "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"search\"},{\"name\":\"delete_repo\"}]}}\n\n".into(),
+        )
+        .await
+        .unwrap();
+    let listed = next(&mut stream).await;
+    assert!(listed.contains("search") && !listed.contains("delete_repo"), "{listed}");
+
+    // A blocked call: 202 like any message, and the JSON-RPC error arrives on the stream.
+    let mut call = mcp_post(&harness.url(&endpoint), &[("authorization", "Bearer ent-key-0001")]);
+    call.headers_mut().insert("x-alloy-userid", "alice".parse().unwrap());
+    *call.body_mut() =
+        body(r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"delete_repo","arguments":{}}}"#);
+    assert_eq!(harness.send(call).await.status(), 202);
+    let refusal = next(&mut stream).await;
+    let data: serde_json::Value =
+        serde_json::from_str(refusal.strip_prefix("event: message\ndata: ").unwrap().trim_end()).unwrap();
+    assert_eq!(data["id"], 7);
+    assert_eq!(data["error"]["data"]["code"], "tool_not_allowed");
+    assert!(posted.lock().unwrap().is_empty(), "the blocked call never reached the upstream");
+
+    // Once the stream is gone, refusals are answered on the POST itself.
+    drop(stream);
+    let mut call = mcp_post(&harness.url(&endpoint), &[("authorization", "Bearer ent-key-0001")]);
+    call.headers_mut().insert("x-alloy-userid", "alice".parse().unwrap());
+    *call.body_mut() =
+        body(r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"delete_repo","arguments":{}}}"#);
+    let mut status = harness.send(call).await.status();
+    for _ in 0..100 {
+        if status == 403 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        let mut call = mcp_post(&harness.url(&endpoint), &[("authorization", "Bearer ent-key-0001")]);
+        call.headers_mut().insert("x-alloy-userid", "alice".parse().unwrap());
+        *call.body_mut() =
+            body(r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"delete_repo","arguments":{}}}"#);
+        status = harness.send(call).await.status();
+    }
+    assert_eq!(status, 403);
+}

@@ -102,33 +102,43 @@ pub fn map_query_session(
     Ok(found.map(|value| (out, value)))
 }
 
+/// The session a request presented, once checked.
+#[derive(Debug, Default)]
+pub struct Presented {
+    /// For the audit trail.
+    pub fingerprint: Option<String>,
+    /// The upstream's session id, when it came as the legacy transport's query parameter.
+    pub legacy: Option<String>,
+}
+
 /// Checks the session a request presents (the `Mcp-Session-Id` header, or the legacy transport's query
 /// parameter) against the acting user and upstream, and puts the upstream's own id in its place.
-/// Returns the session's fingerprint for the audit trail.
 pub fn unbind_request(
     parts: &mut Parts,
     binder: &SessionBinder,
     user: &str,
     upstream: &str,
-) -> Result<Option<String>, ProxyError> {
+) -> Result<Presented, ProxyError> {
     let name = http::HeaderName::from_static(SESSION_HEADER);
-    let mut fingerprint_of = None;
+    let mut presented_session = Presented::default();
     if let Some(presented) = single(&parts.headers, &name, SESSION_HEADER).map_err(|_| ProxyError::SessionNotFound)? {
         let presented = presented.to_str().map_err(|_| ProxyError::SessionNotFound)?;
         let session = binder.unbind(user, upstream, presented).ok_or(ProxyError::SessionNotFound)?;
-        fingerprint_of = Some(fingerprint(session));
+        presented_session.fingerprint = Some(fingerprint(session));
         let value = HeaderValue::from_str(session).map_err(|_| ProxyError::SessionNotFound)?;
         parts.headers.insert(name, value);
     }
     if let Some(query) = parts.uri.query() {
         let mapped = map_query_session(query, |v| binder.unbind(user, upstream, v).map(str::to_owned))?;
         if let Some((query, bound)) = mapped {
-            fingerprint_of = fingerprint_of.or_else(|| binder.unbind(user, upstream, &bound).map(fingerprint));
+            let session = binder.unbind(user, upstream, &bound).ok_or(ProxyError::SessionNotFound)?;
+            presented_session.fingerprint.get_or_insert_with(|| fingerprint(session));
+            presented_session.legacy = Some(session.to_owned());
             let path_and_query = format!("{}?{query}", parts.uri.path());
             parts.uri = http::Uri::try_from(path_and_query).map_err(|_| ProxyError::SessionNotFound)?;
         }
     }
-    Ok(fingerprint_of)
+    Ok(presented_session)
 }
 
 /// A short, stable fingerprint of a session id for the audit trail (the id itself is a bearer secret).

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod forward;
 pub mod headers;
+pub mod legacy;
 pub mod respond;
 pub mod sse;
 
@@ -26,6 +27,7 @@ use crate::store::KeyKind;
 use crate::telemetry::audit::{AuditEvent, AuditSink};
 use crate::telemetry::metrics::{self, Metrics};
 use body::ProxyBody;
+use legacy::LegacyStreams;
 use serde_json::value::RawValue;
 
 /// Where a connection comes from.
@@ -48,6 +50,8 @@ struct RequestCtx {
     limited_at: Option<Level>,
     /// Fingerprint of the MCP session the request belongs to.
     session: Option<String>,
+    /// The upstream's session id of a legacy-transport message POST.
+    legacy_session: Option<String>,
     method: http::Method,
     /// An `application/json` POST: refusals answer with a JSON-RPC error.
     json_post: bool,
@@ -72,6 +76,8 @@ pub struct Proxy {
     own_origins: Vec<String>,
     /// The session key when the config gives none: random, and kept across reloads.
     process_sessions: Arc<SessionBinder>,
+    /// Live legacy-transport streams, to deliver refusals of their message POSTs.
+    legacy: Arc<LegacyStreams>,
     /// Random per process, so request ids from restarts and replicas do not collide.
     instance: u32,
 }
@@ -99,6 +105,7 @@ impl Proxy {
             metrics,
             own_origins,
             process_sessions,
+            legacy: Arc::default(),
             request_seq: AtomicU64::new(0),
             instance: rand::random(),
         }
@@ -133,7 +140,10 @@ impl Proxy {
         let (response, decision, reason) = match self.pipeline(&active, &mut ctx, request, peer, &request_id).await {
             Ok(response) => (response, "allow", "ok"),
             Err(Refusal { error, detail }) => {
-                let response = error.into_response(ctx.error_id());
+                let response = match self.deliver_on_legacy_stream(&ctx, &error) {
+                    true => accepted(),
+                    false => error.into_response(ctx.error_id()),
+                };
                 // The one place a refusal is logged.
                 tracing::info!(
                     request_id,
@@ -188,6 +198,15 @@ impl Proxy {
         response
     }
 
+    /// A refused message POST of the legacy transport gets its JSON-RPC error on the session's stream, as
+    /// the server's own answers do; true when it was delivered there.
+    fn deliver_on_legacy_stream(&self, ctx: &RequestCtx, error: &ProxyError) -> bool {
+        let (Some(session), Some(upstream)) = (&ctx.legacy_session, &ctx.upstream) else { return false };
+        let Some(id) = ctx.rpc.as_ref().and_then(Rpc::error_id) else { return false };
+        let event = sse::render(Some("message"), &error.body(Some(id)).to_string());
+        self.legacy.deliver(upstream, session, event.into())
+    }
+
     /// The steps, in order. Each `?` is a refusal that never reaches the upstream.
     async fn pipeline(
         &self,
@@ -229,6 +248,11 @@ impl Proxy {
         let acting_user = config.directory.user_name(who.user);
         ctx.acting_user = Some(acting_user.clone());
         ctx.fallback = who.fallback;
+        // Sessions: a session the client presents must be the acting user's on this upstream (else 404, the
+        // spec's "session not found"); the upstream gets its own id back.
+        let presented = session::unbind_request(&mut parts, &active.sessions, acting_user, &upstream.name)?;
+        ctx.session = presented.fingerprint;
+        ctx.legacy_session = presented.legacy;
         // Restrict: the upstream's user rule, then its tool rule read from the JSON-RPC body (a blocked
         // tool never reaches the upstream, and costs no quota).
         if upstream.users.as_ref().is_some_and(|rule| !rule.permits(acting_user)) {
@@ -239,9 +263,6 @@ impl Proxy {
         {
             return Err(ProxyError::ToolNotAllowed.into());
         }
-        // Sessions: a session the client presents must be the acting user's on this upstream (else 404, the
-        // spec's "session not found"); the upstream gets its own id back.
-        ctx.session = session::unbind_request(&mut parts, &active.sessions, acting_user, &upstream.name)?;
         // Rate limit by the resolved user: only now, so that bad keys and unknown users never create
         // limiter state, and before any work is done on the user's behalf.
         let check = LimitRequest { key: key.index, user: who.user, upstream: upstream.id, calls: ctx.rpc.as_ref() };
@@ -265,7 +286,9 @@ impl Proxy {
         let mut response = forward::into_client_response(response, &self.metrics);
         // Bind the session the upstream hands out, and point the legacy endpoint event at the proxy.
         let get = ctx.method == http::Method::GET;
-        if let Some(handed_out) = respond::bind_sessions(&mut response, &active.sessions, acting_user, upstream, get) {
+        if let Some(handed_out) =
+            respond::bind_sessions(&mut response, &active.sessions, acting_user, upstream, get, &self.legacy)
+        {
             ctx.session = Some(handed_out);
         }
         // Respond: clients see only the tools they may call, in JSON and SSE answers alike.
@@ -308,6 +331,13 @@ impl RequestCtx {
 
 fn sessions_for(config: &Config, process: &Arc<SessionBinder>) -> Arc<SessionBinder> {
     config.session_secret.as_ref().map_or_else(|| process.clone(), |secret| Arc::new(SessionBinder::new(secret)))
+}
+
+/// The answer to a message POST of the legacy transport whose result goes to the stream.
+fn accepted() -> Response<ProxyBody> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = http::StatusCode::ACCEPTED;
+    response
 }
 
 /// What a refusal before authentication may read of a JSON-RPC body to find the request's id.

@@ -9,6 +9,7 @@ use super::body::{ProxyBody, full};
 use super::sse::{self, EventRewrite};
 use std::sync::Arc;
 
+use super::legacy::{self, LegacyStreams};
 use crate::config::Upstream;
 use crate::policy::mcp::Rule;
 use crate::policy::session::{self, SESSION_HEADER, SessionBinder};
@@ -52,6 +53,7 @@ pub fn bind_sessions(
     user: &Arc<str>,
     upstream: &Upstream,
     get: bool,
+    streams: &Arc<LegacyStreams>,
 ) -> Option<String> {
     let mut handed_out = None;
     if let Some(session) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
@@ -69,8 +71,18 @@ pub fn bind_sessions(
     if get && is_stream {
         let (binder, user, name) = (binder.clone(), user.clone(), upstream.name.clone());
         let (prefix, base_path) = (upstream.prefix.clone(), upstream.base_path.clone());
+        let tools = upstream.tools.clone();
         let body = std::mem::replace(response.body_mut(), super::body::empty());
+        let (registration, body) = legacy::injectable(streams, EventRewrite::new(body, |_: &[u8]| None));
         let rewrite = move |raw: &[u8]| {
+            // Answers on the stream (the legacy transport's, or a GET stream's): tools/list is filtered.
+            if let Some(rule) = &tools
+                && raw.windows(7).any(|w| w == b"\"tools\"")
+            {
+                let event = sse::parse(raw)?;
+                let data = filter_tools_json(event.data.as_bytes(), rule)?;
+                return Some(sse::render(event.kind, std::str::from_utf8(&data).ok()?));
+            }
             if !raw.starts_with(b"event:") {
                 return None;
             }
@@ -78,10 +90,13 @@ pub fn bind_sessions(
             if event.kind != Some("endpoint") {
                 return None;
             }
-            let uri = public_endpoint(&event.data, &prefix, &base_path, |s| binder.bind(&user, &name, s))?;
+            let (uri, session) = public_endpoint(&event.data, &prefix, &base_path, |s| binder.bind(&user, &name, s))?;
+            if let Some(session) = session {
+                registration.register(&name, &session);
+            }
             Some(sse::render(event.kind, &uri))
         };
-        *response.body_mut() = EventRewrite::new(body, rewrite).boxed();
+        *response.body_mut() = EventRewrite::new(body.boxed(), rewrite).boxed();
         response.headers_mut().remove(header::CONTENT_LENGTH);
     }
     handed_out
@@ -90,7 +105,13 @@ pub fn bind_sessions(
 /// The legacy transport's endpoint URI as the client must use it: under the proxy's `prefix` instead of
 /// the upstream's `base_path`, with its session parameter bound. Absolute URIs become paths: the client
 /// talks to the proxy, never to the upstream directly.
-fn public_endpoint(data: &str, prefix: &str, base_path: &str, bind: impl FnOnce(&str) -> String) -> Option<String> {
+/// Also returns the upstream's session id found in it.
+fn public_endpoint(
+    data: &str,
+    prefix: &str,
+    base_path: &str,
+    bind: impl FnOnce(&str) -> String,
+) -> Option<(String, Option<String>)> {
     let uri: http::Uri = data.trim().parse().ok()?;
     let path = uri.path();
     let rest = match path.strip_prefix(base_path) {
@@ -105,15 +126,19 @@ fn public_endpoint(data: &str, prefix: &str, base_path: &str, bind: impl FnOnce(
     };
     let mut out = if prefix == "/" { String::new() } else { prefix.to_owned() };
     out.push_str(if rest.is_empty() { "/" } else { rest });
+    let mut session = None;
     if let Some(query) = uri.query() {
         let query = match session::map_query_session(query, |v| Some(bind(v))) {
-            Ok(Some((query, _))) => query,
+            Ok(Some((query, id))) => {
+                session = Some(id);
+                query
+            }
             _ => query.to_owned(),
         };
         out.push('?');
         out.push_str(&query);
     }
-    Some(out)
+    Some((out, session))
 }
 
 /// Reads a body whole, refusing more than `max` bytes. (Written out rather than `Limited::collect`, whose
@@ -157,16 +182,17 @@ mod tests {
     #[test]
     fn legacy_endpoints_move_under_the_proxy_path_with_bound_sessions() {
         let bind = |s: &str| format!("{s}.tag");
+        let uri = |data, prefix, base| public_endpoint(data, prefix, base, bind);
         assert_eq!(
-            public_endpoint("/messages/?session_id=abc", "/mcp/legacy", "", bind).as_deref(),
-            Some("/mcp/legacy/messages/?session_id=abc.tag")
+            uri("/messages/?session_id=abc", "/mcp/legacy", ""),
+            Some(("/mcp/legacy/messages/?session_id=abc.tag".into(), Some("abc".into())))
         );
         assert_eq!(
-            public_endpoint("http://127.0.0.1:3001/api/message?sessionId=u1&x=1", "/mcp/ts", "/api", bind).as_deref(),
-            Some("/mcp/ts/message?sessionId=u1.tag&x=1")
+            uri("http://127.0.0.1:3001/api/message?sessionId=u1&x=1", "/mcp/ts", "/api"),
+            Some(("/mcp/ts/message?sessionId=u1.tag&x=1".into(), Some("u1".into())))
         );
-        assert_eq!(public_endpoint("/elsewhere/messages", "/mcp/ts", "/api", bind), None);
-        assert_eq!(public_endpoint("/messages", "/", "", bind).as_deref(), Some("/messages"));
+        assert_eq!(uri("/elsewhere/messages", "/mcp/ts", "/api"), None);
+        assert_eq!(uri("/messages", "/", ""), Some(("/messages".into(), None)));
     }
 
     #[test]

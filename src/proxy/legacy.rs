@@ -1,0 +1,94 @@
+//! The legacy HTTP+SSE transport (2024-11-05) sends every answer on the client's GET stream; the message
+//! POST itself only gets `202 Accepted`. So when the proxy refuses a message POST that belongs to a live
+//! stream (a blocked tool, a rate limit), the JSON-RPC error is delivered on that stream and the POST is
+//! answered 202, as the server would: SDK clients then show the error instead of waiting for an answer.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use tokio::sync::mpsc;
+
+use super::body::BoxError;
+
+/// Live legacy streams by (upstream, upstream session id).
+#[derive(Default)]
+pub struct LegacyStreams {
+    streams: Mutex<HashMap<String, mpsc::Sender<Bytes>>>,
+}
+
+fn key(upstream: &str, session: &str) -> String {
+    format!("{upstream}\0{session}")
+}
+
+impl LegacyStreams {
+    /// Queues `event` on the stream of that session; false when there is no such stream (or it is full).
+    pub fn deliver(&self, upstream: &str, session: &str, event: Bytes) -> bool {
+        let streams = self.streams.lock().expect("legacy streams");
+        streams.get(&key(upstream, session)).is_some_and(|tx| tx.try_send(event).is_ok())
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams.lock().expect("legacy streams").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A stream's entry in [`LegacyStreams`], removed when the stream's body is dropped.
+pub struct Registration {
+    streams: Arc<LegacyStreams>,
+    tx: mpsc::Sender<Bytes>,
+    key: Mutex<Option<String>>,
+}
+
+impl Registration {
+    /// Makes the stream reachable for `session` (called once its `endpoint` event names the session).
+    pub fn register(&self, upstream: &str, session: &str) {
+        let key = key(upstream, session);
+        self.streams.streams.lock().expect("legacy streams").insert(key.clone(), self.tx.clone());
+        *self.key.lock().expect("registration") = Some(key);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.lock().expect("registration").take() {
+            self.streams.streams.lock().expect("legacy streams").remove(&key);
+        }
+    }
+}
+
+/// Wraps a GET stream's body so events queued through its [`Registration`] are sent between its own.
+pub fn injectable<B>(streams: &Arc<LegacyStreams>, inner: B) -> (Arc<Registration>, Injected<B>) {
+    let (tx, rx) = mpsc::channel(16);
+    let registration = Arc::new(Registration { streams: streams.clone(), tx, key: Mutex::new(None) });
+    (registration.clone(), Injected { inner, rx, _registration: registration })
+}
+
+pub struct Injected<B> {
+    inner: B,
+    rx: mpsc::Receiver<Bytes>,
+    _registration: Arc<Registration>,
+}
+
+impl<B> Body for Injected<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // The inner body only yields whole events, so an injected event never splits one.
+        if let Poll::Ready(Some(event)) = self.rx.poll_recv(cx) {
+            return Poll::Ready(Some(Ok(Frame::data(event))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+}
