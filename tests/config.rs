@@ -118,7 +118,7 @@ fn check_config_cli_accepts_the_example_and_rejects_a_broken_file() {
     let ok = Command::new(exe)
         .args(["check-config", "--config", example])
         .env("ALICE_API_KEY", "k")
-        .env("MCP_PROXY_SESSION_KEY", "session-key")
+        .env("MCP_PROXY_SESSION_KEY", "0123456789abcdef0123456789abcdef")
         .env("ALICE_GITHUB_TOKEN", "a")
         .env("BOB_GITHUB_TOKEN", "b")
         .output()

@@ -295,6 +295,8 @@ async fn paths_that_could_escape_the_route_never_reach_the_upstream() {
     assert!(seen.lock().unwrap().is_empty());
 }
 
+const PING: &str = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+
 #[tokio::test]
 async fn request_trailers_never_reach_the_upstream() {
     let (upstream, seen) = recording_upstream().await;
@@ -302,14 +304,14 @@ async fn request_trailers_never_reach_the_upstream() {
     let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
     let request = Request::post(harness.url("/mcp/github"))
         .header("authorization", "Bearer alice-key-0001")
-        .header("content-type", "application/octet-stream")
+        .header("content-type", "application/json")
         .body(channel.map_err(|never| match never {}).boxed())
         .unwrap();
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<TestBody>();
     let sending = tokio::spawn(async move {
-        tx.send_data(Bytes::from_static(b"payload")).await.unwrap();
+        tx.send_data(Bytes::from_static(PING.as_bytes())).await.unwrap();
         let mut trailers = http::HeaderMap::new();
         trailers.insert("authorization", "Bearer alice-key-0001".parse().unwrap());
         trailers.insert("x-mcp-user", "bob".parse().unwrap());
@@ -319,7 +321,7 @@ async fn request_trailers_never_reach_the_upstream() {
     assert_eq!(response.status(), 200);
     sending.await.unwrap();
     let seen = seen.lock().unwrap()[0].clone();
-    assert_eq!(seen.body, "payload");
+    assert_eq!(seen.body, PING);
     assert_eq!(seen.headers["authorization"], "Bearer cred-alice");
     assert!(seen.headers.get("x-mcp-user").is_none());
 }

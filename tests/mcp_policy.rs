@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use governor::clock::FakeRelativeClock;
+use http_body_util::BodyExt;
 use mcp_tenant_proxy::policy::ratelimit::LimitClock;
 use rmcp::model::CallToolRequestParams;
 
@@ -138,4 +139,68 @@ async fn malformed_json_rpc_and_mismatched_mirror_headers_are_refused() {
     assert_eq!(response.status(), 403);
     assert_eq!(json(response).await["error"]["data"]["code"], "tool_not_allowed");
     assert_eq!(seen.lock().unwrap().len(), 1, "only the honest call reached the upstream");
+}
+
+#[tokio::test]
+async fn every_post_body_is_inspected_whatever_its_content_type() {
+    let (upstream, seen) = recording_upstream().await;
+    let fields = "[upstreams.github.restrictions]\ntools = { block = [\"delete_*\"] }";
+    let harness = Harness::start(&base_config(upstream, fields)).await;
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo","arguments":{}}}"#;
+    for content_type in ["application/json, text/plain", "application/json-rpc", "text/plain", "application/JSON"] {
+        let mut request = mcp_post(&harness.url("/mcp/github"), &[("authorization", "Bearer alice-key-0001")]);
+        request.headers_mut().insert("content-type", content_type.parse().unwrap());
+        *request.body_mut() = body(call);
+        let response = harness.send(request).await;
+        assert_eq!(response.status(), 403, "{content_type}");
+        assert_eq!(json(response).await["error"]["data"]["code"], "tool_not_allowed");
+    }
+    // Bodies travel with POST only: another method with a body is refused, not forwarded unread.
+    let request = http::Request::delete(harness.url("/mcp/github"))
+        .header("authorization", "Bearer alice-key-0001")
+        .body(body(call))
+        .unwrap();
+    assert_eq!(harness.send(request).await.status(), 400);
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn tool_lists_that_cannot_be_read_are_never_passed_on() {
+    // An upstream that compresses its answers although the proxy asked for identity, and one whose
+    // stream uses the rarer line endings SSE allows.
+    let answer = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_repo"}]}}"#;
+    let upstream = spawn_http(move |req: http::Request<hyper::body::Incoming>| async move {
+        let sse = req.headers().get("x-test").is_some_and(|v| v == "sse");
+        let asked = req.headers().get("accept-encoding").map(|v| v.to_str().unwrap().to_owned());
+        let mut response = if sse {
+            let mut r = http::Response::new(body(format!(": hi\n\r\nevent: message\rdata: {answer}\n\r\n")));
+            r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        } else {
+            let mut r = http::Response::new(body(answer));
+            r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            r.headers_mut().insert("content-encoding", "gzip".parse().unwrap());
+            r
+        };
+        response.headers_mut().insert("x-asked-encoding", asked.unwrap_or_default().parse().unwrap());
+        response
+    })
+    .await;
+    let fields = "[upstreams.github.restrictions]\ntools = { block = [\"delete_*\"] }";
+    let harness = Harness::start(&base_config(upstream, fields)).await;
+    let list = |sse: bool| {
+        let mut request = mcp_post(&harness.url("/mcp/github"), &[("authorization", "Bearer alice-key-0001")]);
+        request.headers_mut().insert("accept-encoding", "gzip, br".parse().unwrap());
+        if sse {
+            request.headers_mut().insert("x-test", "sse".parse().unwrap());
+        }
+        *request.body_mut() = body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
+        harness.send(request)
+    };
+    let compressed = list(false).await;
+    assert_eq!(compressed.status(), 502);
+    let streamed = list(true).await;
+    assert_eq!(streamed.headers()["x-asked-encoding"], "identity", "the client's Accept-Encoding is not passed on");
+    let text = String::from_utf8(streamed.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.contains("search") && !text.contains("delete_repo"), "{text}");
 }

@@ -26,8 +26,11 @@ fn post(harness: &Harness, user: &str, session: Option<&str>, payload: &'static 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_belongs_to_the_user_who_opened_it() {
     let (upstream, calls) = spawn_tool_server(&["whoami"], true).await;
-    let mut harness =
-        Harness::start(&format!("[sessions]\nsecret = \"session-key\"\n{}", base_config(upstream, ""))).await;
+    let mut harness = Harness::start(&format!(
+        "[sessions]\nsecret = \"0123456789abcdef0123456789abcdef\"\n{}",
+        base_config(upstream, "")
+    ))
+    .await;
 
     // An SDK client works through the proxy: it never notices its session id is bound.
     let client = mcp_client(&harness.url("/mcp/github"), ENTERPRISE_KEY, Some("alice")).await.unwrap();
@@ -231,4 +234,20 @@ async fn legacy_streams_get_filtered_tool_lists_and_the_proxys_refusals() {
         status = harness.send(call).await.status();
     }
     assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn encoded_spellings_of_the_legacy_session_parameter_are_refused() {
+    let (upstream, seen) = recording_upstream().await;
+    let harness = Harness::start(&base_config(upstream, "")).await;
+    for query in ["session%5Fid=abc", "session%49d=abc", "SESSION_ID=abc", "session_id=abc.0&session%5fid=abc"] {
+        let mut request = mcp_post(
+            &harness.url(&format!("/mcp/github/messages/?{query}")),
+            &[("authorization", "Bearer ent-key-0001")],
+        );
+        request.headers_mut().insert("x-alloy-userid", "bob".parse().unwrap());
+        let response = harness.send(request).await;
+        assert_eq!(response.status(), 404, "{query}");
+    }
+    assert!(seen.lock().unwrap().is_empty());
 }

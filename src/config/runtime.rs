@@ -81,7 +81,7 @@ pub struct Upstream {
     /// Per user, on this upstream.
     pub rate_limit: Option<Limit>,
     /// Which tools clients may call and see in `tools/list`; `None`: all.
-    pub tools: Option<Rule>,
+    pub tools: Option<Arc<Rule>>,
     /// Which users may use this upstream; `None`: all.
     pub users: Option<Rule>,
     /// Per user, per tool.
@@ -223,9 +223,20 @@ impl Builder<'_> {
         let upstreams = self.upstreams(&raw.upstreams);
         let session_secret = match &raw.sessions {
             None => Some(None),
-            Some(s) => self
-                .secret("sessions", s.secret.as_ref(), s.secret_env.as_deref(), s.secret_file.as_deref(), None)
-                .map(Some),
+            Some(s) => match self.secret(
+                "sessions",
+                s.secret.as_ref(),
+                s.secret_env.as_deref(),
+                s.secret_file.as_deref(),
+                None,
+            ) {
+                // The key guards every session binding; a short one could be guessed offline from one id.
+                Some(key) if key.expose().len() < 32 => {
+                    self.problem("sessions", "the session key must be at least 32 bytes (e.g. openssl rand -hex 32)");
+                    None
+                }
+                key => key.map(Some),
+            },
         };
         let max_len = identity.as_ref().map_or(128, |i| i.max_user_id_len);
         let directory = self.directory(&raw, &upstreams, max_len);
@@ -422,7 +433,7 @@ impl Builder<'_> {
             forward_user_header: forward_user_header?,
             response_header_timeout: response_header_timeout?,
             rate_limit: rate_limit?,
-            tools: tools?,
+            tools: tools?.map(Arc::new),
             users: users?,
             tool_limits: tool_limits?,
             client,

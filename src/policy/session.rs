@@ -86,6 +86,14 @@ pub fn map_query_session(
         if i > 0 {
             out.push('&');
         }
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        // Servers decode parameter names: a spelling that decodes to a session parameter but is not one
+        // of the exact names below would reach the upstream unchecked.
+        if !SESSION_PARAMS.contains(&name)
+            && SESSION_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(&percent_decode(name)))
+        {
+            return Err(ProxyError::SessionNotFound);
+        }
         match pair.split_once('=') {
             Some((name, value)) if SESSION_PARAMS.contains(&name) && found.is_none() => {
                 let mapped = (map.take().expect("used once"))(value).ok_or(ProxyError::SessionNotFound)?;
@@ -96,10 +104,35 @@ pub fn map_query_session(
             }
             // Two session ids: ambiguous.
             Some((name, _)) if SESSION_PARAMS.contains(&name) => return Err(ProxyError::SessionNotFound),
+            None if SESSION_PARAMS.contains(&pair) => return Err(ProxyError::SessionNotFound),
             _ => out.push_str(pair),
         }
     }
     Ok(found.map(|value| (out, value)))
+}
+
+/// `%XX` escapes and `+` decoded; anything malformed is kept as it is.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The session a request presented, once checked.
@@ -161,6 +194,13 @@ mod tests {
         assert_eq!(map_query_session("a=1", upper), Ok(None));
         assert_eq!(map_query_session("session_id=x", |_| None), Err(ProxyError::SessionNotFound));
         assert_eq!(map_query_session("session_id=x&sessionId=y", upper), Err(ProxyError::SessionNotFound));
+        // Spellings a server would decode into a session parameter are refused, not passed on unchecked.
+        for query in
+            ["session%5Fid=x", "session%49d=x", "SESSION_ID=x", "a=1&session_id=x&session%5fid=y", "session_id"]
+        {
+            assert_eq!(map_query_session(query, upper), Err(ProxyError::SessionNotFound), "{query}");
+        }
+        assert_eq!(percent_decode("a%5Fb%2"), "a_b%2");
     }
 
     #[test]

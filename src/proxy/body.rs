@@ -1,14 +1,15 @@
 //! Request and response bodies.
 //!
-//! MCP JSON-RPC POST bodies are read whole (bounded by `max_body_bytes` and `body_read_timeout`): the
-//! policy steps need the method and id before anything is forwarded. Every other body, and every response,
-//! streams through frame by frame.
+//! Every request body is an MCP JSON-RPC message, sent by POST: it is read whole (bounded by
+//! `max_body_bytes` and `body_read_timeout`) and inspected whatever its Content-Type says, because the
+//! policy steps need its method, tool and id before anything is forwarded, and a server that accepts a
+//! looser Content-Type must not receive a body the proxy never read. Other methods carry no body.
+//! Responses stream through frame by frame.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, header, request::Parts};
-use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 
@@ -25,8 +26,9 @@ pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-/// Reads or wraps the request body. Returns the body to forward and, for a JSON POST, its bytes (the
-/// same buffer: forwarding it copies nothing).
+/// Reads the request body. Returns the body to forward and, for a POST, its bytes (the same buffer:
+/// forwarding it copies nothing). Trailers are dropped: they are headers too, and the client's must not
+/// reach the upstream.
 pub async fn read_request(
     body: Incoming,
     parts: &Parts,
@@ -37,16 +39,12 @@ pub async fn read_request(
     if declared.is_some_and(|len| len > max_bytes) {
         return Err(ProxyError::BodyTooLarge);
     }
-    let limit = usize::try_from(max_bytes).unwrap_or(usize::MAX);
-    if !is_json_post(&parts.method, &parts.headers) {
-        // Streamed; a body that outgrows the limit mid-way fails the upstream request (see forward).
-        // Trailers are dropped: they are headers too, and the client's must not reach the upstream.
-        let body = Limited::new(body, limit).map_frame(|frame| match frame.into_data() {
-            Ok(data) => Frame::data(data),
-            Err(_trailers) => Frame::data(Bytes::new()),
-        });
-        return Ok((body.boxed(), None));
+    if parts.method != Method::POST {
+        // MCP sends bodies with POST only; a body on any other method is never forwarded unread.
+        let has_body = declared.is_some_and(|len| len > 0) || parts.headers.contains_key(header::TRANSFER_ENCODING);
+        return if has_body { Err(ProxyError::InvalidRequest) } else { Ok((empty(), None)) };
     }
+    let limit = usize::try_from(max_bytes).unwrap_or(usize::MAX);
     let collected = tokio::time::timeout(read_timeout, Limited::new(body, limit).collect())
         .await
         .map_err(|_| ProxyError::BodyTimeout)?
@@ -67,11 +65,7 @@ pub async fn read_prefix(body: Incoming, max: usize, wait: Duration) -> Option<B
     Some(collected.to_bytes())
 }
 
-/// An MCP JSON-RPC POST: its body is read, and refusals answer with a JSON-RPC error.
-pub fn is_json_post(method: &Method, headers: &http::HeaderMap) -> bool {
+/// An MCP JSON-RPC POST: its body is read and inspected, and refusals answer with a JSON-RPC error.
+pub fn is_json_post(method: &Method) -> bool {
     method == Method::POST
-        && headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
-            let essence = ct.split(';').next().unwrap_or("").trim();
-            essence.eq_ignore_ascii_case("application/json")
-        })
 }

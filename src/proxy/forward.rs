@@ -78,18 +78,7 @@ pub async fn send(
             ProxyError::UpstreamTimeout,
             format!("no response head within {:?}", upstream.response_header_timeout),
         )),
-        Ok(Err(e)) => {
-            let detail = error_chain(&e);
-            // The client's own body outgrew `max_body_bytes` while it streamed: that is the client's error.
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(err) = source {
-                if err.is::<http_body_util::LengthLimitError>() {
-                    return Err((ProxyError::BodyTooLarge, detail));
-                }
-                source = err.source();
-            }
-            Err((ProxyError::UpstreamUnavailable, detail))
-        }
+        Ok(Err(e)) => Err((ProxyError::UpstreamUnavailable, error_chain(&e))),
         Ok(Ok(response)) => {
             metrics.observe_upstream_latency(&upstream.name, started.elapsed());
             Ok(response)

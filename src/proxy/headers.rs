@@ -147,6 +147,9 @@ pub fn rewrite_request(parts: &mut Parts, upstream: &Upstream, rw: &Rewrite<'_>)
         }
     }
     headers.insert(&upstream.inject_header, rw.credential.clone());
+    // Answers are read (tools/list filtering, session binding, the legacy endpoint): ask for them
+    // uncompressed. Between a sidecar and its server compression buys nothing.
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 
     append_forwarded_for(headers, rw.peer);
     let proto = if rw.tls { "https" } else { "http" };

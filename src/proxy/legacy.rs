@@ -51,15 +51,29 @@ impl Registration {
     /// Makes the stream reachable for `session` (called once its `endpoint` event names the session).
     pub fn register(&self, upstream: &str, session: &str) {
         let key = key(upstream, session);
-        self.streams.streams.lock().expect("legacy streams").insert(key.clone(), self.tx.clone());
-        *self.key.lock().expect("registration") = Some(key);
+        let mut mine = self.key.lock().expect("registration");
+        let mut streams = self.streams.streams.lock().expect("legacy streams");
+        if let Some(old) = mine.take() {
+            self.remove_if_mine(&mut streams, &old);
+        }
+        streams.insert(key.clone(), self.tx.clone());
+        *mine = Some(key);
+    }
+
+    /// Removes `key` only while it still points at this stream: a newer stream of the same session
+    /// keeps its entry.
+    fn remove_if_mine(&self, streams: &mut HashMap<String, mpsc::Sender<Bytes>>, key: &str) {
+        if streams.get(key).is_some_and(|tx| tx.same_channel(&self.tx)) {
+            streams.remove(key);
+        }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(key) = self.key.lock().expect("registration").take() {
-            self.streams.streams.lock().expect("legacy streams").remove(&key);
+            let mut streams = self.streams.streams.lock().expect("legacy streams");
+            self.remove_if_mine(&mut streams, &key);
         }
     }
 }

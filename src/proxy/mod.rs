@@ -132,7 +132,7 @@ impl Proxy {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let mut ctx = RequestCtx {
-            json_post: body::is_json_post(request.method(), request.headers()),
+            json_post: body::is_json_post(request.method()),
             method: method.clone(),
             ..Default::default()
         };
@@ -286,9 +286,10 @@ impl Proxy {
         let mut response = forward::into_client_response(response, &self.metrics);
         // Bind the session the upstream hands out, and point the legacy endpoint event at the proxy.
         let get = ctx.method == http::Method::GET;
-        if let Some(handed_out) =
+        let handed_out =
             respond::bind_sessions(&mut response, &active.sessions, acting_user, upstream, get, &self.legacy)
-        {
+                .map_err(|e| Refusal { error: ProxyError::UpstreamUnavailable, detail: Some(e) })?;
+        if let Some(handed_out) = handed_out {
             ctx.session = Some(handed_out);
         }
         // Respond: clients see only the tools they may call, in JSON and SSE answers alike.

@@ -19,27 +19,58 @@ const MAX_JSON_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
 /// Removes the tools `rule` does not permit from every `tools/list` result in the answer: a JSON body is
 /// read (bounded) and rewritten; an event stream is rewritten event by event as it flows.
-pub async fn filter_tools(response: Response<ProxyBody>, rule: Rule) -> Result<Response<ProxyBody>, String> {
-    let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+/// Fails closed: an answer it cannot read (compressed, not JSON) is an error, and an event it cannot
+/// read is dropped, never passed on unfiltered.
+pub async fn filter_tools(response: Response<ProxyBody>, rule: Arc<Rule>) -> Result<Response<ProxyBody>, String> {
+    check_identity_encoding(&response)?;
     let (mut parts, body) = response.into_parts();
-    match essence.as_str() {
+    match content_type(&parts.headers).as_str() {
         "application/json" => {
             let bytes = collect_bounded(body, MAX_JSON_ANSWER_BYTES).await?;
-            let bytes = filter_tools_json(&bytes, &rule).map_or(bytes, Bytes::from);
+            let filtered =
+                filter_tools_json(&bytes, &rule).map_err(|NotJson| "a tools/list answer that is not JSON")?;
+            let bytes = filtered.map_or(bytes, Bytes::from);
             parts.headers.insert(header::CONTENT_LENGTH, bytes.len().into());
             Ok(Response::from_parts(parts, full(bytes)))
         }
         "text/event-stream" => {
             parts.headers.remove(header::CONTENT_LENGTH);
-            let rewrite = move |raw: &[u8]| {
-                let event = sse::parse(raw)?;
-                let data = filter_tools_json(event.data.as_bytes(), &rule)?;
-                Some(sse::render(event.kind, std::str::from_utf8(&data).ok()?))
-            };
+            let rewrite = move |raw: &[u8]| filter_event(raw, &rule);
             Ok(Response::from_parts(parts, EventRewrite::new(body, rewrite).boxed()))
         }
-        _ => Ok(Response::from_parts(parts, body)),
+        // 202 and empty answers carry no list; anything else cannot be checked.
+        _ if parts.status == http::StatusCode::ACCEPTED || parts.status.is_client_error() => {
+            Ok(Response::from_parts(parts, body))
+        }
+        other => Err(format!("a tools/list answer of type {other:?} cannot be filtered")),
+    }
+}
+
+/// One event of a stream that may carry a `tools/list` result: rewritten when tools were removed,
+/// dropped when its data cannot be read, kept otherwise (comments, keep-alives, other messages).
+fn filter_event(raw: &[u8], rule: &Rule) -> Option<Vec<u8>> {
+    let event = sse::parse(raw)?;
+    match filter_tools_json(event.data.as_bytes(), rule) {
+        Ok(None) => None,
+        Ok(Some(data)) => Some(sse::render(event.kind, std::str::from_utf8(&data).expect("serde_json writes UTF-8"))),
+        Err(NotJson) => {
+            tracing::warn!("dropped a server-sent event that could not be checked for blocked tools");
+            Some(Vec::new())
+        }
+    }
+}
+
+fn content_type(headers: &http::HeaderMap) -> String {
+    let value = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+/// The proxy asks upstreams for uncompressed answers; one that compresses anyway cannot be rewritten.
+fn check_identity_encoding(response: &Response<ProxyBody>) -> Result<(), String> {
+    match response.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
+        None => Ok(()),
+        Some(e) if e.trim().eq_ignore_ascii_case("identity") => Ok(()),
+        Some(e) => Err(format!("the upstream sent a {e}-encoded answer the proxy must read")),
     }
 }
 
@@ -54,7 +85,7 @@ pub fn bind_sessions(
     upstream: &Upstream,
     get: bool,
     streams: &Arc<LegacyStreams>,
-) -> Option<String> {
+) -> Result<Option<String>, String> {
     let mut handed_out = None;
     if let Some(session) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
         handed_out = Some(session::fingerprint(session));
@@ -69,6 +100,7 @@ pub fn bind_sessions(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
     if get && is_stream {
+        check_identity_encoding(response)?;
         let (binder, user, name) = (binder.clone(), user.clone(), upstream.name.clone());
         let (prefix, base_path) = (upstream.prefix.clone(), upstream.base_path.clone());
         let tools = upstream.tools.clone();
@@ -77,13 +109,11 @@ pub fn bind_sessions(
         let rewrite = move |raw: &[u8]| {
             // Answers on the stream (the legacy transport's, or a GET stream's): tools/list is filtered.
             if let Some(rule) = &tools
-                && raw.windows(7).any(|w| w == b"\"tools\"")
+                && raw.windows(5).any(|w| w == b"tools")
             {
-                let event = sse::parse(raw)?;
-                let data = filter_tools_json(event.data.as_bytes(), rule)?;
-                return Some(sse::render(event.kind, std::str::from_utf8(&data).ok()?));
+                return filter_event(raw, rule);
             }
-            if !raw.starts_with(b"event:") {
+            if !raw.windows(8).any(|w| w == b"endpoint") {
                 return None;
             }
             let event = sse::parse(raw)?;
@@ -99,7 +129,7 @@ pub fn bind_sessions(
         *response.body_mut() = EventRewrite::new(body.boxed(), rewrite).boxed();
         response.headers_mut().remove(header::CONTENT_LENGTH);
     }
-    handed_out
+    Ok(handed_out)
 }
 
 /// The legacy transport's endpoint URI as the client must use it: under the proxy's `prefix` instead of
@@ -156,10 +186,14 @@ async fn collect_bounded(mut body: ProxyBody, max: usize) -> Result<Bytes, Strin
     Ok(buf.freeze())
 }
 
-/// The JSON with disallowed tools removed from each JSON-RPC response's `result.tools`, or `None` when
-/// nothing was removed (or it is not JSON).
-pub fn filter_tools_json(json: &[u8], rule: &Rule) -> Option<Vec<u8>> {
-    let mut value: serde_json::Value = serde_json::from_slice(json).ok()?;
+/// An answer that should hold a tool list but is not JSON.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotJson;
+
+/// The JSON with disallowed tools removed from each JSON-RPC response's `result.tools`; `Ok(None)` when
+/// nothing was removed, `Err` when it is not JSON.
+pub fn filter_tools_json(json: &[u8], rule: &Rule) -> Result<Option<Vec<u8>>, NotJson> {
+    let mut value: serde_json::Value = serde_json::from_slice(json).map_err(|_| NotJson)?;
     let mut changed = false;
     let mut filter = |message: &mut serde_json::Value| {
         if let Some(tools) = message.pointer_mut("/result/tools").and_then(|t| t.as_array_mut()) {
@@ -172,7 +206,7 @@ pub fn filter_tools_json(json: &[u8], rule: &Rule) -> Option<Vec<u8>> {
         serde_json::Value::Array(batch) => batch.iter_mut().for_each(&mut filter),
         message => filter(message),
     }
-    changed.then(|| serde_json::to_vec(&value).expect("a JSON value serializes"))
+    Ok(changed.then(|| serde_json::to_vec(&value).expect("a JSON value serializes")))
 }
 
 #[cfg(test)]
@@ -200,17 +234,18 @@ mod tests {
         let rule = Rule::Block(vec!["delete_*".into()]);
         let json =
             br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_repo"},{"name":"get"}]}}"#;
-        let out: serde_json::Value = serde_json::from_slice(&filter_tools_json(json, &rule).unwrap()).unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&filter_tools_json(json, &rule).unwrap().unwrap()).unwrap();
         let names: Vec<_> =
             out["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["search", "get"]);
         assert_eq!(out["id"], 1);
-        assert!(
-            filter_tools_json(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"}]}}"#, &rule).is_none()
-        );
-        assert!(filter_tools_json(b"not json", &rule).is_none());
+        let kept = br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"}]}}"#;
+        assert_eq!(filter_tools_json(kept, &rule), Ok(None));
+        assert_eq!(filter_tools_json(b"not json", &rule), Err(NotJson));
+        assert_eq!(filter_tools_json(b"\xef\xbb\xbf{}", &rule), Err(NotJson), "a BOM is not JSON: refused, not passed");
         let batch = br#"[{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"delete_x"}]}},{"jsonrpc":"2.0","id":2,"result":{}}]"#;
-        let out: serde_json::Value = serde_json::from_slice(&filter_tools_json(batch, &rule).unwrap()).unwrap();
+        let out: serde_json::Value =
+            serde_json::from_slice(&filter_tools_json(batch, &rule).unwrap().unwrap()).unwrap();
         assert_eq!(out[0]["result"]["tools"], serde_json::json!([]));
     }
 }

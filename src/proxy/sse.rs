@@ -63,27 +63,42 @@ pub fn render(kind: Option<&str>, data: &str) -> Vec<u8> {
     out
 }
 
-/// End of the first complete event in `buf` (just past its blank line), if there is one.
+/// End of the first complete event in `buf` (just past the blank line that ends it), if there is one.
+/// Lines end with CRLF, LF or CR (the SSE grammar); a CR at the very end of `buf` may be the first half
+/// of a CRLF, so the answer waits for the next byte.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+    scan(buf, 0).ok()
+}
+
+/// As [`event_end`], starting at `from`, which must be the start of a line. Without a complete event,
+/// returns the start of the last line seen: the next scan may resume there instead of at 0, so an event
+/// that arrives in many small frames is scanned once, not once per frame.
+fn scan(buf: &[u8], from: usize) -> Result<usize, usize> {
+    let mut line_empty = true;
+    let mut line_start = from;
+    let mut i = from;
     while i < buf.len() {
-        match buf[i] {
-            b'\n' if buf.get(i + 1) == Some(&b'\n') => return Some(i + 2),
-            b'\r' if buf.get(i + 1) == Some(&b'\r') => return Some(i + 2),
-            b'\r' if buf.get(i + 1) == Some(&b'\n') => {
-                match (buf.get(i + 2), buf.get(i + 3)) {
-                    (Some(b'\r'), Some(b'\n')) => return Some(i + 4),
-                    (Some(b'\n'), _) => return Some(i + 3),
-                    _ => {}
-                }
-                i += 2;
+        let terminator = match buf[i] {
+            b'\n' => 1,
+            b'\r' => match buf.get(i + 1) {
+                Some(b'\n') => 2,
+                Some(_) => 1,
+                None => return Err(line_start),
+            },
+            _ => {
+                line_empty = false;
+                i += 1;
                 continue;
             }
-            _ => {}
+        };
+        i += terminator;
+        if line_empty {
+            return Ok(i);
         }
-        i += 1;
+        line_empty = true;
+        line_start = i;
     }
-    None
+    Err(line_start)
 }
 
 /// A body that passes `inner`'s events through `rewrite`: `Some(bytes)` replaces the event, `None`
@@ -91,13 +106,15 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 pub struct EventRewrite<B, F> {
     inner: B,
     buf: BytesMut,
+    /// Where the next scan of `buf` may start (a line start with no event end before it).
+    scanned: usize,
     rewrite: F,
     ended: bool,
 }
 
 impl<B, F> EventRewrite<B, F> {
     pub fn new(inner: B, rewrite: F) -> Self {
-        EventRewrite { inner, buf: BytesMut::new(), rewrite, ended: false }
+        EventRewrite { inner, buf: BytesMut::new(), scanned: 0, rewrite, ended: false }
     }
 }
 
@@ -107,9 +124,17 @@ where
 {
     /// Takes every complete event out of the buffer, rewritten where asked.
     fn complete_events(&mut self) -> Option<Bytes> {
+        let first = match scan(&self.buf, self.scanned) {
+            Ok(len) => len,
+            Err(resume) => {
+                self.scanned = resume;
+                return None;
+            }
+        };
         let mut end = 0;
         let mut out: Option<BytesMut> = None;
-        while let Some(len) = event_end(&self.buf[end..]) {
+        let mut next = Some(first);
+        while let Some(len) = next {
             let event = &self.buf[end..end + len];
             match (self.rewrite)(event) {
                 Some(new) => out.get_or_insert_with(|| BytesMut::from(&self.buf[..end])).extend_from_slice(&new),
@@ -120,10 +145,9 @@ where
                 }
             }
             end += len;
+            next = event_end(&self.buf[end..]);
         }
-        if end == 0 {
-            return None;
-        }
+        self.scanned = 0;
         let taken = self.buf.split_to(end).freeze();
         Some(out.map_or(taken, BytesMut::freeze))
     }
@@ -204,6 +228,10 @@ mod tests {
         assert_eq!(event_end(b"data: a\r\n\r\nrest"), Some(11));
         assert_eq!(event_end(b"data: a\n\nrest"), Some(9));
         assert_eq!(event_end(b"data: a\r\rrest"), Some(9));
+        assert_eq!(event_end(b"data: a\n\r\nrest"), Some(10));
+        assert_eq!(event_end(b"data: a\r\n\rxrest"), Some(10));
+        assert_eq!(event_end(b"data: a\n\rx"), Some(9));
+        assert_eq!(event_end(b"data: a\n\r"), None, "CR at the end may be half of a CRLF");
         assert_eq!(event_end(b"data: a\r\ndata: b"), None);
         let e = parse(b"event: endpoint\r\ndata: /messages?x=1\r\n\r\n").unwrap();
         assert_eq!(e, Event { kind: Some("endpoint"), data: "/messages?x=1".into() });
