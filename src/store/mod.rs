@@ -3,6 +3,13 @@
 //! Built once from the config and read-only afterwards; the request path only does hash-map lookups.
 //! Users are interned to a small [`UserId`] so per-user state elsewhere (limiters, usage) can key on a `u32`.
 
+pub mod crypto;
+pub mod model;
+pub mod sqlite;
+
+pub use model::{Store, StoreError};
+pub use sqlite::SqliteStore;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;

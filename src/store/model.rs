@@ -1,0 +1,262 @@
+//! The persistent store's interface: the [`Store`] trait, its records and its errors.
+//!
+//! [`super::sqlite::SqliteStore`] is the embedded implementation; a PostgreSQL backend for several
+//! replicas would implement the same trait. Nothing here is on the request path: the proxy reads an
+//! in-memory [`Snapshot`] (built into a `Directory`) and writes go through the store, then update it.
+//!
+//! Times are Unix seconds (`i64`). Secrets (API keys, token URLs, credentials) are returned as
+//! [`Secret`] and only ever once for keys and tokens; the store keeps their SHA-256 only.
+
+use crate::policy::ratelimit::Limit;
+use crate::secret::Secret;
+use crate::store::KeyKind;
+
+/// Unix time in seconds.
+pub type UnixTime = i64;
+
+/// Longest user id the store accepts (the proxy's default `max_user_id_len`).
+pub const MAX_USER_ID_LEN: usize = 128;
+/// Longest upstream name, credential id or key id.
+pub const MAX_NAME_LEN: usize = 128;
+/// Largest page of [`Store::list_users`].
+pub const MAX_PAGE: u32 = 1000;
+/// Token URL lifetimes, in days.
+pub const TOKEN_DAYS: std::ops::RangeInclusive<u32> = 1..=365;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{what} {id:?} already exists")]
+    Conflict { what: &'static str, id: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error(
+        "no master key configured: credentials are only stored encrypted (set [store] master_key_env or master_key_file)"
+    )]
+    NoMasterKey,
+    #[error("the master key {0}")]
+    BadMasterKey(#[from] super::crypto::KeyError),
+    #[error("the master key does not match the one this store was written with")]
+    WrongMasterKey,
+    #[error("the master key is version {version}, which was rotated out; use the current key")]
+    RetiredMasterKey { version: u32 },
+    #[error("credential {user}/{upstream}/{credential_id} does not decrypt (damaged or moved row)")]
+    Undecryptable { user: String, upstream: String, credential_id: String },
+    #[error("the database schema is version {found}; this binary knows up to {known} (a newer release wrote it)")]
+    SchemaTooNew { found: u32, known: u32 },
+    #[error("cannot create {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+impl StoreError {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> StoreError {
+        StoreError::Invalid { field, reason: reason.into() }
+    }
+    pub(crate) fn not_found(what: &'static str, id: &str) -> StoreError {
+        StoreError::NotFound { what, id: id.to_owned() }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A user's own rate limit: the config's default, none, or its own quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UserLimit {
+    #[default]
+    Default,
+    Unlimited,
+    Quota(Limit),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub rate_limit: UserLimit,
+    pub created_at: UnixTime,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    /// `None`: the store picks a random id (`k_` and 16 hex digits).
+    pub id: Option<String>,
+    pub kind: KeyKind,
+    pub user: String,
+    /// Enterprise keys only: `*`, a user id, or a prefix ending in `*`.
+    pub act_as: Vec<String>,
+    pub expires_at: Option<UnixTime>,
+}
+
+/// An API key as listed: never the key itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub id: String,
+    pub kind: KeyKind,
+    pub user: String,
+    pub act_as: Vec<String>,
+    /// The first 8 characters of the key, to recognise it.
+    pub prefix: String,
+    pub expires_at: Option<UnixTime>,
+    pub created_at: UnixTime,
+    pub last_used_at: Option<UnixTime>,
+    pub revoked_at: Option<UnixTime>,
+}
+
+/// What [`Store::create_key`] returns: the key, this once, and its listing.
+#[derive(Debug)]
+pub struct CreatedKey {
+    pub key: Secret,
+    pub info: KeyInfo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    Updated,
+}
+
+/// A credential as listed: ids and times only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialInfo {
+    pub user: String,
+    pub upstream: String,
+    pub credential_id: String,
+    pub key_version: u32,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+}
+
+/// A decrypted credential, for the in-memory snapshot.
+#[derive(Clone, Debug)]
+pub struct CredentialSecret {
+    pub user: String,
+    pub upstream: String,
+    pub credential_id: String,
+    pub secret: Secret,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// A handle for listing and revoking (`t_` and 16 hex digits); not the token.
+    pub id: String,
+    pub user: String,
+    pub upstream: String,
+    pub expires_at: UnixTime,
+    pub created_at: UnixTime,
+    pub revoked_at: Option<UnixTime>,
+}
+
+#[derive(Debug)]
+pub struct CreatedToken {
+    /// The path segment of `/mcp/<upstream>/t/<token>`, this once.
+    pub token: Secret,
+    pub info: TokenInfo,
+}
+
+/// Counters to add for one (user, upstream).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub user: String,
+    pub upstream: String,
+    pub requests: u64,
+    pub denials: u64,
+    pub last_seen: UnixTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub user: String,
+    pub upstream: String,
+    pub requests: u64,
+    pub denials: u64,
+    pub last_seen: UnixTime,
+}
+
+/// An active (not revoked, not yet expired) key as the request path needs it.
+#[derive(Clone, Debug)]
+pub struct SnapshotKey {
+    pub id: String,
+    pub sha256: [u8; 32],
+    pub kind: KeyKind,
+    pub user: String,
+    pub act_as: Vec<String>,
+    /// The request path must still refuse the key after this time.
+    pub expires_at: Option<UnixTime>,
+}
+
+/// An active token URL as the request path needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotToken {
+    pub id: String,
+    pub sha256: [u8; 32],
+    pub user: String,
+    pub upstream: String,
+    pub expires_at: UnixTime,
+}
+
+/// Everything the request path needs, read in one transaction.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub users: Vec<User>,
+    pub keys: Vec<SnapshotKey>,
+    pub credentials: Vec<CredentialSecret>,
+    pub tokens: Vec<SnapshotToken>,
+    /// When it was read; `expires_at` values are relative to this.
+    pub taken_at: UnixTime,
+}
+
+/// Users, API keys, upstream credentials, token URLs and usage counters.
+///
+/// Calls block (the embedded backend does file I/O): call them from `spawn_blocking` in async code.
+/// Every write is durable when it returns.
+pub trait Store: Send + Sync {
+    /// `Conflict` when the id exists.
+    fn create_user(&self, id: &str, rate_limit: UserLimit) -> StoreResult<User>;
+    fn get_user(&self, id: &str) -> StoreResult<User>;
+    /// Users by id, ascending, starting after `after`; at most `limit` (1..=[`MAX_PAGE`]).
+    fn list_users(&self, after: Option<&str>, limit: u32) -> StoreResult<Vec<User>>;
+    fn set_user_limit(&self, id: &str, rate_limit: UserLimit) -> StoreResult<User>;
+    /// Deletes the user with its keys, token URLs, credentials and usage counters.
+    fn delete_user(&self, id: &str) -> StoreResult<()>;
+
+    /// Generates a key, stores its SHA-256 and prefix, and returns it this once.
+    fn create_key(&self, new: NewKey) -> StoreResult<CreatedKey>;
+    /// All keys (revoked and expired ones too), or one user's; ordered by id.
+    fn list_keys(&self, user: Option<&str>) -> StoreResult<Vec<KeyInfo>>;
+    /// Revoking a revoked key keeps its first revocation time.
+    fn revoke_key(&self, id: &str) -> StoreResult<KeyInfo>;
+    /// Records key use (from the request path's in-memory aggregation); unknown ids are ignored.
+    fn touch_keys(&self, used: &[(String, UnixTime)]) -> StoreResult<()>;
+
+    /// Encrypts and upserts; putting the same value twice leaves one row. `NoMasterKey` without a key.
+    fn put_credential(
+        &self,
+        user: &str,
+        upstream: &str,
+        credential_id: &str,
+        secret: &Secret,
+    ) -> StoreResult<PutOutcome>;
+    fn delete_credential(&self, user: &str, upstream: &str, credential_id: &str) -> StoreResult<()>;
+    /// Ids and times of one user's credentials (no secrets).
+    fn list_credentials(&self, user: &str) -> StoreResult<Vec<CredentialInfo>>;
+    /// Decrypted credentials, all or one user's. `NoMasterKey` without a key.
+    fn credential_secrets(&self, user: Option<&str>) -> StoreResult<Vec<CredentialSecret>>;
+    /// Re-encrypts every credential under `new` in one transaction; returns the new key version.
+    fn rotate_master_key(&self, old: &Secret, new: &Secret) -> StoreResult<u32>;
+
+    /// A token URL for (user, upstream), valid for `days` ([`TOKEN_DAYS`]); returned this once.
+    fn create_token(&self, user: &str, upstream: &str, days: u32) -> StoreResult<CreatedToken>;
+    fn list_tokens(&self, user: Option<&str>) -> StoreResult<Vec<TokenInfo>>;
+    fn revoke_token(&self, id: &str) -> StoreResult<TokenInfo>;
+    /// The token with this SHA-256 if it is neither revoked nor expired.
+    fn lookup_token(&self, sha256: &[u8; 32]) -> StoreResult<Option<TokenInfo>>;
+
+    /// Adds the counters, all in one transaction.
+    fn add_usage(&self, deltas: &[UsageDelta]) -> StoreResult<()>;
+    fn usage(&self, user: Option<&str>) -> StoreResult<Vec<Usage>>;
+
+    /// Everything the request path needs. `NoMasterKey` if credentials exist and no key is set.
+    fn load_snapshot(&self) -> StoreResult<Snapshot>;
+}
