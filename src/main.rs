@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::from_file(&path) {
+    let config = match Config::load(&path, None) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{}: {}", path.display(), indent(&e));
@@ -121,7 +121,7 @@ async fn run(path: PathBuf) -> ExitCode {
 
 /// SIGHUP: re-read the config file; a config with problems is refused and the running one stays.
 fn reload(app: &App, path: &Path) {
-    match app.config().reload_from_file(path) {
+    match Config::load(path, Some(&app.config())) {
         Ok(config) => {
             let users = config.directory.user_count();
             let restart = app.reload(config);
@@ -135,7 +135,7 @@ fn reload(app: &App, path: &Path) {
 }
 
 fn check_config(path: &Path) -> ExitCode {
-    match Config::from_file(path) {
+    match Config::load(path, None) {
         Ok(config) => {
             println!(
                 "{}: ok ({} users, {} upstreams)",

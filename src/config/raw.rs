@@ -30,6 +30,16 @@ pub struct RawConfig {
     /// The default per-user limit; none means unlimited.
     pub rate_limit: Option<RawLimit>,
     pub sessions: Option<RawSessions>,
+    pub store: Option<RawStore>,
+}
+
+/// The embedded store: users, keys, credentials and token URLs managed at run time.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub path: PathBuf,
+    pub master_key_env: Option<String>,
+    pub master_key_file: Option<PathBuf>,
 }
 
 /// The key that binds MCP sessions to users: one of the three, shared by every replica.

@@ -27,6 +27,14 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// The key binding MCP sessions to users; `None`: a random key of this process.
     pub session_secret: Option<Secret>,
+    pub store: Option<StoreSettings>,
+}
+
+/// Where the embedded store lives and the key its credentials are encrypted with.
+pub struct StoreSettings {
+    pub path: PathBuf,
+    /// `None`: the store holds users and keys, and refuses credentials.
+    pub master_key: Option<Secret>,
 }
 
 pub struct ServerSettings {
@@ -90,6 +98,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The header value that carries `secret` to this upstream (`inject.value` with `{secret}` filled
+    /// in), marked sensitive; `None` when the secret cannot go in a header.
+    pub fn render_credential(&self, secret: &Secret) -> Option<HeaderValue> {
+        let mut value = HeaderValue::from_str(&self.inject_template.replacen("{secret}", secret.expose(), 1)).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
     /// The part of a public path that follows this upstream's prefix (the whole path for prefix `/`).
     pub fn rest_of<'a>(&self, path: &'a str) -> &'a str {
         if self.prefix == "/" { path } else { &path[self.prefix.len()..] }
@@ -121,6 +137,90 @@ impl Config {
     fn parse(text: &str, base_dir: &Path, previous: Option<&Directory>) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         Builder { problems: Vec::new(), base_dir, previous }.build(raw)
+    }
+
+    /// Loads the config file and, when it has a `[store]`, adds the store's users, keys and
+    /// credentials next to the file's (see [`Config::merge_store`]). `previous`: the running config,
+    /// on reload.
+    pub fn load(path: &Path, previous: Option<&Config>) -> Result<Config, ConfigError> {
+        let mut config = match previous {
+            Some(running) => running.reload_from_file(path)?,
+            None => Config::from_file(path)?,
+        };
+        if let Some(store) = &config.store {
+            let snapshot = crate::store::SqliteStore::open(&store.path, store.master_key.as_ref())
+                .and_then(|s| crate::store::Store::load_snapshot(&s))
+                .map_err(|e| ConfigError::Invalid(vec![Problem { path: "store".into(), message: e.to_string() }]))?;
+            config.merge_store(&snapshot)?;
+        }
+        Ok(config)
+    }
+
+    /// Adds the store's users, keys and credentials to the directory. The config file stays a read-only
+    /// source next to the store: the same user, key or credential declared in both is a conflict,
+    /// reported (every one of them, with its path) rather than resolved silently.
+    pub fn merge_store(&mut self, snapshot: &crate::store::model::Snapshot) -> Result<(), ConfigError> {
+        use crate::store::model::UserLimit;
+        let mut problems = Vec::new();
+        let dir = &mut self.directory;
+        for user in &snapshot.users {
+            if dir.user(&user.id).is_some() {
+                problems.push(Problem {
+                    path: format!("store.users.{}", user.id),
+                    message: "also declared in the config file".into(),
+                });
+                continue;
+            }
+            let id = dir.add_user(&user.id);
+            match user.rate_limit {
+                UserLimit::Default => {}
+                UserLimit::Unlimited => dir.set_user_limit(id, None),
+                UserLimit::Quota(limit) => dir.set_user_limit(id, Some(limit)),
+            }
+        }
+        for key in &snapshot.keys {
+            let conflict = dir.keys().any(|k| *k.id == *key.id) || dir.key_by_hash(&key.sha256).is_some();
+            if conflict {
+                problems.push(Problem {
+                    path: format!("store.keys.{}", key.id),
+                    message: "also declared in the config file".into(),
+                });
+                continue;
+            }
+            let Some(user) = dir.user(&key.user) else { continue };
+            let act_as = key.act_as.iter().map(|p| UserPattern::parse(p)).collect();
+            let api_key = ApiKey {
+                index: 0,
+                id: key.id.as_str().into(),
+                kind: key.kind,
+                user,
+                act_as,
+                rate_limit: None,
+                expires_at: key.expires_at,
+            };
+            dir.add_key(key.sha256, api_key);
+        }
+        for cred in &snapshot.credentials {
+            let path = format!("store.credentials.{}/{}/{}", cred.user, cred.upstream, cred.credential_id);
+            let (Some(user), Some(upstream)) =
+                (dir.user(&cred.user), self.upstreams.iter().find(|u| *u.name == *cred.upstream))
+            else {
+                // A credential for an upstream this config does not serve is kept in the store, unused.
+                continue;
+            };
+            let Some(header_value) = upstream.render_credential(&cred.secret) else {
+                problems.push(Problem { path, message: "the secret cannot be sent in a header".into() });
+                continue;
+            };
+            if !dir.add_credential(
+                user,
+                upstream.id,
+                Credential { id: cred.credential_id.as_str().into(), header_value },
+            ) {
+                problems.push(Problem { path, message: "also declared in the config file".into() });
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }
 
     /// Settings a reload cannot change (listeners and the audit sink are bound at start): their names.
@@ -238,12 +338,19 @@ impl Builder<'_> {
                 key => key.map(Some),
             },
         };
+        let store = raw.store.as_ref().map(|st| {
+            let master_key = match (&st.master_key_env, &st.master_key_file) {
+                (None, None) => None,
+                (env, file) => self.secret("store", None, env.as_deref(), file.as_deref(), None),
+            };
+            StoreSettings { path: self.base_dir.join(&st.path), master_key }
+        });
         let max_len = identity.as_ref().map_or(128, |i| i.max_user_id_len);
         let directory = self.directory(&raw, &upstreams, max_len);
 
         match (self.problems.is_empty(), server, identity, session_secret) {
             (true, Some(server), Some(identity), Some(session_secret)) => {
-                Ok(Config { server, admin_listen, identity, audit_path, directory, upstreams, session_secret })
+                Ok(Config { server, admin_listen, identity, audit_path, directory, upstreams, session_secret, store })
             }
             _ => Err(ConfigError::Invalid(self.problems)),
         }
@@ -527,7 +634,7 @@ impl Builder<'_> {
         let (Some(kind), Some(hash), Some(rate_limit)) = (kind, hash, rate_limit) else { return };
         let user = dir.add_user(&key.user);
         let act_as = key.act_as.iter().map(|p| UserPattern::parse(p)).collect();
-        let key = ApiKey { index: 0, id: key.id.as_str().into(), kind, user, act_as, rate_limit };
+        let key = ApiKey { index: 0, id: key.id.as_str().into(), kind, user, act_as, rate_limit, expires_at: None };
         if !dir.add_key(hash, key) {
             self.problem(path, "the same key value is configured twice");
         }
@@ -561,12 +668,10 @@ impl Builder<'_> {
         let secret =
             self.secret(&path, cred.secret.as_ref(), cred.secret_env.as_deref(), cred.secret_file.as_deref(), None);
         let (Some(user), Some(upstream), Some(secret)) = (user, upstream, secret) else { return };
-        let rendered = upstream.inject_template.replacen("{secret}", secret.expose(), 1);
-        let Ok(mut header_value) = HeaderValue::from_str(&rendered) else {
+        let Some(header_value) = upstream.render_credential(&secret) else {
             self.problem(path, "the secret contains characters that cannot be sent in a header");
             return;
         };
-        header_value.set_sensitive(true);
         if !dir.add_credential(user, upstream.id, Credential { id: cred.id.as_str().into(), header_value }) {
             self.problem(
                 format!("{path}.id"),

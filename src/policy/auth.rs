@@ -10,7 +10,15 @@ use crate::store::{ApiKey, Directory};
 pub fn authenticate<'a>(directory: &'a Directory, headers: &HeaderMap) -> Result<&'a ApiKey, ProxyError> {
     let value = single(headers, &header::AUTHORIZATION, "authorization")?.ok_or(ProxyError::MissingApiKey)?;
     let token = bearer_token(value.as_bytes()).ok_or(ProxyError::InvalidApiKey)?;
-    directory.key_by_hash(&sha256(token)).ok_or(ProxyError::InvalidApiKey)
+    let key = directory.key_by_hash(&sha256(token)).ok_or(ProxyError::InvalidApiKey)?;
+    if key.expires_at.is_some_and(|at| at <= unix_now()) {
+        return Err(ProxyError::InvalidApiKey);
+    }
+    Ok(key)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The token of a `Bearer` credential (scheme case-insensitive, RFC 9110 11.1).
@@ -26,6 +34,31 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expired_key_is_refused_even_while_it_is_in_the_directory() {
+        use crate::store::{ApiKey, KeyKind};
+        let mut dir = Directory::default();
+        let user = dir.add_user("dana");
+        for (token, expires_at) in [("old", Some(1)), ("current", Some(i64::MAX)), ("forever", None)] {
+            let key = ApiKey {
+                index: 0,
+                id: token.into(),
+                kind: KeyKind::Standard,
+                user,
+                act_as: vec![],
+                rate_limit: None,
+                expires_at,
+            };
+            dir.add_key(sha256(token.as_bytes()), key);
+        }
+        let headers = |token: &str| -> HeaderMap {
+            [(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap())].into_iter().collect()
+        };
+        assert_eq!(authenticate(&dir, &headers("old")).unwrap_err(), ProxyError::InvalidApiKey);
+        assert_eq!(&*authenticate(&dir, &headers("current")).unwrap().id, "current");
+        assert_eq!(&*authenticate(&dir, &headers("forever")).unwrap().id, "forever");
+    }
 
     #[test]
     fn bearer_parsing() {

@@ -78,6 +78,8 @@ pub struct ApiKey {
     pub user: UserId,
     pub act_as: Vec<UserPattern>,
     pub rate_limit: Option<Limit>,
+    /// Unix seconds after which the key is refused (keys made through the store may expire).
+    pub expires_at: Option<i64>,
 }
 
 impl ApiKey {

@@ -1,0 +1,97 @@
+//! Users, keys and credentials from the embedded store serve requests next to the config file's.
+
+mod common;
+
+use common::*;
+use mcp_tenant_proxy::app::App;
+use mcp_tenant_proxy::config::Config;
+use mcp_tenant_proxy::secret::Secret;
+use mcp_tenant_proxy::store::model::{NewKey, UserLimit};
+use mcp_tenant_proxy::store::{KeyKind, SqliteStore, Store};
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config_path: std::path::PathBuf,
+}
+
+/// A store with user dana (her own credential and a standard key), an enterprise key that may act as
+/// dana, and a key that has expired; and a config file that serves it next to `base_config`.
+fn setup(upstream: std::net::SocketAddr, extra_store_user: Option<&str>) -> (Setup, String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let master = mcp_tenant_proxy::store::crypto::MasterKey::generate();
+    std::fs::write(dir.path().join("master.key"), format!("{}\n", master.expose())).unwrap();
+    let store = SqliteStore::open(&dir.path().join("store.db"), Some(&master)).unwrap();
+    store.create_user("dana", UserLimit::Default).unwrap();
+    if let Some(user) = extra_store_user {
+        store.create_user(user, UserLimit::Default).unwrap();
+    }
+    store.put_credential("dana", "github", "default", &Secret::new("cred-dana")).unwrap();
+    let new_key =
+        |kind, act_as: Vec<String>, expires_at| NewKey { id: None, kind, user: "dana".into(), act_as, expires_at };
+    let own = store.create_key(new_key(KeyKind::Standard, vec![], None)).unwrap().key.expose().to_owned();
+    let ent =
+        store.create_key(new_key(KeyKind::Enterprise, vec!["dana".into()], None)).unwrap().key.expose().to_owned();
+    drop(store);
+    // A key made in 2001 that expired a day later.
+    let past = SqliteStore::open_with_clock(
+        &dir.path().join("store.db"),
+        Some(&master),
+        std::sync::Arc::new(|| 1_000_000_000),
+    )
+    .unwrap();
+    let expired =
+        past.create_key(new_key(KeyKind::Standard, vec![], Some(1_000_086_400))).unwrap().key.expose().to_owned();
+    drop(past);
+    let config = format!(
+        "[store]\npath = \"store.db\"\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{}",
+        base_config(upstream, "")
+    );
+    let config_path = dir.path().join("proxy.toml");
+    std::fs::write(&config_path, config).unwrap();
+    (Setup { dir, config_path }, own, ent, expired)
+}
+
+#[tokio::test]
+async fn store_users_keys_and_credentials_serve_requests() {
+    let (upstream, seen) = recording_upstream().await;
+    let (setup, own, ent, expired) = setup(upstream, None);
+    let config = Config::load(&setup.config_path, None).unwrap();
+    let app = App::start(config).await.unwrap();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<TestBody>();
+    let url = format!("http://{}/mcp/github", app.proxy_addr);
+    let call = |key: &str, user: Option<&str>| {
+        let mut headers = vec![("authorization", format!("Bearer {key}"))];
+        if let Some(user) = user {
+            headers.push(("x-alloy-userid", user.to_owned()));
+        }
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        client.request(mcp_post(&url, &headers))
+    };
+    assert_eq!(call(&own, None).await.unwrap().status(), 200);
+    assert_eq!(seen.lock().unwrap().last().unwrap().headers["authorization"], "Bearer cred-dana");
+    assert_eq!(call(&ent, Some("dana")).await.unwrap().status(), 200);
+    assert_eq!(call(&ent, Some("alice")).await.unwrap().status(), 403, "act_as from the store holds");
+    assert_eq!(call(&expired, None).await.unwrap().status(), 401, "an expired key is refused");
+    // The config file's users and keys keep working, and may act as store users.
+    assert_eq!(call(ENTERPRISE_KEY, Some("dana")).await.unwrap().status(), 200);
+    assert_eq!(call(ALICE_KEY, None).await.unwrap().status(), 200);
+    assert_eq!(seen.lock().unwrap().len(), 4);
+    app.shutdown().await;
+    drop(setup);
+}
+
+#[test]
+fn a_user_declared_in_both_the_file_and_the_store_is_a_conflict() {
+    let (setup, ..) = setup("127.0.0.1:1".parse().unwrap(), Some("alice"));
+    let err = Config::load(&setup.config_path, None).err().expect("a conflict").to_string();
+    assert!(err.contains("store.users.alice: also declared in the config file"), "{err}");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy"))
+        .args(["check-config", "--config"])
+        .arg(&setup.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("store.users.alice"));
+    let _ = setup.dir.path();
+}
