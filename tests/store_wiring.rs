@@ -16,7 +16,7 @@ struct Setup {
 
 /// A store with user dana (her own credential and a standard key), an enterprise key that may act as
 /// dana, and a key that has expired; and a config file that serves it next to `base_config`.
-fn setup(upstream: std::net::SocketAddr, extra_store_user: Option<&str>) -> (Setup, String, String, String) {
+fn setup(upstream: std::net::SocketAddr, extra_store_user: Option<&str>) -> (Setup, String, String, String, Tokens) {
     let dir = tempfile::tempdir().unwrap();
     let master = mcp_tenant_proxy::store::crypto::MasterKey::generate();
     std::fs::write(dir.path().join("master.key"), format!("{}\n", master.expose())).unwrap();
@@ -31,6 +31,8 @@ fn setup(upstream: std::net::SocketAddr, extra_store_user: Option<&str>) -> (Set
     let own = store.create_key(new_key(KeyKind::Standard, vec![], None)).unwrap().key.expose().to_owned();
     let ent =
         store.create_key(new_key(KeyKind::Enterprise, vec!["dana".into()], None)).unwrap().key.expose().to_owned();
+    let github = store.create_token("dana", "github", 30).unwrap().token.expose().to_owned();
+    let other = store.create_token("dana", "gitlab", 30).unwrap().token.expose().to_owned();
     drop(store);
     // A key made in 2001 that expired a day later.
     let past = SqliteStore::open_with_clock(
@@ -41,6 +43,7 @@ fn setup(upstream: std::net::SocketAddr, extra_store_user: Option<&str>) -> (Set
     .unwrap();
     let expired =
         past.create_key(new_key(KeyKind::Standard, vec![], Some(1_000_086_400))).unwrap().key.expose().to_owned();
+    let expired_token = past.create_token("dana", "github", 1).unwrap().token.expose().to_owned();
     drop(past);
     let config = format!(
         "[store]\npath = \"store.db\"\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{}",
@@ -48,13 +51,19 @@ fn setup(upstream: std::net::SocketAddr, extra_store_user: Option<&str>) -> (Set
     );
     let config_path = dir.path().join("proxy.toml");
     std::fs::write(&config_path, config).unwrap();
-    (Setup { dir, config_path }, own, ent, expired)
+    (Setup { dir, config_path }, own, ent, expired, Tokens { github, other, expired: expired_token })
+}
+
+struct Tokens {
+    github: String,
+    other: String,
+    expired: String,
 }
 
 #[tokio::test]
 async fn store_users_keys_and_credentials_serve_requests() {
     let (upstream, seen) = recording_upstream().await;
-    let (setup, own, ent, expired) = setup(upstream, None);
+    let (setup, own, ent, expired, tokens) = setup(upstream, None);
     let config = Config::load(&setup.config_path, None).unwrap();
     let app = App::start(config).await.unwrap();
     let client =
@@ -77,8 +86,36 @@ async fn store_users_keys_and_credentials_serve_requests() {
     assert_eq!(call(ENTERPRISE_KEY, Some("dana")).await.unwrap().status(), 200);
     assert_eq!(call(ALICE_KEY, None).await.unwrap().status(), 200);
     assert_eq!(seen.lock().unwrap().len(), 4);
+
+    // Token URLs: no header at all, the token's user on the token's upstream only.
+    let by_url = |token: &str, rest: &str| {
+        let url = format!("http://{}/mcp/github/t/{token}{rest}?q=1", app.proxy_addr);
+        client.request(mcp_post(&url, &[]))
+    };
+    assert_eq!(by_url(&tokens.github, "").await.unwrap().status(), 200);
+    let forwarded = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(forwarded.headers["authorization"], "Bearer cred-dana");
+    assert_eq!(forwarded.uri.to_string(), "/mcp?q=1", "the token never reaches the upstream");
+    assert_eq!(by_url(&tokens.github, "/sub").await.unwrap().status(), 200);
+    assert_eq!(seen.lock().unwrap().last().unwrap().uri.path(), "/mcp/sub");
+    for (token, why) in
+        [(&tokens.other, "another upstream's"), (&tokens.expired, "expired"), (&"mtpt_guess".to_owned(), "unknown")]
+    {
+        let response = by_url(token, "").await.unwrap();
+        assert_eq!(response.status(), 401, "{why} token");
+    }
+    // A token URL acts as its user only.
+    let mut named = mcp_post(&format!("http://{}/mcp/github/t/{}", app.proxy_addr, tokens.github), &[]);
+    named.headers_mut().insert("x-alloy-userid", "alice".parse().unwrap());
+    assert_eq!(client.request(named).await.unwrap().status(), 403);
+    assert_eq!(seen.lock().unwrap().len(), 6);
     app.shutdown().await;
-    drop(setup);
+
+    let audit = std::fs::read_to_string(setup.dir.path().join("audit.log")).unwrap();
+    for token in [&tokens.github, &tokens.other, &tokens.expired] {
+        assert!(!audit.contains(token.as_str()), "a token URL's token reached the audit trail");
+    }
+    assert!(audit.contains("\"path\":\"/mcp/github/t/***\""), "{audit}");
 }
 
 #[test]

@@ -220,6 +220,11 @@ impl Config {
                 problems.push(Problem { path, message: "also declared in the config file".into() });
             }
         }
+        for token in &snapshot.tokens {
+            if let Some(user) = dir.user(&token.user) {
+                dir.add_token(token.sha256, &token.id, user, &token.upstream, token.expires_at);
+            }
+        }
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }
 

@@ -17,6 +17,17 @@ pub fn authenticate<'a>(directory: &'a Directory, headers: &HeaderMap) -> Result
     Ok(key)
 }
 
+/// A token URL (`/mcp/<upstream>/t/<token>`): it authenticates as its user, on its upstream only.
+/// Unknown, expired and revoked tokens, and tokens of another upstream, are all 401.
+pub fn authenticate_token<'a>(directory: &'a Directory, token: &str, upstream: &str) -> Result<&'a ApiKey, ProxyError> {
+    let grant = directory.token_by_hash(&sha256(token.as_bytes())).ok_or(ProxyError::InvalidApiKey)?;
+    let live = grant.key.expires_at.is_none_or(|at| at > unix_now());
+    if *grant.upstream != *upstream || !live {
+        return Err(ProxyError::InvalidApiKey);
+    }
+    Ok(&grant.key)
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }

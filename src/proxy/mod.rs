@@ -130,7 +130,7 @@ impl Proxy {
         let active = self.active.load_full();
         let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        let path = audit_path(request.uri().path()).into_owned();
         let mut ctx = RequestCtx {
             json_post: body::is_json_post(request.method()),
             method: method.clone(),
@@ -233,6 +233,17 @@ impl Proxy {
                 return Err(error.into());
             }
         };
+        // A token URL's token goes no further: the upstream sees the path without it. The legacy
+        // transport's endpoint keeps it, so the client's message POSTs authenticate the same way.
+        let mut public_prefix = std::borrow::Cow::Borrowed(upstream.prefix.as_str());
+        if let Some((token, rest)) = token_in_path(upstream, parts.uri.path()) {
+            public_prefix = format!("{}/t/{token}", upstream.prefix.trim_end_matches('/')).into();
+            let stripped = match parts.uri.query() {
+                Some(query) => format!("{}{rest}?{query}", upstream.prefix),
+                None => format!("{}{rest}", upstream.prefix),
+            };
+            parts.uri = http::Uri::try_from(stripped).map_err(|_| ProxyError::InvalidPath)?;
+        }
         // Read an MCP JSON-RPC body (bounded in size and time; other bodies stream) and inspect it:
         // -32700 / -32600 when it is not JSON-RPC, -32020 when the 2026-07-28 mirror headers disagree with
         // the body that policy is enforced on. Every later refusal answers with the request's id.
@@ -286,9 +297,16 @@ impl Proxy {
         let mut response = forward::into_client_response(response, &self.metrics);
         // Bind the session the upstream hands out, and point the legacy endpoint event at the proxy.
         let get = ctx.method == http::Method::GET;
-        let handed_out =
-            respond::bind_sessions(&mut response, &active.sessions, acting_user, upstream, get, &self.legacy)
-                .map_err(|e| Refusal { error: ProxyError::UpstreamUnavailable, detail: Some(e) })?;
+        let handed_out = respond::bind_sessions(
+            &mut response,
+            &active.sessions,
+            acting_user,
+            upstream,
+            &public_prefix,
+            get,
+            &self.legacy,
+        )
+        .map_err(|e| Refusal { error: ProxyError::UpstreamUnavailable, detail: Some(e) })?;
         if let Some(handed_out) = handed_out {
             ctx.session = Some(handed_out);
         }
@@ -361,11 +379,34 @@ fn admit<'c>(
     ctx.upstream = Some(upstream.name.clone());
     // Origin at the edge (the spec's DNS-rebinding rule), before any secret is looked at.
     headers::check_origin(parts, origins)?;
-    // Authenticate: nothing about the caller is trusted, or recorded, before the key is valid.
-    let key = auth::authenticate(&config.directory, &parts.headers)?;
+    // Authenticate: nothing about the caller is trusted, or recorded, before the key is valid. A token
+    // URL carries its credential in the path, for MCP clients that only take a URL.
+    let key = match token_in_path(upstream, parts.uri.path()) {
+        Some((token, _)) => auth::authenticate_token(&config.directory, token, &upstream.name)?,
+        None => auth::authenticate(&config.directory, &parts.headers)?,
+    };
     ctx.key_id = Some(key.id.clone());
     ctx.key_kind = Some(key.kind);
     Ok((upstream, key))
+}
+
+/// The token of a token URL (`<prefix>/t/<token>[/rest]`) and the rest of the path after it.
+fn token_in_path<'p>(upstream: &crate::config::Upstream, path: &'p str) -> Option<(&'p str, &'p str)> {
+    let after = upstream.rest_of(path).strip_prefix("/t/")?;
+    let (token, rest) = after.split_at(after.find('/').unwrap_or(after.len()));
+    (!token.is_empty()).then_some((token, rest))
+}
+
+/// The request path as the audit trail records it: a token URL's token is a secret.
+fn audit_path(path: &str) -> std::borrow::Cow<'_, str> {
+    match path.find("/t/") {
+        None => path.into(),
+        Some(at) => {
+            let rest = &path[at + 3..];
+            let end = rest.find('/').unwrap_or(rest.len());
+            format!("{}/t/***{}", &path[..at], &rest[end..]).into()
+        }
+    }
 }
 
 /// A refusal and, for upstream failures, the detail that goes to the log (never to the client).

@@ -83,6 +83,7 @@ pub fn bind_sessions(
     binder: &Arc<SessionBinder>,
     user: &Arc<str>,
     upstream: &Upstream,
+    public_prefix: &str,
     get: bool,
     streams: &Arc<LegacyStreams>,
 ) -> Result<Option<String>, String> {
@@ -102,7 +103,7 @@ pub fn bind_sessions(
     if get && is_stream {
         check_identity_encoding(response)?;
         let (binder, user, name) = (binder.clone(), user.clone(), upstream.name.clone());
-        let (prefix, base_path) = (upstream.prefix.clone(), upstream.base_path.clone());
+        let (prefix, base_path) = (public_prefix.to_owned(), upstream.base_path.clone());
         let tools = upstream.tools.clone();
         let body = std::mem::replace(response.body_mut(), super::body::empty());
         let (registration, body) = legacy::injectable(streams, EventRewrite::new(body, |_: &[u8]| None));

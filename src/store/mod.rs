@@ -101,6 +101,14 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// What a token URL grants: acting as `key.user` on `upstream` until `expires_at`. `key` is a standard
+/// key that exists only inside the token, so the rest of the pipeline treats it like any other.
+#[derive(Debug)]
+pub struct TokenGrant {
+    pub key: ApiKey,
+    pub upstream: Arc<str>,
+}
+
 #[derive(Debug, Default)]
 pub struct Directory {
     /// The interner: append-only, and carried over on reload, so a user keeps its id (and with it its
@@ -111,6 +119,8 @@ pub struct Directory {
     present: Vec<bool>,
     keys: HashMap<[u8; 32], ApiKey>,
     credentials: HashMap<(UserId, UpstreamId), Vec<Credential>>,
+    /// Token URLs by SHA-256: each authenticates as one user, for one upstream.
+    tokens: HashMap<[u8; 32], TokenGrant>,
     default_user_limit: Option<Limit>,
     /// Users whose limit differs from the default (`None`: unlimited).
     user_limits: HashMap<UserId, Option<Limit>>,
@@ -149,6 +159,25 @@ impl Directory {
         key.index = u32::try_from(self.keys.len()).expect("fewer than 2^32 keys");
         self.keys.insert(sha256, key);
         true
+    }
+
+    /// Adds a token URL for `user` on `upstream`, valid until `expires_at` (Unix seconds).
+    pub fn add_token(&mut self, sha256: [u8; 32], id: &str, user: UserId, upstream: &str, expires_at: i64) {
+        let key = ApiKey {
+            // Past every key's index: a token has no key-level limiter of its own.
+            index: u32::MAX,
+            id: id.into(),
+            kind: KeyKind::Standard,
+            user,
+            act_as: Vec::new(),
+            rate_limit: None,
+            expires_at: Some(expires_at),
+        };
+        self.tokens.insert(sha256, TokenGrant { key, upstream: upstream.into() });
+    }
+
+    pub fn token_by_hash(&self, sha256: &[u8; 32]) -> Option<&TokenGrant> {
+        self.tokens.get(sha256)
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &ApiKey> {
