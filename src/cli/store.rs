@@ -235,9 +235,10 @@ pub enum MasterKeyCommand {
     /// Print a new random master key (base64 of 32 bytes).
     InitMasterKey,
     /// Re-encrypt every credential under a new master key; the current one is retired.
+    #[command(group(clap::ArgGroup::new("new_key").required(true).args(["new_key_env", "new_key_file"])))]
     RotateMasterKey {
         /// Read the new key from this environment variable.
-        #[arg(long, value_name = "NAME", required_unless_present = "new_key_file", conflicts_with = "new_key_file")]
+        #[arg(long, value_name = "NAME")]
         new_key_env: Option<String>,
         /// Read the new key from this file.
         #[arg(long, value_name = "PATH")]
