@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 use mcp_tenant_proxy::app::App;
 use mcp_tenant_proxy::config::{Config, ConfigError};
 
+mod cli;
+
 #[derive(Parser)]
 #[command(version, about = "Multi-tenant gateway for single-user MCP servers")]
 struct Cli {
@@ -39,6 +41,9 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    // Offline management of the store file: users, keys, creds, tokens, usage, store (src/cli/store.rs).
+    #[command(flatten)]
+    Store(cli::store::StoreCommand),
 }
 
 #[derive(Subcommand)]
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         Command::Audit { command: AuditCommand::Verify { file, allow_continuation } } => {
             verify_audit(&file, allow_continuation)
         }
+        Command::Store(command) => cli::store::run(command),
         Command::Demo { listen, admin_listen } => {
             match runtime.block_on(mcp_tenant_proxy::demo::run(listen, admin_listen)) {
                 Ok(()) => ExitCode::SUCCESS,

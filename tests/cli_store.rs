@@ -1,0 +1,378 @@
+//! The offline store CLI (`users`, `keys`, `creds`, `tokens`, `usage`, `store`), run as the real binary
+//! against a temporary store file; the library opens the same file to check what the CLI wrote.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use mcp_tenant_proxy::secret::{Secret, sha256};
+use mcp_tenant_proxy::store::model::UsageDelta;
+use mcp_tenant_proxy::store::{SqliteStore, Store};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mcp-tenant-proxy");
+
+struct Cli {
+    _dir: tempfile::TempDir,
+    store: PathBuf,
+    /// The master key, passed through `MTP_TEST_MASTER_KEY` when a test asks for it.
+    key: String,
+}
+
+impl Cli {
+    fn new() -> Cli {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store.db");
+        let key = run_raw(&["store", "init-master-key"], &[], None).stdout_text().trim().to_owned();
+        Cli { _dir: dir, store, key }
+    }
+
+    fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// Runs `args --store <file>`, with the master key in the environment when `with_key`.
+    fn run(&self, args: &[&str], with_key: bool, stdin: Option<&str>) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--store", self.store.to_str().unwrap()]);
+        if with_key {
+            all.extend(["--master-key-env", "MTP_TEST_MASTER_KEY"]);
+        }
+        run_raw(&all, &[("MTP_TEST_MASTER_KEY", &self.key)], stdin)
+    }
+
+    /// Like `run`, and asserts success.
+    fn ok(&self, args: &[&str], with_key: bool) -> String {
+        let out = self.run(args, with_key, None);
+        assert!(out.status.success(), "{args:?} failed: {}", out.stderr_text());
+        out.stdout_text()
+    }
+
+    fn json(&self, args: &[&str], with_key: bool) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all, with_key)).unwrap()
+    }
+
+    fn library(&self) -> SqliteStore {
+        SqliteStore::open(&self.store, Some(&Secret::new(self.key.clone()))).unwrap()
+    }
+}
+
+fn run_raw(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args).env("RUST_LOG", "off").stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = command.spawn().unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+trait Text {
+    fn stdout_text(&self) -> String;
+    fn stderr_text(&self) -> String;
+}
+
+impl Text for Output {
+    fn stdout_text(&self) -> String {
+        String::from_utf8(self.stdout.clone()).unwrap()
+    }
+    fn stderr_text(&self) -> String {
+        String::from_utf8(self.stderr.clone()).unwrap()
+    }
+}
+
+fn ids(list: &Value, field: &str) -> Vec<String> {
+    list.as_array().unwrap().iter().map(|v| v[field].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn users_keys_creds_tokens_and_usage_round_trip() {
+    let cli = Cli::new();
+    assert!(cli.ok(&["users", "add", "alice"], false).contains("user alice added (rate limit: default)"));
+    assert!(
+        cli.ok(&["users", "add", "bob", "--requests", "10", "--per", "1m", "--burst", "20"], false)
+            .contains("10 per 1m, burst 20")
+    );
+    cli.ok(&["users", "add", "carol", "--unlimited"], false);
+    let dup = cli.run(&["users", "add", "alice"], false, None);
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(dup.stderr_text().contains("user \"alice\" already exists"), "{}", dup.stderr_text());
+
+    let text = cli.ok(&["users", "list"], false);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("ID     RATE LIMIT"), "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[3].starts_with("carol  unlimited"), "{text}");
+    let users = cli.json(&["users", "list"], false);
+    assert_eq!(ids(&users, "id"), ["alice", "bob", "carol"]);
+    assert_eq!(users[1]["rate_limit"]["requests"], 10);
+    assert_eq!(users[1]["rate_limit"]["burst"], 20);
+    assert_eq!(users[2]["rate_limit"], "unlimited");
+    assert_eq!(ids(&cli.json(&["users", "list", "--after", "alice", "--limit", "1"], false), "id"), ["bob"]);
+
+    // Keys.
+    let created = cli.json(&["keys", "create", "--user", "alice", "--kind", "standard"], false);
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with(created["prefix"].as_str().unwrap()));
+    let svc = cli.json(
+        &[
+            "keys",
+            "create",
+            "--user",
+            "bob",
+            "--kind",
+            "enterprise",
+            "--act-as",
+            "tenant-*",
+            "--act-as",
+            "carol",
+            "--id",
+            "svc",
+            "--expires-days",
+            "30",
+        ],
+        false,
+    );
+    assert_eq!(svc["id"], "svc");
+    assert_eq!(svc["act_as"], serde_json::json!(["tenant-*", "carol"]));
+    assert!(svc["expires_at"].as_i64().unwrap() > svc["created_at"].as_i64().unwrap() + 29 * 86_400);
+    let listed = cli.ok(&["keys", "list"], false);
+    assert!(listed.lines().next().unwrap().starts_with("ID"), "{listed}");
+    assert!(listed.contains("svc") && listed.contains("enterprise") && listed.contains("tenant-*,carol"));
+    assert!(!listed.contains(&key), "keys list printed a key");
+    assert_eq!(ids(&cli.json(&["keys", "list", "--user", "bob"], false), "id"), ["svc"]);
+    assert!(cli.ok(&["keys", "revoke", "svc"], false).contains("key svc revoked at"));
+    let bob_keys = cli.json(&["keys", "list", "--user", "bob"], false);
+    assert!(bob_keys[0]["revoked_at"].is_i64());
+    let missing = cli.run(&["keys", "revoke", "nope"], false, None);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(missing.stderr_text().contains("not found"), "{}", missing.stderr_text());
+
+    // Credentials.
+    let out = cli.run(&["creds", "set", "--user", "alice", "--upstream", "github"], true, Some("ghp_round_trip\n"));
+    assert!(out.status.success(), "{}", out.stderr_text());
+    assert!(out.stdout_text().contains("credential alice/github/default created"));
+    let out = cli.run(&["creds", "set", "--user", "alice", "--upstream", "github", "--id", "work"], true, Some("x"));
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let creds = cli.json(&["creds", "list"], false);
+    assert_eq!(ids(&creds, "credential_id"), ["default", "work"]);
+    assert_eq!(creds[0]["key_version"], 1);
+    assert_eq!(ids(&cli.json(&["creds", "list", "--user", "bob"], false), "credential_id"), Vec::<String>::new());
+    cli.ok(&["creds", "rm", "--user", "alice", "--upstream", "github", "--id", "work"], false);
+    assert_eq!(ids(&cli.json(&["creds", "list", "--user", "alice"], false), "credential_id"), ["default"]);
+
+    // Token URLs.
+    let token = cli.json(&["tokens", "create", "--user", "alice", "--upstream", "github", "--days", "7"], false);
+    let secret_token = token["token"].as_str().unwrap().to_owned();
+    assert_eq!(token["path"], format!("/mcp/github/t/{secret_token}"));
+    let token_id = token["id"].as_str().unwrap().to_owned();
+    let listed = cli.ok(&["tokens", "list", "--user", "alice"], false);
+    assert!(listed.contains(&token_id) && !listed.contains(&secret_token), "{listed}");
+    let bad = cli.run(&["tokens", "create", "--user", "alice", "--upstream", "github", "--days", "400"], false, None);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(bad.stderr_text().contains("days: must be 1 to 365"), "{}", bad.stderr_text());
+    cli.ok(&["tokens", "revoke", &token_id], false);
+    assert!(cli.json(&["tokens", "list"], false)[0]["revoked_at"].is_i64());
+
+    // Usage, as the proxy would flush it.
+    assert_eq!(cli.json(&["usage"], false), serde_json::json!([]));
+    cli.library()
+        .add_usage(&[
+            UsageDelta {
+                user: "alice".into(),
+                upstream: "github".into(),
+                requests: 5,
+                denials: 1,
+                last_seen: 1_700_000_000,
+            },
+            UsageDelta {
+                user: "bob".into(),
+                upstream: "github".into(),
+                requests: 2,
+                denials: 0,
+                last_seen: 1_700_000_100,
+            },
+        ])
+        .unwrap();
+    let usage = cli.json(&["usage", "--user", "alice"], false);
+    assert_eq!(
+        usage,
+        serde_json::json!([{"user": "alice", "upstream": "github", "requests": 5, "denials": 1, "last_seen": 1_700_000_000}])
+    );
+    let text = cli.ok(&["usage"], false);
+    assert!(text.contains("alice  github    5         1        2023-11-14T22:13:20Z"), "{text}");
+
+    // Deleting a user takes its keys, credentials, tokens and usage along.
+    cli.ok(&["users", "rm", "alice"], false);
+    assert_eq!(ids(&cli.json(&["users", "list"], false), "id"), ["bob", "carol"]);
+    assert_eq!(ids(&cli.json(&["keys", "list"], false), "id"), ["svc"]);
+    assert_eq!(cli.json(&["creds", "list"], false), serde_json::json!([]));
+    assert_eq!(cli.json(&["tokens", "list"], false), serde_json::json!([]));
+    assert_eq!(ids(&cli.json(&["usage"], false), "user"), ["bob"]);
+    assert_eq!(cli.run(&["users", "rm", "alice"], false, None).status.code(), Some(1));
+}
+
+#[test]
+fn creds_set_reads_stdin_or_a_file_and_never_prints_the_secret() {
+    let cli = Cli::new();
+    cli.ok(&["users", "add", "alice"], false);
+    let from_stdin = "ghp_from_stdin_7f3a9c";
+    let from_file = "xoxb-from-file-2b8e41";
+    let file = cli.dir().join("secret.txt");
+    std::fs::write(&file, format!("{from_file}\r\n")).unwrap();
+
+    let mut outputs = vec![
+        cli.run(&["creds", "set", "--user", "alice", "--upstream", "github"], true, Some(&format!("{from_stdin}\n"))),
+        cli.run(
+            &["creds", "set", "--user", "alice", "--upstream", "slack", "--secret-file", file.to_str().unwrap()],
+            true,
+            None,
+        ),
+    ];
+    for out in &outputs {
+        assert!(out.status.success(), "{}", out.stderr_text());
+    }
+    for args in [&["creds", "list"][..], &["creds", "list", "--json"], &["creds", "list", "--user", "alice"]] {
+        outputs.push(cli.run(args, true, None));
+        outputs.push(cli.run(args, false, None));
+    }
+    outputs.push(cli.run(
+        &["creds", "set", "--user", "alice", "--upstream", "github", "--json"],
+        true,
+        Some(from_stdin),
+    ));
+    outputs.push(cli.run(&["creds", "rm", "--user", "alice", "--upstream", "nope"], true, None));
+    let listed = outputs[2].stdout_text();
+    assert!(listed.contains("alice  github    default"), "{listed}");
+    assert!(listed.contains("alice  slack     default"), "{listed}");
+    for out in &outputs {
+        for secret in [from_stdin, from_file] {
+            assert!(!out.stdout_text().contains(secret), "secret in stdout: {}", out.stdout_text());
+            assert!(!out.stderr_text().contains(secret), "secret in stderr: {}", out.stderr_text());
+        }
+    }
+
+    // Stored as given, with the trailing newline trimmed.
+    let mut secrets: Vec<(String, String)> = cli
+        .library()
+        .credential_secrets(Some("alice"))
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.upstream, c.secret.expose().to_owned()))
+        .collect();
+    secrets.sort();
+    assert_eq!(secrets, [("github".to_owned(), from_stdin.to_owned()), ("slack".to_owned(), from_file.to_owned())]);
+
+    // There is no argv option for a secret; clap refuses it as a usage error.
+    let argv = cli.run(&["creds", "set", "--user", "alice", "--upstream", "github", "--secret", "x"], true, None);
+    assert_eq!(argv.status.code(), Some(2));
+    // An empty secret is refused.
+    let empty = cli.run(&["creds", "set", "--user", "alice", "--upstream", "github"], true, Some("\n"));
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(empty.stderr_text().contains("empty"), "{}", empty.stderr_text());
+}
+
+#[test]
+fn creds_set_without_a_master_key_is_a_clear_error() {
+    let cli = Cli::new();
+    cli.ok(&["users", "add", "alice"], false);
+    let out = cli.run(&["creds", "set", "--user", "alice", "--upstream", "github"], false, Some("ghp_nokey"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = out.stderr_text();
+    assert!(stderr.contains("no master key configured"), "{stderr}");
+    assert!(stderr.contains("--master-key-env"), "{stderr}");
+    assert!(!stderr.contains("ghp_nokey") && !out.stdout_text().contains("ghp_nokey"));
+
+    // A named variable that is not set is an error too, not "no key".
+    let out = run_raw(
+        &[
+            "creds",
+            "set",
+            "--user",
+            "alice",
+            "--upstream",
+            "github",
+            "--store",
+            cli.store.to_str().unwrap(),
+            "--master-key-env",
+            "MTP_UNSET_VARIABLE",
+        ],
+        &[],
+        Some("ghp_nokey"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr_text().contains("MTP_UNSET_VARIABLE is not set"), "{}", out.stderr_text());
+    assert!(cli.library().list_credentials("alice").unwrap().is_empty());
+
+    // Usage errors are clap's: exit status 2.
+    assert_eq!(run_raw(&["users", "list"], &[], None).status.code(), Some(2));
+    assert_eq!(cli.run(&["keys", "create", "--user", "alice", "--kind", "admin"], false, None).status.code(), Some(2));
+    assert_eq!(cli.run(&["users", "add", "x", "--requests", "5"], false, None).status.code(), Some(2));
+}
+
+#[test]
+fn a_created_key_has_the_sha256_the_store_keeps() {
+    let cli = Cli::new();
+    cli.ok(&["users", "add", "alice"], true);
+    let text = cli.ok(&["keys", "create", "--user", "alice", "--kind", "standard", "--id", "laptop"], true);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim()
+            .to_owned()
+    };
+    let key = field("key");
+    assert_eq!(field("id"), "laptop");
+    assert!(key.starts_with(&field("prefix")));
+
+    let snapshot = cli.library().load_snapshot().unwrap();
+    let stored = snapshot.keys.iter().find(|k| k.id == "laptop").expect("key in the snapshot");
+    assert_eq!(stored.sha256, sha256(key.as_bytes()));
+    assert_eq!(stored.user, "alice");
+}
+
+#[test]
+fn rotating_the_master_key_retires_the_old_one() {
+    let cli = Cli::new();
+    cli.ok(&["users", "add", "alice"], false);
+    let out = cli.run(&["creds", "set", "--user", "alice", "--upstream", "github"], true, Some("ghp_rotate_me"));
+    assert!(out.status.success(), "{}", out.stderr_text());
+
+    let new_key = run_raw(&["store", "init-master-key", "--json"], &[], None).stdout_text();
+    let new_key: Value = serde_json::from_str(&new_key).unwrap();
+    let new_key = new_key["master_key"].as_str().unwrap().to_owned();
+    assert_ne!(new_key, cli.key);
+    let new_file = cli.dir().join("new.key");
+    std::fs::write(&new_file, format!("{new_key}\n")).unwrap();
+
+    let out = cli.run(&["store", "rotate-master-key", "--new-key-file", new_file.to_str().unwrap()], true, None);
+    assert!(out.status.success(), "{}", out.stderr_text());
+    assert!(out.stdout_text().contains("key version 2"), "{}", out.stdout_text());
+    assert!(!out.stdout_text().contains(&new_key) && !out.stderr_text().contains(&new_key));
+
+    let store = cli.store.to_str().unwrap();
+    let with_new = run_raw(
+        &["creds", "list", "--json", "--store", store, "--master-key-file", new_file.to_str().unwrap()],
+        &[],
+        None,
+    );
+    assert!(with_new.status.success(), "{}", with_new.stderr_text());
+    let listed: Value = serde_json::from_str(&with_new.stdout_text()).unwrap();
+    assert_eq!(listed[0]["key_version"], 2);
+
+    let with_old = cli.run(&["creds", "list"], true, None);
+    assert_eq!(with_old.status.code(), Some(1));
+    assert!(with_old.stderr_text().contains("rotated out"), "{}", with_old.stderr_text());
+    let again = cli.run(&["store", "rotate-master-key", "--new-key-file", new_file.to_str().unwrap()], true, None);
+    assert_eq!(again.status.code(), Some(1));
+
+    let store = SqliteStore::open(&cli.store, Some(&Secret::new(new_key))).unwrap();
+    assert_eq!(store.credential_secrets(None).unwrap()[0].secret.expose(), "ghp_rotate_me");
+}
