@@ -96,70 +96,19 @@ async fn a_session_belongs_to_the_user_who_opened_it() {
     assert!(!text.contains(upstream_id), "the audit trail holds session fingerprints, not ids");
 }
 
-#[tokio::test]
-async fn the_legacy_endpoint_event_points_at_the_proxy_with_a_bound_session() {
-    // A 2024-11-05 server: GET /sse announces where to POST; POSTs to /messages/ carry its session id.
-    let posted: Arc<Mutex<Vec<String>>> = Arc::default();
-    let record = posted.clone();
-    let upstream = spawn_http(move |req: http::Request<hyper::body::Incoming>| {
-        let record = record.clone();
-        async move {
-            if req.method() == http::Method::GET {
-                let events = "event: endpoint\r\ndata: /messages/?session_id=5f2a\r\n\r\nevent: message\ndata: {}\n\n";
-                let mut response = http::Response::new(body(events));
-                response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
-                response
-            } else {
-                record.lock().unwrap().push(req.uri().to_string());
-                let mut response = http::Response::new(body(""));
-                *response.status_mut() = http::StatusCode::ACCEPTED;
-                response
-            }
-        }
-    })
-    .await;
-    let config = base_config(upstream, "")
-        .replace(&format!("url = \"http://{upstream}/mcp\""), &format!("url = \"http://{upstream}\""));
-    let harness = Harness::start(&config).await;
-    let request = Request::get(harness.url("/mcp/github/sse"))
-        .header("authorization", "Bearer ent-key-0001")
-        .header("x-alloy-userid", "alice")
-        .header("accept", "text/event-stream")
-        .body(body(""))
-        .unwrap();
-    let response = harness.send(request).await;
-    assert_eq!(response.status(), 200);
-    let text = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
-    let (first, rest) = text.split_once("\n\n").unwrap();
-    let endpoint = first.strip_prefix("event: endpoint\ndata: ").unwrap();
-    assert!(endpoint.starts_with("/mcp/github/messages/?session_id=5f2a."), "{text}");
-    assert_eq!(rest, "event: message\ndata: {}\n\n", "other events pass untouched");
-
-    // The bound endpoint works for alice, who gets the upstream's own session id through; not for bob.
-    let message = |user: &str| {
-        let mut request = mcp_post(&harness.url(endpoint), &[("authorization", "Bearer ent-key-0001")]);
-        request.headers_mut().insert("x-alloy-userid", user.parse().unwrap());
-        request
-    };
-    assert_eq!(harness.send(message("alice")).await.status(), 202);
-    let response = harness.send(message("bob")).await;
-    assert_eq!(response.status(), 404);
-    assert_eq!(json(response).await["error"]["data"]["code"], "session_not_found");
-    assert_eq!(*posted.lock().unwrap(), ["/messages/?session_id=5f2a"]);
+/// A 2024-11-05 server: GET opens a stream whose events the test sends through `streams`; POSTs (the
+/// messages) are recorded and answered 202.
+struct LegacyServer {
+    addr: std::net::SocketAddr,
+    streams: tokio::sync::mpsc::Receiver<http_body_util::channel::Sender<bytes::Bytes, std::convert::Infallible>>,
+    posted: Arc<Mutex<Vec<String>>>,
 }
 
-async fn next(stream: &mut hyper::body::Incoming) -> String {
-    let frame = stream.frame().await.unwrap().unwrap();
-    String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
-}
-
-#[tokio::test]
-async fn legacy_streams_get_filtered_tool_lists_and_the_proxys_refusals() {
-    // A legacy server whose GET stream the test drives event by event.
-    let (streams_tx, mut streams) = tokio::sync::mpsc::channel(4);
+async fn legacy_server() -> LegacyServer {
+    let (streams_tx, streams) = tokio::sync::mpsc::channel(4);
     let posted: Arc<Mutex<Vec<String>>> = Arc::default();
     let record = posted.clone();
-    let upstream = spawn_http(move |req: http::Request<hyper::body::Incoming>| {
+    let addr = spawn_http(move |req: http::Request<hyper::body::Incoming>| {
         let (streams_tx, record) = (streams_tx.clone(), record.clone());
         async move {
             if req.method() == http::Method::GET {
@@ -178,60 +127,102 @@ async fn legacy_streams_get_filtered_tool_lists_and_the_proxys_refusals() {
         }
     })
     .await;
-    let config = base_config(upstream, "[upstreams.github.restrictions]\ntools = { block = [\"delete_*\"] }")
+    LegacyServer { addr, streams, posted }
+}
+
+/// The shared test config with the upstream at the legacy server's root, as legacy servers need.
+async fn legacy_harness(server: &LegacyServer, upstream_fields: &str) -> Harness {
+    let upstream = server.addr;
+    let config = base_config(upstream, upstream_fields)
         .replace(&format!("url = \"http://{upstream}/mcp\""), &format!("url = \"http://{upstream}\""));
-    let harness = Harness::start(&config).await;
-    let request = Request::get(harness.url("/mcp/github/sse"))
+    Harness::start(&config).await
+}
+
+fn open_stream(harness: &Harness, user: &str) -> Request<TestBody> {
+    Request::get(harness.url("/mcp/github/sse"))
         .header("authorization", "Bearer ent-key-0001")
-        .header("x-alloy-userid", "alice")
+        .header("x-alloy-userid", user)
+        .header("accept", "text/event-stream")
         .body(body(""))
-        .unwrap();
-    let mut stream = harness.send(request).await.into_body();
-    let mut events = streams.recv().await.unwrap();
+        .unwrap()
+}
+
+fn message(harness: &Harness, endpoint: &str, user: &str, payload: &'static str) -> Request<TestBody> {
+    let mut request = mcp_post(&harness.url(endpoint), &[("authorization", "Bearer ent-key-0001")]);
+    request.headers_mut().insert("x-alloy-userid", user.parse().unwrap());
+    *request.body_mut() = body(payload);
+    request
+}
+
+async fn next(stream: &mut hyper::body::Incoming) -> String {
+    let frame = stream.frame().await.unwrap().unwrap();
+    String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
+}
+
+const BLOCKED_CALL: &str =
+    r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"delete_repo","arguments":{}}}"#;
+
+#[tokio::test]
+async fn the_legacy_endpoint_event_points_at_the_proxy_with_a_bound_session() {
+    let mut server = legacy_server().await;
+    let harness = legacy_harness(&server, "").await;
+    let response = harness.send(open_stream(&harness, "alice")).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.into_body();
+    let mut events = server.streams.recv().await.unwrap();
+    events.send_data("event: endpoint\r\ndata: /messages/?session_id=5f2a\r\n\r\n".into()).await.unwrap();
+    let first = next(&mut stream).await;
+    let endpoint = first.strip_prefix("event: endpoint\ndata: ").unwrap().trim_end().to_owned();
+    assert!(endpoint.starts_with("/mcp/github/messages/?session_id=5f2a."), "{first}");
+    events.send_data("event: message\ndata: {}\n\n".into()).await.unwrap();
+    assert_eq!(next(&mut stream).await, "event: message\ndata: {}\n\n", "other events pass untouched");
+
+    // The bound endpoint works for alice, who gets the upstream's own session id through; not for bob.
+    assert_eq!(harness.send(message(&harness, &endpoint, "alice", CALL)).await.status(), 202);
+    let response = harness.send(message(&harness, &endpoint, "bob", CALL)).await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(json(response).await["error"]["data"]["code"], "session_not_found");
+    assert_eq!(*server.posted.lock().unwrap(), ["/messages/?session_id=5f2a"]);
+}
+
+#[tokio::test]
+async fn legacy_streams_get_filtered_tool_lists_and_the_proxys_refusals() {
+    let mut server = legacy_server().await;
+    let harness = legacy_harness(&server, "[upstreams.github.restrictions]\ntools = { block = [\"delete_*\"] }").await;
+    let mut stream = harness.send(open_stream(&harness, "alice")).await.into_body();
+    let mut events = server.streams.recv().await.unwrap();
     events.send_data("event: endpoint\ndata: /messages/?session_id=s1\n\n".into()).await.unwrap();
     let endpoint = next(&mut stream).await;
     let endpoint = endpoint.strip_prefix("event: endpoint\ndata: ").unwrap().trim_end().to_owned();
 
     // The server's tools/list answer arrives on the stream: filtered there.
-    events
-        .send_data(
-            "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"search\"},{\"name\":\"delete_repo\"}]}}\n\n".into(),
-        )
-        .await
-        .unwrap();
+    let listed = r#"event: message
+data: {"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_repo"}]}}
+
+"#;
+    events.send_data(listed.into()).await.unwrap();
     let listed = next(&mut stream).await;
     assert!(listed.contains("search") && !listed.contains("delete_repo"), "{listed}");
 
     // A blocked call: 202 like any message, and the JSON-RPC error arrives on the stream.
-    let mut call = mcp_post(&harness.url(&endpoint), &[("authorization", "Bearer ent-key-0001")]);
-    call.headers_mut().insert("x-alloy-userid", "alice".parse().unwrap());
-    *call.body_mut() =
-        body(r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"delete_repo","arguments":{}}}"#);
-    assert_eq!(harness.send(call).await.status(), 202);
+    assert_eq!(harness.send(message(&harness, &endpoint, "alice", BLOCKED_CALL)).await.status(), 202);
     let refusal = next(&mut stream).await;
     let data: serde_json::Value =
         serde_json::from_str(refusal.strip_prefix("event: message\ndata: ").unwrap().trim_end()).unwrap();
     assert_eq!(data["id"], 7);
     assert_eq!(data["error"]["data"]["code"], "tool_not_allowed");
-    assert!(posted.lock().unwrap().is_empty(), "the blocked call never reached the upstream");
+    assert!(server.posted.lock().unwrap().is_empty(), "the blocked call never reached the upstream");
 
-    // Once the stream is gone, refusals are answered on the POST itself.
+    // Once the stream is gone, refusals are answered on the POST itself (as soon as the proxy has seen
+    // the stream close; each attempt is a full round trip, so the loop is bounded in time too).
     drop(stream);
-    let mut call = mcp_post(&harness.url(&endpoint), &[("authorization", "Bearer ent-key-0001")]);
-    call.headers_mut().insert("x-alloy-userid", "alice".parse().unwrap());
-    *call.body_mut() =
-        body(r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"delete_repo","arguments":{}}}"#);
-    let mut status = harness.send(call).await.status();
+    let mut status = harness.send(message(&harness, &endpoint, "alice", BLOCKED_CALL)).await.status();
     for _ in 0..100 {
         if status == 403 {
             break;
         }
         tokio::task::yield_now().await;
-        let mut call = mcp_post(&harness.url(&endpoint), &[("authorization", "Bearer ent-key-0001")]);
-        call.headers_mut().insert("x-alloy-userid", "alice".parse().unwrap());
-        *call.body_mut() =
-            body(r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"delete_repo","arguments":{}}}"#);
-        status = harness.send(call).await.status();
+        status = harness.send(message(&harness, &endpoint, "alice", BLOCKED_CALL)).await.status();
     }
     assert_eq!(status, 403);
 }
