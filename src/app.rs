@@ -12,11 +12,33 @@ use crate::config::Config;
 use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::proxy::Proxy;
 use crate::server::listener::{self, ListenerSettings};
+use crate::store::{SqliteStore, Store};
 use crate::telemetry::audit::{AuditHealth, AuditSink, AuditWriter};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::usage::UsageCounters;
 
 /// How often idle users' rate-limiter state is dropped.
 const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How often usage counters are written to the store.
+const USAGE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes the usage counted so far to the store; on failure the counts go back, to be written next time.
+async fn flush_usage(usage: &Arc<UsageCounters>, store: &Arc<SqliteStore>) {
+    let flush = usage.take();
+    if flush.usage.is_empty() && flush.keys.is_empty() {
+        return;
+    }
+    let (usage, store) = (usage.clone(), store.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        let written = store.add_usage(&flush.usage).and_then(|()| store.touch_keys(&flush.keys));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "usage not written to the store; kept for the next flush");
+            usage.restore(flush);
+        }
+    })
+    .await;
+}
 
 pub struct App {
     pub proxy_addr: SocketAddr,
@@ -25,6 +47,8 @@ pub struct App {
     shutdown: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
     evictor: JoinHandle<()>,
+    /// Flushes usage to the store, when there is one.
+    usage: Option<(JoinHandle<()>, Arc<SqliteStore>)>,
     limits: Arc<RateLimits>,
     proxy: Arc<Proxy>,
     audit_health: Arc<AuditHealth>,
@@ -69,6 +93,24 @@ impl App {
                 let _ = tokio::task::spawn_blocking(move || limits.evict()).await;
             }
         });
+        // Usage is counted in memory and written to the store on a schedule, never per request.
+        let usage_store = match &config.store {
+            Some(st) => Some(Arc::new(
+                SqliteStore::open(&st.path, st.master_key.as_ref()).map_err(|e| io::Error::other(e.to_string()))?,
+            )),
+            None => None,
+        };
+        let flusher = usage_store.clone().map(|store| {
+            let usage = proxy.usage().clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    flush_usage(&usage, &store).await;
+                }
+            })
+        });
         let settings = ListenerSettings {
             header_read_timeout: server.header_read_timeout,
             max_header_bytes: server.max_header_bytes,
@@ -104,6 +146,7 @@ impl App {
             shutdown,
             listeners,
             evictor,
+            usage: flusher.zip(usage_store),
             limits,
             proxy,
             audit_health,
@@ -139,6 +182,7 @@ impl App {
     /// logged as lost and the app stops anyway.
     pub async fn shutdown(self) {
         let grace = self.proxy.config().server.shutdown_grace;
+        let usage = self.proxy.usage().clone();
         drop(self.proxy);
         self.health.set_ready(false);
         let _ = self.shutdown.send(true);
@@ -146,6 +190,11 @@ impl App {
             let _ = task.await;
         }
         self.evictor.abort();
+        // The last requests' usage is written before the process goes.
+        if let Some((flusher, store)) = self.usage {
+            flusher.abort();
+            flush_usage(&usage, &store).await;
+        }
         // The listeners held the last references to the audit sink: the writer now drains and ends.
         self.audit_writer.finish(grace).await;
     }

@@ -111,6 +111,17 @@ async fn store_users_keys_and_credentials_serve_requests() {
     assert_eq!(seen.lock().unwrap().len(), 6);
     app.shutdown().await;
 
+    // Usage was counted in memory and written to the store at shutdown; keys record their last use.
+    let master = Secret::new(std::fs::read_to_string(setup.dir.path().join("master.key")).unwrap().trim());
+    let store = SqliteStore::open(&setup.dir.path().join("store.db"), Some(&master)).unwrap();
+    let usage = store.usage(None).unwrap();
+    let row =
+        |user: &str| usage.iter().find(|u| u.user == user && u.upstream == "github").map(|u| (u.requests, u.denials));
+    assert_eq!(row("dana"), Some((5, 0)), "{usage:?}");
+    assert_eq!(row("alice"), Some((1, 0)), "config users have usage too");
+    let keys = store.list_keys(Some("dana")).unwrap();
+    assert_eq!(keys.iter().filter(|k| k.last_used_at.is_some()).count(), 2, "the two store keys that were used");
+
     let audit = std::fs::read_to_string(setup.dir.path().join("audit.log")).unwrap();
     for token in [&tokens.github, &tokens.other, &tokens.expired] {
         assert!(!audit.contains(token.as_str()), "a token URL's token reached the audit trail");

@@ -26,6 +26,7 @@ use crate::policy::{auth, credential, identity};
 use crate::store::KeyKind;
 use crate::telemetry::audit::{AuditEvent, AuditSink};
 use crate::telemetry::metrics::{self, Metrics};
+use crate::telemetry::usage::UsageCounters;
 use body::ProxyBody;
 use legacy::LegacyStreams;
 use serde_json::value::RawValue;
@@ -78,6 +79,8 @@ pub struct Proxy {
     process_sessions: Arc<SessionBinder>,
     /// Live legacy-transport streams, to deliver refusals of their message POSTs.
     legacy: Arc<LegacyStreams>,
+    /// Per-user usage since the last flush to the store.
+    usage: Arc<UsageCounters>,
     /// Random per process, so request ids from restarts and replicas do not collide.
     instance: u32,
 }
@@ -106,9 +109,15 @@ impl Proxy {
             own_origins,
             process_sessions,
             legacy: Arc::default(),
+            usage: Arc::default(),
             request_seq: AtomicU64::new(0),
             instance: rand::random(),
         }
+    }
+
+    /// Usage counted since the last flush (the app flushes it to the store on a schedule).
+    pub fn usage(&self) -> &Arc<UsageCounters> {
+        &self.usage
     }
 
     /// The config in force.
@@ -163,6 +172,9 @@ impl Proxy {
             }
         };
         let status = response.status().as_u16();
+        if let (Some(user), Some(upstream)) = (&ctx.acting_user, &ctx.upstream) {
+            self.usage.record(user, upstream, ctx.key_id.as_ref(), decision == "deny");
+        }
         self.metrics.record(&metrics::Outcome {
             upstream: ctx.upstream.as_ref(),
             status,

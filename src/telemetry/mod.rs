@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod metrics;
+pub mod usage;
 
 /// Logs go to stderr so stdout stays free for the audit trail; `RUST_LOG` filters (default `info`).
 /// A closed stderr loses log lines but never stops the proxy (tracing's own error report would panic).
