@@ -2,16 +2,19 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::api::AdminApi;
 use crate::admin::{self, Health};
 use crate::config::Config;
 use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::proxy::Proxy;
 use crate::server::listener::{self, ListenerSettings};
+use crate::store::SqliteStore;
 use crate::telemetry::audit::{AuditHealth, AuditSink, AuditWriter};
 use crate::telemetry::metrics::Metrics;
 
@@ -39,6 +42,17 @@ impl App {
 
     /// As [`App::start`], with the clock the rate limiters read (tests pass a fake one).
     pub async fn start_with_clock(config: Config, clock: LimitClock) -> io::Result<App> {
+        Self::start_inner(config, None, clock).await
+    }
+
+    /// As [`App::start`], for a config loaded (with [`Config::load`]) from `config_path`: with a `[store]`
+    /// and an `[admin]` token, the admin API serves under `/admin/v1/` and rebuilds the running config from
+    /// this file and the store after every write.
+    pub async fn start_from_file(config: Config, config_path: &Path) -> io::Result<App> {
+        Self::start_inner(config, Some(config_path.to_owned()), LimitClock::default()).await
+    }
+
+    async fn start_inner(config: Config, config_path: Option<PathBuf>, clock: LimitClock) -> io::Result<App> {
         let config = Arc::new(config);
         let proxy_listener = listener::bind(config.server.listen).await?;
         let admin_listener = match config.admin_listen {
@@ -91,8 +105,18 @@ impl App {
                 shutdown_grace: server.shutdown_grace,
                 max_connections: 256,
             };
+            // One store handle for the admin API, shared by its requests (SqliteStore serializes its
+            // connection behind a mutex; the trait is `Send + Sync`).
+            let api = match (&config.store, config_path) {
+                (Some(store), Some(path)) => {
+                    let opened = SqliteStore::open(&store.path, store.master_key.as_ref())
+                        .map_err(|e| io::Error::other(format!("store: {e}")))?;
+                    Some(Arc::new(AdminApi::new(Arc::new(opened), proxy.clone(), path)))
+                }
+                _ => None,
+            };
             let health = health.clone();
-            let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), request);
+            let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), api.clone(), request);
             listeners.push(tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown_rx)));
         }
         health.set_ready(true);

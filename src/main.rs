@@ -98,7 +98,7 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = match App::start(config).await {
+    let app = match App::start_from_file(config, &path).await {
         Ok(app) => app,
         Err(e) => {
             eprintln!("cannot start: {e}");
