@@ -32,6 +32,7 @@ pub struct App {
     proxy: Arc<Proxy>,
     audit_health: Arc<AuditHealth>,
     audit_writer: AuditWriter,
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl App {
@@ -54,6 +55,7 @@ impl App {
 
     async fn start_inner(config: Config, config_path: Option<PathBuf>, clock: LimitClock) -> io::Result<App> {
         let config = Arc::new(config);
+        let reload_lock = Arc::new(tokio::sync::Mutex::new(()));
         let proxy_listener = listener::bind(config.server.listen).await?;
         let admin_listener = match config.admin_listen {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -111,7 +113,7 @@ impl App {
                 (Some(store), Some(path)) => {
                     let opened = SqliteStore::open(&store.path, store.master_key.as_ref())
                         .map_err(|e| io::Error::other(format!("store: {e}")))?;
-                    Some(Arc::new(AdminApi::new(Arc::new(opened), proxy.clone(), path)))
+                    Some(Arc::new(AdminApi::new(Arc::new(opened), proxy.clone(), path, reload_lock.clone())))
                 }
                 _ => None,
             };
@@ -132,6 +134,7 @@ impl App {
             proxy,
             audit_health,
             audit_writer,
+            reload_lock,
         })
     }
 
@@ -146,6 +149,12 @@ impl App {
         let restart = self.proxy.config().needs_restart(&config);
         self.proxy.reload(Arc::new(config));
         restart
+    }
+
+    /// Held while a new config is built from the file and the store and swapped in (SIGHUP and the admin
+    /// API's writes), so a rebuild never replaces a newer one with an older snapshot.
+    pub fn reload_lock(&self) -> &Arc<tokio::sync::Mutex<()>> {
+        &self.reload_lock
     }
 
     /// The rate limiters' state (tests and benchmarks inspect and evict it).

@@ -284,3 +284,38 @@ fn the_openapi_document_and_the_route_table_agree() {
     assert_eq!(served.len(), ROUTES.len(), "a route is listed twice");
     assert_eq!(documented, served);
 }
+
+#[tokio::test]
+async fn concurrent_writes_all_take_effect() {
+    let (upstream, _) = recording_upstream().await;
+    let files = files(upstream);
+    let app = start(&files.config).await;
+    let c = std::sync::Arc::new(Client::new(&app));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let user = format!("user-{i}");
+            let (status, _) = c.admin(Method::POST, "/admin/v1/users", Some(json!({ "id": user }))).await;
+            assert_eq!(status, StatusCode::CREATED);
+            let path = format!("/admin/v1/users/{user}/credentials/github/default");
+            let (status, _) = c.admin(Method::PUT, &path, Some(json!({ "secret": format!("cred-{i}") }))).await;
+            assert_eq!(status, StatusCode::CREATED);
+            let (_, key) =
+                c.admin(Method::POST, "/admin/v1/keys", Some(json!({ "user": user, "kind": "standard" }))).await;
+            key["key"].as_str().unwrap().to_owned()
+        }));
+    }
+    let mut keys = Vec::new();
+    for task in tasks {
+        keys.push(task.await.unwrap());
+    }
+    // Every write is in the config in force, whichever rebuild finished last.
+    for key in &keys {
+        assert_eq!(c.call("/mcp/github", Some(key)).await, StatusCode::OK);
+    }
+    let (_, page) = c.admin(Method::GET, "/admin/v1/users", None).await;
+    assert_eq!(page["users"].as_array().unwrap().len(), 8);
+    drop(c);
+    app.shutdown().await;
+}

@@ -118,8 +118,9 @@ pub struct AdminApi {
     store: Arc<SqliteStore>,
     proxy: Arc<Proxy>,
     config_path: PathBuf,
-    /// One rebuild of the running config at a time, so the last write's snapshot is the one in force.
-    reload: tokio::sync::Mutex<()>,
+    /// One rebuild of the running config at a time (shared with SIGHUP), so the last write's snapshot is the
+    /// one in force.
+    reload: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// An API error: status, stable code, message and, for 400, the field.
@@ -191,8 +192,13 @@ pub fn off() -> Response<ProxyBody> {
 }
 
 impl AdminApi {
-    pub fn new(store: Arc<SqliteStore>, proxy: Arc<Proxy>, config_path: PathBuf) -> AdminApi {
-        AdminApi { store, proxy, config_path, reload: tokio::sync::Mutex::new(()) }
+    pub fn new(
+        store: Arc<SqliteStore>,
+        proxy: Arc<Proxy>,
+        config_path: PathBuf,
+        reload: Arc<tokio::sync::Mutex<()>>,
+    ) -> AdminApi {
+        AdminApi { store, proxy, config_path, reload }
     }
 
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
