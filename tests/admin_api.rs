@@ -169,6 +169,13 @@ async fn the_admin_api_manages_users_keys_credentials_and_tokens_live() {
     let (_, creds) = c.admin(Method::GET, "/admin/v1/users/erin/credentials", None).await;
     assert_eq!(creds["credentials"].as_array().unwrap().len(), 1);
     assert!(!creds.to_string().contains(CANARY), "credentials are write-only");
+    let nobody = "/admin/v1/users/nobody/credentials/github/default";
+    assert_eq!(c.admin(Method::PUT, nobody, Some(json!({ "secret": "x" }))).await.0, StatusCode::NOT_FOUND);
+    let file_user = "/admin/v1/users/alice/credentials/github/other";
+    let (status, _) = c.admin(Method::PUT, file_user, Some(json!({ "secret": "x" }))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "config-file users are not managed here");
+    let no_user = c.admin(Method::POST, "/admin/v1/keys", Some(json!({ "user": "nobody", "kind": "standard" })));
+    assert_eq!(no_user.await.0, StatusCode::NOT_FOUND);
     let bad_secret = c.admin(Method::PUT, cred_path, Some(json!({ "secret": "a\nb" }))).await;
     assert_eq!(bad_secret.1["error"]["field"], "secret");
 
