@@ -2,11 +2,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::api::AdminApi;
 use crate::admin::{self, Health};
 use crate::config::Config;
 use crate::policy::ratelimit::{LimitClock, RateLimits};
@@ -53,6 +55,7 @@ pub struct App {
     proxy: Arc<Proxy>,
     audit_health: Arc<AuditHealth>,
     audit_writer: AuditWriter,
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl App {
@@ -63,7 +66,19 @@ impl App {
 
     /// As [`App::start`], with the clock the rate limiters read (tests pass a fake one).
     pub async fn start_with_clock(config: Config, clock: LimitClock) -> io::Result<App> {
+        Self::start_inner(config, None, clock).await
+    }
+
+    /// As [`App::start`], for a config loaded (with [`Config::load`]) from `config_path`: with a `[store]`
+    /// and an `[admin]` token, the admin API serves under `/admin/v1/` and rebuilds the running config from
+    /// this file and the store after every write.
+    pub async fn start_from_file(config: Config, config_path: &Path) -> io::Result<App> {
+        Self::start_inner(config, Some(config_path.to_owned()), LimitClock::default()).await
+    }
+
+    async fn start_inner(config: Config, config_path: Option<PathBuf>, clock: LimitClock) -> io::Result<App> {
         let config = Arc::new(config);
+        let reload_lock = Arc::new(tokio::sync::Mutex::new(()));
         let proxy_listener = listener::bind(config.server.listen).await?;
         let admin_listener = match config.admin_listen {
             Some(addr) => Some(listener::bind(addr).await?),
@@ -93,7 +108,8 @@ impl App {
                 let _ = tokio::task::spawn_blocking(move || limits.evict()).await;
             }
         });
-        // Usage is counted in memory and written to the store on a schedule, never per request.
+        // One store handle, shared by the usage flusher and the admin API (SqliteStore serializes its
+        // connection behind a mutex). Usage is written on a schedule, never per request.
         let usage_store = match &config.store {
             Some(st) => Some(Arc::new(
                 SqliteStore::open(&st.path, st.master_key.as_ref()).map_err(|e| io::Error::other(e.to_string()))?,
@@ -133,8 +149,14 @@ impl App {
                 shutdown_grace: server.shutdown_grace,
                 max_connections: 256,
             };
+            let api = match (&usage_store, config_path) {
+                (Some(store), Some(path)) => {
+                    Some(Arc::new(AdminApi::new(store.clone(), proxy.clone(), path, reload_lock.clone())))
+                }
+                _ => None,
+            };
             let health = health.clone();
-            let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), request);
+            let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), api.clone(), request);
             listeners.push(tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown_rx)));
         }
         health.set_ready(true);
@@ -151,6 +173,7 @@ impl App {
             proxy,
             audit_health,
             audit_writer,
+            reload_lock,
         })
     }
 
@@ -165,6 +188,12 @@ impl App {
         let restart = self.proxy.config().needs_restart(&config);
         self.proxy.reload(Arc::new(config));
         restart
+    }
+
+    /// Held while a new config is built from the file and the store and swapped in (SIGHUP and the admin
+    /// API's writes), so a rebuild never replaces a newer one with an older snapshot.
+    pub fn reload_lock(&self) -> &Arc<tokio::sync::Mutex<()>> {
+        &self.reload_lock
     }
 
     /// The rate limiters' state (tests and benchmarks inspect and evict it).

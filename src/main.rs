@@ -98,7 +98,7 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = match App::start(config).await {
+    let app = match App::start_from_file(config, &path).await {
         Ok(app) => app,
         Err(e) => {
             eprintln!("cannot start: {e}");
@@ -117,7 +117,11 @@ async fn run(path: PathBuf) -> ExitCode {
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = hangup.recv() => reload(&app, &path),
+            _ = hangup.recv() => {
+                // Not while the admin API is rebuilding the config after a write.
+                let _serialized = app.reload_lock().lock().await;
+                reload(&app, &path);
+            }
         }
     }
     tracing::info!("shutting down: no new connections, finishing in-flight requests");

@@ -159,3 +159,27 @@ async fn sighup_reloads_the_config_file_of_the_running_binary() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn a_deleted_user_who_comes_back_starts_with_fresh_limits() {
+    let (upstream, _) = recording_upstream().await;
+    let users = "[[users]]\nid = \"alice\"\nrate_limit = { requests = 2, per = \"1h\" }\n[[users]]\nid = \"bob\"";
+    let with_alice = config(upstream, users, "");
+    let harness = Harness::start_with_clock(&with_alice, LimitClock::Fake(FakeRelativeClock::default())).await;
+    let call = || {
+        let headers = [("authorization", "Bearer ent-key-0001"), ("x-alloy-userid", "alice")];
+        harness.send(mcp_post(&harness.url("/mcp/github"), &headers))
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(call().await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    let app = harness.app.as_ref().unwrap();
+    let without = config(upstream, "[[users]]\nid = \"bob\"", "")
+        .replace("[[credentials]]\nuser = \"alice\"\nupstream = \"github\"\nsecret = \"cred-alice\"\n", "");
+    app.reload(app.config().reload_from_toml(&without, std::path::Path::new(".")).unwrap());
+    assert_eq!(call().await.status(), 403, "deleted");
+    app.reload(app.config().reload_from_toml(&with_alice, std::path::Path::new(".")).unwrap());
+    assert_eq!(call().await.status(), 200, "re-created: her old, exhausted bucket is not hers any more");
+}

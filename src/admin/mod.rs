@@ -1,5 +1,8 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (it is accepting traffic and can write
-//! its audit trail) and `/metrics` (Prometheus, OpenMetrics text).
+//! its audit trail) and `/metrics` (Prometheus, OpenMetrics text); and the admin API under `/admin/v1/`
+//! ([`api`]), when it is configured.
+
+pub mod api;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +43,18 @@ impl Health {
     }
 }
 
-pub async fn handle(health: Arc<Health>, metrics: Arc<Metrics>, request: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    api: Option<Arc<api::AdminApi>>,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    if request.uri().path().starts_with(api::PREFIX) {
+        return match api {
+            Some(api) => api.handle(request).await,
+            None => api::off(),
+        };
+    }
     if request.uri().path() == "/metrics" {
         let mut response = Response::new(full(Bytes::from(metrics.encode())));
         response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(metrics::CONTENT_TYPE));

@@ -93,11 +93,15 @@ pub struct RawTls {
 pub struct RawAdmin {
     /// `""` turns the admin listener off.
     pub listen: String,
+    /// The admin API's bearer token, from this environment variable (one of the two; none: API off).
+    pub token_env: Option<String>,
+    /// The admin API's bearer token, from this file.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9090".into() }
+        Self { listen: "127.0.0.1:9090".into(), token_env: None, token_file: None }
     }
 }
 

@@ -21,6 +21,8 @@ use crate::store::{ApiKey, Credential, Directory, KeyKind, UpstreamId, UserPatte
 pub struct Config {
     pub server: ServerSettings,
     pub admin_listen: Option<SocketAddr>,
+    /// The admin API's bearer token (`[admin] token_env` / `token_file`); `None`: the admin API is off.
+    pub admin_token: Option<Secret>,
     pub identity: IdentitySettings,
     pub audit_path: AuditPath,
     pub directory: Directory,
@@ -316,6 +318,17 @@ impl Builder<'_> {
             "" => None,
             s => self.socket_addr("admin.listen", s),
         };
+        let admin_token = match (&raw.admin.token_env, &raw.admin.token_file) {
+            (None, None) => Some(None),
+            (env, file) => match self.secret("admin", None, env.as_deref(), file.as_deref(), None) {
+                // It guards every user and credential: a short one could be guessed.
+                Some(token) if token.expose().len() < 16 => {
+                    self.problem("admin", "the admin token must be at least 16 bytes (e.g. openssl rand -hex 32)");
+                    None
+                }
+                token => token.map(Some),
+            },
+        };
         let identity = self.identity(&raw);
         let audit_path = match raw.audit.path.as_str() {
             "-" => AuditPath::Stdout,
@@ -353,10 +366,18 @@ impl Builder<'_> {
         let max_len = identity.as_ref().map_or(128, |i| i.max_user_id_len);
         let directory = self.directory(&raw, &upstreams, max_len);
 
-        match (self.problems.is_empty(), server, identity, session_secret) {
-            (true, Some(server), Some(identity), Some(session_secret)) => {
-                Ok(Config { server, admin_listen, identity, audit_path, directory, upstreams, session_secret, store })
-            }
+        match (self.problems.is_empty(), server, identity, session_secret, admin_token) {
+            (true, Some(server), Some(identity), Some(session_secret), Some(admin_token)) => Ok(Config {
+                server,
+                admin_listen,
+                admin_token,
+                identity,
+                audit_path,
+                directory,
+                upstreams,
+                session_secret,
+                store,
+            }),
             _ => Err(ConfigError::Invalid(self.problems)),
         }
     }

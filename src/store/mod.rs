@@ -127,10 +127,19 @@ pub struct Directory {
 }
 
 impl Directory {
-    /// An empty directory for a reloaded config that keeps the user ids `previous` handed out.
+    /// An empty directory for a reloaded config that keeps the user ids `previous` handed out to its
+    /// users. A user `previous` no longer had (deleted) is forgotten: if it comes back it gets a new id,
+    /// so nothing of its old per-user state (rate-limit buckets) is ever used again; the old state is
+    /// evicted on schedule.
     pub fn continuing(previous: &Directory) -> Directory {
+        let user_ids = previous
+            .user_ids
+            .iter()
+            .filter(|(_, id)| previous.present[id.0 as usize])
+            .map(|(name, id)| (name.clone(), *id))
+            .collect();
         Directory {
-            user_ids: previous.user_ids.clone(),
+            user_ids,
             user_names: previous.user_names.clone(),
             present: vec![false; previous.user_names.len()],
             ..Directory::default()
@@ -259,6 +268,22 @@ fn is_user_id_byte(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reloads_keep_ids_of_present_users_and_forget_deleted_ones() {
+        let mut first = Directory::default();
+        let (alice, bob) = (first.add_user("alice"), first.add_user("bob"));
+        // Reload without bob: alice keeps her id, bob is gone.
+        let mut second = Directory::continuing(&first);
+        assert_eq!(second.add_user("alice"), alice);
+        assert_eq!(second.user("bob"), None);
+        // Bob comes back: a new id, so none of his old state applies.
+        let mut third = Directory::continuing(&second);
+        assert_eq!(third.add_user("alice"), alice);
+        let bob_again = third.add_user("bob");
+        assert_ne!(bob_again, bob);
+        assert_eq!(third.user_name(bob_again).as_ref(), "bob");
+    }
 
     #[test]
     fn user_id_grammar() {
