@@ -326,3 +326,79 @@ async fn concurrent_writes_all_take_effect() {
     drop(c);
     app.shutdown().await;
 }
+
+/// The crash test of issue 5, on the real binary: admin writes stream in, the proxy is SIGKILLed in the
+/// middle, and every write it acknowledged is in the store, which passes `PRAGMA integrity_check`.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_stream_of_admin_writes_loses_no_acknowledged_write() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+
+    let (upstream, _) = recording_upstream().await;
+    let files = files(upstream);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy"))
+        .args(["run", "--config"])
+        .arg(&files.config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let admin = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().expect("exited before listening").unwrap();
+            if let Some(rest) = line.split("admin_addr=Some(").nth(1) {
+                return rest.split(')').next().unwrap().to_owned();
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    let http =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<TestBody>();
+    let create = |n: usize| {
+        let request = Request::post(format!("http://{admin}/admin/v1/users"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("content-type", "application/json")
+            .body(body(json!({ "id": format!("crash-{n}") }).to_string()))
+            .unwrap();
+        http.request(request)
+    };
+    // Two writers at once, so the kill lands while writes are in flight.
+    let mut acknowledged = Vec::new();
+    let mut n = 0;
+    while acknowledged.len() < 60 {
+        let (a, b) = tokio::join!(create(n), create(n + 1));
+        for (i, response) in [(n, a), (n + 1, b)] {
+            if response.unwrap().status() == StatusCode::CREATED {
+                acknowledged.push(i);
+            }
+        }
+        n += 2;
+    }
+    let in_flight = (tokio::spawn(create(n)), tokio::spawn(create(n + 1)));
+    child.kill().unwrap(); // SIGKILL
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    for (i, task) in [(n, in_flight.0), (n + 1, in_flight.1)] {
+        if let Ok(Ok(response)) = task.await
+            && response.status() == StatusCode::CREATED
+        {
+            acknowledged.push(i);
+        }
+    }
+
+    let master = Secret::new(std::fs::read_to_string(files.dir.path().join("master.key")).unwrap().trim());
+    let store = SqliteStore::open(&files.dir.path().join("store.db"), Some(&master)).unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+    let users: BTreeSet<String> =
+        mcp_tenant_proxy::store::Store::load_snapshot(&store).unwrap().users.into_iter().map(|u| u.id).collect();
+    for i in &acknowledged {
+        assert!(users.contains(&format!("crash-{i}")), "acknowledged crash-{i} was lost");
+    }
+}
