@@ -27,7 +27,8 @@ use crate::policy::ratelimit::Limit;
 use crate::proxy::Proxy;
 use crate::proxy::body::{ProxyBody, full};
 use crate::secret::{Secret, sha256};
-use crate::store::model::{CredentialInfo, KeyInfo, MAX_PAGE, NewKey, PutOutcome, TokenInfo, User, UserLimit};
+use crate::store::json::{cred_json, key_json, token_json, user_json};
+use crate::store::model::{MAX_PAGE, NewKey, PutOutcome, UserLimit};
 use crate::store::{KeyKind, SqliteStore, Store, StoreError};
 
 /// The API's path prefix.
@@ -615,44 +616,6 @@ struct CreateToken {
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-fn limit_json(limit: UserLimit) -> Value {
-    match limit {
-        UserLimit::Default => json!("default"),
-        UserLimit::Unlimited => json!("unlimited"),
-        UserLimit::Quota(l) => json!({
-            "requests": l.requests.get(),
-            "per": humantime::format_duration(l.per).to_string(),
-            "burst": l.burst.get(),
-        }),
-    }
-}
-
-fn user_json(u: &User) -> Value {
-    json!({ "id": u.id, "rate_limit": limit_json(u.rate_limit), "created_at": u.created_at })
-}
-
-fn key_json(k: &KeyInfo) -> Value {
-    json!({
-        "id": k.id, "kind": k.kind.as_str(), "user": k.user, "act_as": k.act_as, "prefix": k.prefix,
-        "created_at": k.created_at, "last_used_at": k.last_used_at, "expires_at": k.expires_at,
-        "revoked_at": k.revoked_at,
-    })
-}
-
-fn cred_json(c: &CredentialInfo) -> Value {
-    json!({
-        "user": c.user, "upstream": c.upstream, "credential_id": c.credential_id,
-        "key_version": c.key_version, "created_at": c.created_at, "updated_at": c.updated_at,
-    })
-}
-
-fn token_json(t: &TokenInfo) -> Value {
-    json!({
-        "id": t.id, "user": t.user, "upstream": t.upstream, "created_at": t.created_at,
-        "expires_at": t.expires_at, "revoked_at": t.revoked_at,
-    })
 }
 
 #[cfg(test)]

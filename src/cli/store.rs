@@ -20,9 +20,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use mcp_tenant_proxy::policy::ratelimit::Limit;
 use mcp_tenant_proxy::secret::Secret;
 use mcp_tenant_proxy::store::crypto::MasterKey;
-use mcp_tenant_proxy::store::model::{
-    CredentialInfo, KeyInfo, MAX_PAGE, NewKey, PutOutcome, TokenInfo, UnixTime, User, UserLimit,
-};
+use mcp_tenant_proxy::store::json::{cred_json, key_json, token_json, user_json};
+use mcp_tenant_proxy::store::model::{MAX_PAGE, NewKey, PutOutcome, UnixTime, User, UserLimit};
 use mcp_tenant_proxy::store::{KeyKind, SqliteStore, Store, StoreError};
 use serde_json::{Value, json};
 
@@ -666,44 +665,6 @@ fn limit_text(limit: UserLimit) -> String {
             format!("{} per {}, burst {}", l.requests, humantime::format_duration(l.per), l.burst)
         }
     }
-}
-
-fn limit_json(limit: UserLimit) -> Value {
-    match limit {
-        UserLimit::Default => json!("default"),
-        UserLimit::Unlimited => json!("unlimited"),
-        UserLimit::Quota(l) => json!({
-            "requests": l.requests.get(),
-            "per": humantime::format_duration(l.per).to_string(),
-            "burst": l.burst.get(),
-        }),
-    }
-}
-
-fn user_json(u: &User) -> Value {
-    json!({ "id": u.id, "rate_limit": limit_json(u.rate_limit), "created_at": u.created_at })
-}
-
-fn key_json(k: &KeyInfo) -> Value {
-    json!({
-        "id": k.id, "kind": k.kind.as_str(), "user": k.user, "act_as": k.act_as, "prefix": k.prefix,
-        "created_at": k.created_at, "last_used_at": k.last_used_at, "expires_at": k.expires_at,
-        "revoked_at": k.revoked_at,
-    })
-}
-
-fn cred_json(c: &CredentialInfo) -> Value {
-    json!({
-        "user": c.user, "upstream": c.upstream, "credential_id": c.credential_id,
-        "key_version": c.key_version, "created_at": c.created_at, "updated_at": c.updated_at,
-    })
-}
-
-fn token_json(t: &TokenInfo) -> Value {
-    json!({
-        "id": t.id, "user": t.user, "upstream": t.upstream, "created_at": t.created_at,
-        "expires_at": t.expires_at, "revoked_at": t.revoked_at,
-    })
 }
 
 fn print_json(value: &Value) {

@@ -4,6 +4,7 @@
 //! Users are interned to a small [`UserId`] so per-user state elsewhere (limiters, usage) can key on a `u32`.
 
 pub mod crypto;
+pub mod json;
 pub mod model;
 pub mod sqlite;
 
