@@ -78,17 +78,26 @@ impl Drop for Registration {
     }
 }
 
-/// Wraps a GET stream's body so events queued through its [`Registration`] are sent between its own.
-pub fn injectable<B>(streams: &Arc<LegacyStreams>, inner: B) -> (Arc<Registration>, Injected<B>) {
+/// A stream's registration (not yet registered under a session) and the receiving end of its queue,
+/// for [`Injected::new`].
+pub fn registration(streams: &Arc<LegacyStreams>) -> (Arc<Registration>, mpsc::Receiver<Bytes>) {
     let (tx, rx) = mpsc::channel(16);
-    let registration = Arc::new(Registration { streams: streams.clone(), tx, key: Mutex::new(None) });
-    (registration.clone(), Injected { inner, rx, _registration: registration })
+    (Arc::new(Registration { streams: streams.clone(), tx, key: Mutex::new(None) }), rx)
 }
 
+/// A GET stream's body with the events queued through its [`Registration`] sent between its own.
+/// `inner` must yield whole events (an [`super::sse::EventRewrite`] does), so an injected event never
+/// splits one.
 pub struct Injected<B> {
     inner: B,
     rx: mpsc::Receiver<Bytes>,
     _registration: Arc<Registration>,
+}
+
+impl<B> Injected<B> {
+    pub fn new(inner: B, rx: mpsc::Receiver<Bytes>, registration: Arc<Registration>) -> Self {
+        Injected { inner, rx, _registration: registration }
+    }
 }
 
 impl<B> Body for Injected<B>
@@ -99,7 +108,6 @@ where
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        // The inner body only yields whole events, so an injected event never splits one.
         if let Poll::Ready(Some(event)) = self.rx.poll_recv(cx) {
             return Poll::Ready(Some(Ok(Frame::data(event))));
         }

@@ -9,7 +9,7 @@ use super::body::{ProxyBody, full};
 use super::sse::{self, EventRewrite};
 use std::sync::Arc;
 
-use super::legacy::{self, LegacyStreams};
+use super::legacy::{self, Injected, LegacyStreams};
 use crate::config::Upstream;
 use crate::policy::mcp::Rule;
 use crate::policy::session::{self, SESSION_HEADER, SessionBinder};
@@ -106,7 +106,8 @@ pub fn bind_sessions(
         let (prefix, base_path) = (public_prefix.to_owned(), upstream.base_path.clone());
         let tools = upstream.tools.clone();
         let body = std::mem::replace(response.body_mut(), super::body::empty());
-        let (registration, body) = legacy::injectable(streams, EventRewrite::new(body, |_: &[u8]| None));
+        let (registration, injected) = legacy::registration(streams);
+        let registered = registration.clone();
         let rewrite = move |raw: &[u8]| {
             // Answers on the stream (the legacy transport's, or a GET stream's): tools/list is filtered.
             if let Some(rule) = &tools
@@ -123,11 +124,13 @@ pub fn bind_sessions(
             }
             let (uri, session) = public_endpoint(&event.data, &prefix, &base_path, |s| binder.bind(&user, &name, s))?;
             if let Some(session) = session {
-                registration.register(&name, &session);
+                registered.register(&name, &session);
             }
             Some(sse::render(event.kind, &uri))
         };
-        *response.body_mut() = EventRewrite::new(body.boxed(), rewrite).boxed();
+        // One pass over the stream: the rewrite yields whole events, and the proxy's own (refusals of this
+        // session's message POSTs) go out between them.
+        *response.body_mut() = Injected::new(EventRewrite::new(body, rewrite), injected, registration).boxed();
         response.headers_mut().remove(header::CONTENT_LENGTH);
     }
     Ok(handed_out)
