@@ -196,6 +196,11 @@ impl App {
         &self.reload_lock
     }
 
+    /// Request-body bytes the proxy holds in memory right now (tests watch the body budget with it).
+    pub fn buffered_body_bytes(&self) -> u64 {
+        self.proxy.buffered_body_bytes()
+    }
+
     /// The rate limiters' state (tests and benchmarks inspect and evict it).
     pub fn rate_limits(&self) -> &Arc<RateLimits> {
         &self.limits

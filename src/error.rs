@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::policy::ratelimit::{self, ceil_secs};
@@ -18,10 +19,16 @@ pub enum ProxyError {
     RouteNotFound,
     #[error("the path has dot segments, encoded slashes or empty segments")]
     InvalidPath,
+    #[error("the Host header is missing, repeated, not valid, or names another authority than the request")]
+    InvalidHost,
     #[error("the request headers are larger than server.max_header_bytes allows")]
     HeadersTooLarge,
     #[error("the request body is larger than server.max_body_bytes allows")]
     BodyTooLarge,
+    #[error("this API key has too many request bodies in flight: retry shortly")]
+    KeyBodiesExhausted,
+    #[error("the proxy holds too many request bodies: retry shortly")]
+    ProxyBusy,
     #[error("the request body did not arrive in time")]
     BodyTimeout,
     #[error("the request body could not be read")]
@@ -66,6 +73,8 @@ pub enum ProxyError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("the proxy failed to handle this request")]
+    Internal,
 }
 
 impl ProxyError {
@@ -75,8 +84,11 @@ impl ProxyError {
         let (status, code) = match self {
             RouteNotFound => (StatusCode::NOT_FOUND, "route_not_found"),
             InvalidPath => (StatusCode::BAD_REQUEST, "invalid_path"),
+            InvalidHost => (StatusCode::BAD_REQUEST, "invalid_host"),
             HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large"),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            KeyBodiesExhausted => (StatusCode::TOO_MANY_REQUESTS, "too_many_pending_bodies"),
+            ProxyBusy => (StatusCode::SERVICE_UNAVAILABLE, "proxy_busy"),
             BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             BodyUnreadable => (StatusCode::BAD_REQUEST, "body_unreadable"),
             OriginNotAllowed => (StatusCode::FORBIDDEN, "origin_not_allowed"),
@@ -99,6 +111,7 @@ impl ProxyError {
             SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         };
         (status, code, JSONRPC_PROXY_ERROR)
     }
@@ -116,12 +129,15 @@ impl ProxyError {
     pub fn into_response(&self, jsonrpc_id: Option<&RawValue>) -> Response<ProxyBody> {
         let status = self.status();
         let body = self.body(jsonrpc_id);
-        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        let mut response = Response::new(full(Bytes::from(body)));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if matches!(self, ProxyError::KeyBodiesExhausted | ProxyError::ProxyBusy) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let ProxyError::RateLimited(refusal) = self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(ceil_secs(refusal.retry_after)));
@@ -137,26 +153,58 @@ impl ProxyError {
 }
 
 impl ProxyError {
-    /// The error body: a JSON-RPC error object carrying `jsonrpc_id`, or the plain JSON error.
-    pub fn body(&self, jsonrpc_id: Option<&RawValue>) -> serde_json::Value {
+    /// The error body: a JSON-RPC error object carrying `jsonrpc_id`, or the plain JSON error. The id is
+    /// written as it is (it was checked to be a string, number or `null`), never converted to a
+    /// `serde_json::Value`: a valid id such as `1e400` has no `Value`.
+    pub fn body(&self, jsonrpc_id: Option<&RawValue>) -> String {
+        #[derive(Serialize)]
+        struct RpcError<'a> {
+            jsonrpc: &'static str,
+            id: &'a RawValue,
+            error: ErrorObject<'a>,
+        }
+        #[derive(Serialize)]
+        struct ErrorObject<'a> {
+            code: i64,
+            message: &'a str,
+            data: Data,
+        }
+        #[derive(Serialize)]
+        struct Data {
+            code: &'static str,
+            status: u16,
+            retry_after: Option<u64>,
+        }
+        #[derive(Serialize)]
+        struct Plain<'a> {
+            error: PlainError<'a>,
+        }
+        #[derive(Serialize)]
+        struct PlainError<'a> {
+            code: &'static str,
+            message: &'a str,
+            retry_after: Option<u64>,
+        }
         let (status, code, jsonrpc_code) = self.describe();
         let message = self.to_string();
         let retry_after = match self {
             ProxyError::RateLimited(refusal) => Some(ceil_secs(refusal.retry_after)),
             _ => None,
         };
-        match jsonrpc_id {
-            Some(id) => serde_json::json!({
-                "jsonrpc": "2.0",
-                "id": id,
-                "error": {
-                    "code": jsonrpc_code,
-                    "message": message,
-                    "data": { "code": code, "status": status.as_u16(), "retry_after": retry_after },
+        let written = match jsonrpc_id {
+            Some(id) => serde_json::to_string(&RpcError {
+                jsonrpc: "2.0",
+                id,
+                error: ErrorObject {
+                    code: jsonrpc_code,
+                    message: &message,
+                    data: Data { code, status: status.as_u16(), retry_after },
                 },
             }),
-            None => serde_json::json!({ "error": { "code": code, "message": message, "retry_after": retry_after } }),
-        }
+            None => serde_json::to_string(&Plain { error: PlainError { code, message: &message, retry_after } }),
+        };
+        // Serializing these plain structs cannot fail; should it ever, the answer is still JSON.
+        written.unwrap_or_else(|_| format!(r#"{{"error":{{"code":"{code}"}}}}"#))
     }
 }
 
@@ -195,8 +243,11 @@ mod tests {
         let table = [
             (RouteNotFound, 404, "route_not_found", JSONRPC_PROXY_ERROR),
             (InvalidPath, 400, "invalid_path", JSONRPC_PROXY_ERROR),
+            (InvalidHost, 400, "invalid_host", JSONRPC_PROXY_ERROR),
             (HeadersTooLarge, 431, "headers_too_large", JSONRPC_PROXY_ERROR),
             (BodyTooLarge, 413, "body_too_large", JSONRPC_PROXY_ERROR),
+            (KeyBodiesExhausted, 429, "too_many_pending_bodies", JSONRPC_PROXY_ERROR),
+            (ProxyBusy, 503, "proxy_busy", JSONRPC_PROXY_ERROR),
             (BodyTimeout, 408, "body_timeout", JSONRPC_PROXY_ERROR),
             (BodyUnreadable, 400, "body_unreadable", JSONRPC_PROXY_ERROR),
             (OriginNotAllowed, 403, "origin_not_allowed", JSONRPC_PROXY_ERROR),
@@ -219,6 +270,7 @@ mod tests {
             (SessionNotFound, 404, "session_not_found", JSONRPC_PROXY_ERROR),
             (UpstreamUnavailable, 502, "upstream_unavailable", JSONRPC_PROXY_ERROR),
             (UpstreamTimeout, 504, "upstream_timeout", JSONRPC_PROXY_ERROR),
+            (Internal, 500, "internal_error", JSONRPC_PROXY_ERROR),
         ];
         let mut codes = std::collections::HashSet::new();
         for (err, status, code, jsonrpc) in table {

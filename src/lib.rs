@@ -11,6 +11,7 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -134,6 +134,10 @@ async fn the_admin_api_manages_users_keys_credentials_and_tokens_live() {
         (json!({}), "id"),
         (json!({ "id": "frank", "rate_limit": { "requests": 0, "per": "1m" } }), "rate_limit.requests"),
         (json!({ "id": "frank", "rate_limit": "sometimes" }), "rate_limit"),
+        // Longer than the limiter can count: refused, and the writes below still work (it used to panic
+        // inside the limiter registry's lock and hang every later write).
+        (json!({ "id": "frank", "rate_limit": { "requests": 1, "per": "600y" } }), "rate_limit"),
+        (json!({ "id": "frank", "rate_limit": { "requests": 1, "per": "9y", "burst": 2 } }), "rate_limit"),
     ] {
         let (status, answer) = c.admin(Method::POST, "/admin/v1/users", Some(body.clone())).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");

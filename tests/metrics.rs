@@ -92,8 +92,9 @@ async fn counters_move_by_exactly_what_the_requests_did() {
     assert_eq!(harness.send(list).await.status(), 200);
     // Allowed tool call.
     assert_eq!(harness.send(call(&url, &alice, "whoami")).await.status(), 200);
-    // A blocked tool: refused by policy, costs no quota, is no tool call.
-    assert_eq!(harness.send(call(&url, &alice, "delete_repo")).await.status(), 403);
+    // A blocked tool (carol's first request this hour, so not rate limited): refused by policy, no tool call.
+    let as_carol = [("authorization", "Bearer tenant-key-0001"), ("x-alloy-userid", "carol")];
+    assert_eq!(harness.send(call(&url, &as_carol, "delete_repo")).await.status(), 403);
     // A bad key.
     assert_eq!(harness.send(call(&url, &[("authorization", "Bearer wrong-key")], "whoami")).await.status(), 401);
     // Alice's one request this hour is spent: rate limited at the user level.
@@ -148,6 +149,7 @@ async fn open_streams_follow_sse_streams_until_they_end_or_the_client_leaves() {
     assert_eq!(value(&scrape(&harness).await.0, "mcp_proxy_open_streams"), 0.0);
     let stream_request = || {
         Request::get(harness.url("/mcp/github"))
+            .header("host", harness.addr.to_string())
             .header("authorization", "Bearer alice-key-0001")
             .header("accept", "text/event-stream")
             .body(body(""))

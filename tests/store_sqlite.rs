@@ -522,9 +522,14 @@ fn usage_batches_add_up() {
         ]
     );
     assert_eq!(store.usage(None).unwrap().len(), 3);
-    // A bad entry refuses the whole batch.
-    assert!(store.add_usage(&[delta("alice", "github", 1, 0, T0), delta("bad user", "github", 1, 0, T0)]).is_err());
-    assert_eq!(store.usage(Some("alice")).unwrap()[0].requests, 16);
+    // A row the store cannot hold is dropped, and the rest of the batch is still written: one bad name
+    // must never hold back everyone's usage.
+    let long = "u".repeat(129);
+    let batch =
+        [delta("alice", "github", 1, 0, T0), delta("bad user", "github", 1, 0, T0), delta(&long, "github", 1, 0, T0)];
+    store.add_usage(&batch).unwrap();
+    assert_eq!(store.usage(Some("alice")).unwrap()[0].requests, 17);
+    assert_eq!(store.usage(None).unwrap().len(), 3, "the bad rows were not written");
 }
 
 #[test]

@@ -584,7 +584,7 @@ impl RateLimitBody {
                 };
                 Limit::new(requests, per, burst)
                     .map(UserLimit::Quota)
-                    .ok_or_else(|| ApiError::invalid("rate_limit", "the period per request must be at least 1ns"))
+                    .map_err(|why| ApiError::invalid("rate_limit", why))
             }
         }
     }

@@ -358,7 +358,7 @@ fn users(opts: &StoreOpts, command: UsersCommand) -> CmdResult {
             let limit = match (requests, per) {
                 (Some(requests), Some(per)) => UserLimit::Quota(
                     Limit::new(requests, per, burst)
-                        .ok_or_else(|| Failure::Usage("--requests/--per: more than 1e9 requests per second".into()))?,
+                        .map_err(|why| Failure::Usage(format!("--requests/--per: {why}")))?,
                 ),
                 _ if unlimited => UserLimit::Unlimited,
                 _ => UserLimit::Default,

@@ -43,6 +43,9 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
+    /// Request-body bytes held in memory at once, over all requests and per API key.
+    pub max_buffered_body_bytes: u64,
+    pub max_buffered_body_bytes_per_key: u64,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -305,7 +308,8 @@ struct Builder<'a> {
     previous: Option<&'a Directory>,
 }
 
-const MAX_USER_ID_LEN_LIMIT: usize = 1024;
+// One length rule for config, store, admin API and CLI: a name the config accepts, the store can hold.
+use crate::store::model::{MAX_NAME_LEN, MAX_USER_ID_LEN};
 
 impl Builder<'_> {
     fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
@@ -394,6 +398,12 @@ impl Builder<'_> {
         if s.max_body_bytes == 0 {
             self.problem("server.max_body_bytes", "must be greater than 0");
         }
+        if s.max_buffered_body_bytes_per_key < s.max_body_bytes {
+            self.problem("server.max_buffered_body_bytes_per_key", "must be at least server.max_body_bytes");
+        }
+        if s.max_buffered_body_bytes < s.max_buffered_body_bytes_per_key {
+            self.problem("server.max_buffered_body_bytes", "must be at least server.max_buffered_body_bytes_per_key");
+        }
         let header_read_timeout = self.duration("server.header_read_timeout", &s.header_read_timeout);
         let body_read_timeout = self.duration("server.body_read_timeout", &s.body_read_timeout);
         let shutdown_grace = self.duration("server.shutdown_grace", &s.shutdown_grace);
@@ -424,6 +434,8 @@ impl Builder<'_> {
             listen: listen?,
             max_header_bytes: s.max_header_bytes,
             max_body_bytes: s.max_body_bytes,
+            max_buffered_body_bytes: s.max_buffered_body_bytes,
+            max_buffered_body_bytes_per_key: s.max_buffered_body_bytes_per_key,
             header_read_timeout: header_read_timeout?,
             body_read_timeout: body_read_timeout?,
             shutdown_grace: shutdown_grace?,
@@ -455,13 +467,13 @@ impl Builder<'_> {
                 None
             }
         };
-        if !(1..=MAX_USER_ID_LEN_LIMIT).contains(&i.max_user_id_len) {
-            self.problem("identity.max_user_id_len", format!("must be between 1 and {MAX_USER_ID_LEN_LIMIT}"));
+        if !(1..=MAX_USER_ID_LEN).contains(&i.max_user_id_len) {
+            self.problem("identity.max_user_id_len", format!("must be between 1 and {MAX_USER_ID_LEN}"));
         }
         Some(IdentitySettings {
             user_header: user_header?,
             unknown_user: unknown_user?,
-            max_user_id_len: i.max_user_id_len.clamp(1, MAX_USER_ID_LEN_LIMIT),
+            max_user_id_len: i.max_user_id_len.clamp(1, MAX_USER_ID_LEN),
         })
     }
 
@@ -469,8 +481,8 @@ impl Builder<'_> {
         let mut upstreams: Vec<Upstream> = Vec::new();
         for (index, (name, u)) in raw.iter().enumerate() {
             let path = format!("upstreams.{name}");
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                self.problem(&path, "upstream names may use ASCII letters, digits, - and _ only");
+            if let Err(why) = crate::store::check_upstream_name(name) {
+                self.problem(&path, format!("upstream name {why}"));
                 continue;
             }
             let prefix = u.path.clone().unwrap_or_else(|| format!("/mcp/{name}"));
@@ -600,15 +612,18 @@ impl Builder<'_> {
             self.key(&mut dir, i, key, max_len);
         }
         for (i, cred) in raw.credentials.iter().enumerate() {
-            self.credential(&mut dir, i, cred, upstreams, &raw.upstreams, max_len);
+            self.credential(&mut dir, i, cred, upstreams, &raw.upstreams);
         }
         dir
     }
 
     fn key(&mut self, dir: &mut Directory, i: usize, key: &RawKey, max_len: usize) {
         let path = format!("keys[{i}]");
-        if key.id.is_empty() {
-            self.problem(format!("{path}.id"), "must not be empty");
+        if let Err(why) = check_user_id(&key.id, MAX_NAME_LEN) {
+            self.problem(
+                format!("{path}.id"),
+                format!("key ids use the user-id characters, 1 to {MAX_NAME_LEN}: {why}"),
+            );
         }
         let kind = match key.kind.as_str() {
             "standard" => Some(KeyKind::Standard),
@@ -673,7 +688,6 @@ impl Builder<'_> {
         cred: &RawCredential,
         upstreams: &[Upstream],
         declared_upstreams: &BTreeMap<String, RawUpstream>,
-        max_len: usize,
     ) {
         let path = format!("credentials[{i}]");
         let user = dir.user(&cred.user);
@@ -688,8 +702,11 @@ impl Builder<'_> {
         if !declared_upstreams.contains_key(&cred.upstream) {
             self.problem(format!("{path}.upstream"), format!("unknown upstream {:?}", cred.upstream));
         }
-        if check_user_id(&cred.id, max_len).is_err() {
-            self.problem(format!("{path}.id"), "credential ids use the user-id characters");
+        if check_user_id(&cred.id, MAX_NAME_LEN).is_err() {
+            self.problem(
+                format!("{path}.id"),
+                format!("credential ids use the user-id characters, 1 to {MAX_NAME_LEN}"),
+            );
         }
         let secret =
             self.secret(&path, cred.secret.as_ref(), cred.secret_env.as_deref(), cred.secret_file.as_deref(), None);
@@ -798,9 +815,9 @@ impl Builder<'_> {
             }
         };
         match Limit::new(requests, per, burst) {
-            Some(limit) => Some(Some(limit)),
-            None => {
-                self.problem(path, "the period per request must be at least 1ns and per must be non-zero");
+            Ok(limit) => Some(Some(limit)),
+            Err(why) => {
+                self.problem(path, why);
                 None
             }
         }

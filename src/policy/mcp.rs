@@ -10,11 +10,45 @@ use serde_json::value::RawValue;
 use crate::error::ProxyError;
 use crate::proxy::headers::single;
 
+/// A JSON-RPC id as the proxy echoes it (in error answers and the audit trail): a string, a number or
+/// `null`, and nothing else. A string is decoded and encoded again, so the id is always one line of
+/// plain JSON whatever escapes the client used; a number keeps its token, and must be one that JSON
+/// readers can hold (`1e400` overflows every `f64`: whoever reads the audit trail would fail on it).
+#[derive(Debug, Clone)]
+pub struct Id(Box<RawValue>);
+
+impl Id {
+    /// The id of a message, or `InvalidRequest` when it is not a string, number or `null`.
+    fn parse(raw: &RawValue) -> Result<Id, ProxyError> {
+        let text = raw.get();
+        let canonical = match text.as_bytes().first() {
+            Some(b'"') => {
+                let decoded: String = serde_json::from_str(text).map_err(|_| ProxyError::InvalidRequest)?;
+                serde_json::to_string(&decoded).map_err(|_| ProxyError::InvalidRequest)?
+            }
+            Some(b'-' | b'0'..=b'9') if serde_json::from_str::<serde_json::Number>(text).is_ok() => text.to_owned(),
+            _ if text == "null" => text.to_owned(),
+            _ => return Err(ProxyError::InvalidRequest),
+        };
+        RawValue::from_string(canonical).map(Id).map_err(|_| ProxyError::InvalidRequest)
+    }
+
+    pub fn as_raw(&self) -> &RawValue {
+        &self.0
+    }
+}
+
+impl serde::Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
 /// The facts of one JSON-RPC message that policy and audit use.
 #[derive(Debug, Default)]
 pub struct Message {
     /// `None` for notifications.
-    pub id: Option<Box<RawValue>>,
+    pub id: Option<Id>,
     /// `None` for responses (a client answering a server request).
     pub method: Option<Box<str>>,
     pub target: Option<Target>,
@@ -45,9 +79,9 @@ pub struct Rpc {
 
 impl Rpc {
     /// The id an error answer carries: the message's own, `null` for batches and notifications.
-    pub fn error_id(&self) -> Option<&RawValue> {
+    pub fn error_id(&self) -> Option<&Id> {
         match (self.batch, self.messages.first()) {
-            (false, Some(m)) => m.id.as_deref(),
+            (false, Some(m)) => m.id.as_ref(),
             _ => None,
         }
     }
@@ -130,7 +164,8 @@ fn message(json: &[u8]) -> Result<Message, ProxyError> {
     if wire.method.as_deref() == Some("tools/call") && target.is_none() {
         return Err(ProxyError::InvalidRequest); // a tool call must name its tool: policy depends on it
     }
-    Ok(Message { id: wire.id.map(RawValue::to_owned), method: wire.method.map(|m| m.into()), target })
+    let id = wire.id.map(Id::parse).transpose()?;
+    Ok(Message { id, method: wire.method.map(|m| m.into()), target })
 }
 
 /// Protocol 2026-07-28 mirrors the method and name in `Mcp-Method` and `Mcp-Name`. The proxy enforces
@@ -207,7 +242,7 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"search","arguments":{"q":"x"}}}"#,
         )
         .unwrap();
-        assert_eq!(rpc.error_id().unwrap().get(), "7");
+        assert_eq!(rpc.error_id().unwrap().as_raw().get(), "7");
         assert_eq!(rpc.method(), Some("tools/call"));
         assert_eq!(rpc.tool_calls().collect::<Vec<_>>(), ["search"]);
 
@@ -227,6 +262,24 @@ mod tests {
         assert!(batch.error_id().is_none());
         assert_eq!(batch.messages.len(), 3);
         assert_eq!(batch.tool_calls().collect::<Vec<_>>(), ["a"]);
+    }
+
+    #[test]
+    fn ids_are_strings_numbers_or_null_and_are_echoed_as_one_line_of_plain_json() {
+        let id = |json: &str| {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":{json},"method":"ping"}}"#);
+            inspect(body.as_bytes()).map(|rpc| rpc.error_id().map(|id| id.as_raw().get().to_owned()))
+        };
+        assert_eq!(id("7"), Ok(Some("7".into())));
+        assert_eq!(id("1e300"), Ok(Some("1e300".into())));
+        assert_eq!(id("-0.5E+3"), Ok(Some("-0.5E+3".into())));
+        assert_eq!(id(r#""a\u0062\n""#), Ok(Some(r#""ab\n""#.into())), "re-encoded, never raw");
+        assert_eq!(id("null"), Ok(None));
+        for bad in ["[1]", "[\n1]", "{}", "true", r#""\ud800""#, "1e400", "-1e999", &"[".repeat(200)] {
+            assert!(id(bad).is_err(), "{bad} accepted as an id");
+        }
+        // A client's response to a server request carries an id of the same kinds.
+        assert_eq!(inspect(br#"{"jsonrpc":"2.0","id":[2],"result":{}}"#).unwrap_err(), ProxyError::InvalidRequest);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use governor::{Quota, RateLimiter};
 use crate::config::Config;
 use crate::policy::mcp::Rpc;
 use crate::store::{UpstreamId, UserId};
+use crate::sync::lock;
 
 /// A quota as configured: `requests` per `per`, in bursts of up to `burst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,11 +36,23 @@ pub struct Limit {
     pub burst: NonZeroU32,
 }
 
+/// The longest `per`, and the longest time to refill a whole burst, that a quota may have. The limiter
+/// counts time in `u64` nanoseconds (584 years) and adds these periods to the current time; longer ones
+/// would overflow inside it.
+pub const MAX_PERIOD: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl Limit {
-    /// `None` when the period per request is too small to represent (more than 1e9 per second).
-    pub fn new(requests: NonZeroU32, per: Duration, burst: Option<NonZeroU32>) -> Option<Limit> {
+    /// The one way to make a `Limit` (config, store, admin API and CLI all come here), so every limiter
+    /// is built from a quota it can hold. The error says what is out of range.
+    pub fn new(requests: NonZeroU32, per: Duration, burst: Option<NonZeroU32>) -> Result<Limit, &'static str> {
         let limit = Limit { requests, per, burst: burst.unwrap_or(requests) };
-        limit.quota().map(|_| limit)
+        if limit.interval().is_zero() {
+            return Err("more than 1e9 requests per second: the period per request must be at least 1ns");
+        }
+        if per > MAX_PERIOD || limit.interval().saturating_mul(limit.burst.get()) > MAX_PERIOD {
+            return Err("per, and the time to refill the burst (per / requests x burst), must be at most 10 years");
+        }
+        Ok(limit)
     }
 
     fn quota(&self) -> Option<Quota> {
@@ -201,8 +214,8 @@ impl RateLimits {
     /// (scope, quota) that an earlier plan already had. Runs at start and on reload, not per request.
     pub fn plan(&self, config: &Config) -> LimitPlan {
         let dir = &config.directory;
-        let mut keyed = self.keyed.lock().expect("limiter registry");
-        let mut direct = self.direct.lock().expect("limiter registry");
+        let mut keyed = lock(&self.keyed);
+        let mut direct = lock(&self.direct);
         let mut keyed_for = |scope: Scope, limit: Option<Limit>| {
             let limit = limit?;
             let limiter = keyed.entry((scope, limit)).or_insert_with(|| {
@@ -240,18 +253,18 @@ impl RateLimits {
     /// Drops the state of users whose buckets are full again (indistinguishable from a fresh start), then
     /// shrinks the maps so the memory actually returns; forgets limiters no current plan uses.
     pub fn evict(&self) {
-        let mut keyed = self.keyed.lock().expect("limiter registry");
+        let mut keyed = lock(&self.keyed);
         keyed.retain(|_, limiter| Arc::strong_count(limiter) > 1);
         for limiter in keyed.values() {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
-        self.direct.lock().expect("limiter registry").retain(|_, limiter| Arc::strong_count(limiter) > 1);
+        lock(&self.direct).retain(|_, limiter| Arc::strong_count(limiter) > 1);
     }
 
     /// Users with limiter state, over all limiters (for tests and benchmarks).
     pub fn tracked(&self) -> usize {
-        self.keyed.lock().expect("limiter registry").values().map(|l| l.len()).sum()
+        lock(&self.keyed).values().map(|l| l.len()).sum()
     }
 
     fn now(&self) -> Nanos {
@@ -275,12 +288,8 @@ impl RateLimits {
     pub fn check(&self, plan: &LimitPlan, request: &LimitRequest<'_>) -> Result<Statuses, Refusal> {
         let mut statuses = Statuses::default();
         let user = request.user.0;
-        if let (Some(rpc), Some(tools)) = (request.calls, plan.tools.get(request.upstream.0 as usize)) {
-            for tool in rpc.tool_calls() {
-                if let Some((limit, limiter)) = tools.get(tool) {
-                    statuses.push(outcome(self, Level::Tool, *limit, limiter.check_key(&user))?);
-                }
-            }
+        if let Some(rpc) = request.calls {
+            self.check_tools(plan, request.user, request.upstream, rpc, &mut statuses)?;
         }
         if let Some(Some((limit, limiter))) = plan.upstreams.get(request.upstream.0 as usize) {
             statuses.push(outcome(self, Level::UserUpstream, *limit, limiter.check_key(&user))?);
@@ -292,6 +301,27 @@ impl RateLimits {
             statuses.push(outcome(self, Level::Key, *limit, limiter.check())?);
         }
         Ok(statuses)
+    }
+}
+
+impl RateLimits {
+    /// The per-tool levels alone, for the tools `rpc` calls: the request path checks them once the
+    /// body is read, after the other levels (which need no body) passed.
+    pub fn check_tools(
+        &self,
+        plan: &LimitPlan,
+        user: UserId,
+        upstream: UpstreamId,
+        rpc: &Rpc,
+        statuses: &mut Statuses,
+    ) -> Result<(), Refusal> {
+        let Some(tools) = plan.tools.get(upstream.0 as usize) else { return Ok(()) };
+        for tool in rpc.tool_calls() {
+            if let Some((limit, limiter)) = tools.get(tool) {
+                statuses.push(outcome(self, Level::Tool, *limit, limiter.check_key(&user.0))?);
+            }
+        }
+        Ok(())
     }
 }
 

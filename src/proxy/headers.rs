@@ -106,11 +106,34 @@ fn is_dot_segment(segment: &str) -> bool {
     (1..=2).contains(&dots)
 }
 
-/// The authority the client addressed: `Host` for HTTP/1.1, `:authority` for HTTP/2.
+/// RFC 9112 section 3.2: an HTTP/1.1 request has exactly one valid `Host` (none is only allowed before
+/// 1.1, two never); RFC 9113 section 8.3.1: an HTTP/2 `Host` must name the same authority as
+/// `:authority`. Otherwise the proxy and the upstream could disagree on what was addressed.
+pub fn check_host(parts: &Parts) -> Result<(), ProxyError> {
+    let host = single(&parts.headers, &header::HOST, "host").map_err(|_| ProxyError::InvalidHost)?;
+    let Some(host) = host else {
+        return match parts.version {
+            http::Version::HTTP_09 | http::Version::HTTP_10 | http::Version::HTTP_2 | http::Version::HTTP_3 => Ok(()),
+            _ => Err(ProxyError::InvalidHost),
+        };
+    };
+    let authority = http::uri::Authority::try_from(host.as_bytes()).map_err(|_| ProxyError::InvalidHost)?;
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::InvalidHost); // userinfo has no place in Host
+    }
+    let h2 = matches!(parts.version, http::Version::HTTP_2 | http::Version::HTTP_3);
+    match parts.uri.authority() {
+        Some(target) if h2 && !target.as_str().eq_ignore_ascii_case(authority.as_str()) => Err(ProxyError::InvalidHost),
+        _ => Ok(()),
+    }
+}
+
+/// The authority the client addressed: the request target's when it has one (absolute-form, or HTTP/2's
+/// `:authority`), which wins over `Host` (RFC 9112 section 3.2.2); else `Host`.
 fn request_host(parts: &Parts) -> Option<&str> {
-    match parts.headers.get(header::HOST) {
-        Some(host) => host.to_str().ok(),
-        None => parts.uri.authority().map(|a| a.as_str()),
+    match parts.uri.authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => parts.headers.get(header::HOST)?.to_str().ok(),
     }
 }
 

@@ -13,6 +13,7 @@ use http_body::{Body, Frame};
 use tokio::sync::mpsc;
 
 use super::body::BoxError;
+use crate::sync::lock;
 
 /// Live legacy streams by (upstream, upstream session id).
 #[derive(Default)]
@@ -27,12 +28,12 @@ fn key(upstream: &str, session: &str) -> String {
 impl LegacyStreams {
     /// Queues `event` on the stream of that session; false when there is no such stream (or it is full).
     pub fn deliver(&self, upstream: &str, session: &str, event: Bytes) -> bool {
-        let streams = self.streams.lock().expect("legacy streams");
+        let streams = lock(&self.streams);
         streams.get(&key(upstream, session)).is_some_and(|tx| tx.try_send(event).is_ok())
     }
 
     pub fn len(&self) -> usize {
-        self.streams.lock().expect("legacy streams").len()
+        lock(&self.streams).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -51,8 +52,8 @@ impl Registration {
     /// Makes the stream reachable for `session` (called once its `endpoint` event names the session).
     pub fn register(&self, upstream: &str, session: &str) {
         let key = key(upstream, session);
-        let mut mine = self.key.lock().expect("registration");
-        let mut streams = self.streams.streams.lock().expect("legacy streams");
+        let mut mine = lock(&self.key);
+        let mut streams = lock(&self.streams.streams);
         if let Some(old) = mine.take() {
             self.remove_if_mine(&mut streams, &old);
         }
@@ -71,8 +72,8 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(key) = self.key.lock().expect("registration").take() {
-            let mut streams = self.streams.streams.lock().expect("legacy streams");
+        if let Some(key) = lock(&self.key).take() {
+            let mut streams = lock(&self.streams.streams);
             self.remove_if_mine(&mut streams, &key);
         }
     }

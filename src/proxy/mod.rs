@@ -9,11 +9,13 @@ pub mod respond;
 pub mod sse;
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -23,11 +25,11 @@ use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
 use crate::policy::session::{self, SessionBinder};
 use crate::policy::{auth, credential, identity};
-use crate::store::KeyKind;
+use crate::store::{KeyKind, UserId};
 use crate::telemetry::audit::{AuditEvent, AuditSink};
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::usage::UsageCounters;
-use body::ProxyBody;
+use body::{BodyBudget, BudgetLimits, ProxyBody};
 use legacy::LegacyStreams;
 use serde_json::value::RawValue;
 
@@ -81,6 +83,8 @@ pub struct Proxy {
     legacy: Arc<LegacyStreams>,
     /// Per-user usage since the last flush to the store.
     usage: Arc<UsageCounters>,
+    /// Request-body bytes held in memory, per key and in total.
+    bodies: BodyBudget,
     /// Random per process, so request ids from restarts and replicas do not collide.
     instance: u32,
 }
@@ -110,6 +114,7 @@ impl Proxy {
             process_sessions,
             legacy: Arc::default(),
             usage: Arc::default(),
+            bodies: BodyBudget::default(),
             request_seq: AtomicU64::new(0),
             instance: rand::random(),
         }
@@ -123,6 +128,11 @@ impl Proxy {
     /// The config in force.
     pub fn config(&self) -> Arc<Config> {
         self.active.load().config.clone()
+    }
+
+    /// Request-body bytes held in memory right now.
+    pub fn buffered_body_bytes(&self) -> u64 {
+        self.bodies.used()
     }
 
     /// Swaps in a new config atomically: requests in flight finish on the old one, the next request sees
@@ -139,14 +149,20 @@ impl Proxy {
         let active = self.active.load_full();
         let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
         let method = request.method().clone();
-        let path = audit_path(request.uri().path()).into_owned();
+        let path = audit_path(&active.config, request.uri().path()).into_owned();
         let mut ctx = RequestCtx {
             json_post: body::is_json_post(request.method()),
             method: method.clone(),
             ..Default::default()
         };
 
-        let (response, decision, reason) = match self.pipeline(&active, &mut ctx, request, peer, &request_id).await {
+        // A panic on the request path is a bug, but it must still end in an answer and an audit line:
+        // it becomes a 500 here rather than a dropped connection and a request the trail never saw.
+        let outcome = AssertUnwindSafe(self.pipeline(&active, &mut ctx, request, peer, &request_id))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(Refusal { error: ProxyError::Internal, detail: Some("panic".into()) }));
+        let (response, decision, reason) = match outcome {
             Ok(response) => (response, "allow", "ok"),
             Err(Refusal { error, detail }) => {
                 let response = match self.deliver_on_legacy_stream(&ctx, &error) {
@@ -165,7 +181,7 @@ impl Proxy {
                     ctx.limited_at = Some(refusal.level);
                 }
                 let decision = match error {
-                    ProxyError::UpstreamUnavailable | ProxyError::UpstreamTimeout => "error",
+                    ProxyError::UpstreamUnavailable | ProxyError::UpstreamTimeout | ProxyError::Internal => "error",
                     _ => "deny",
                 };
                 (response, decision, error.code())
@@ -215,7 +231,7 @@ impl Proxy {
     fn deliver_on_legacy_stream(&self, ctx: &RequestCtx, error: &ProxyError) -> bool {
         let (Some(session), Some(upstream)) = (&ctx.legacy_session, &ctx.upstream) else { return false };
         let Some(id) = ctx.rpc.as_ref().and_then(Rpc::error_id) else { return false };
-        let event = sse::render(Some("message"), &error.body(Some(id)).to_string());
+        let event = sse::render(Some("message"), None, &error.body(Some(id.as_raw())));
         self.legacy.deliver(upstream, session, event.into())
     }
 
@@ -232,66 +248,52 @@ impl Proxy {
         let config = &active.config;
         let server = &config.server;
 
-        // Admit: headers only. Until the key is valid nothing else is read; a refusal here reads at most
-        // a small prefix of a JSON-RPC body, only to answer with the request's id.
+        // Admit and judge on the headers alone: the key, the acting user, the session, the user rule and
+        // the rate limits need no body, so a caller refused by any of them is refused before its body
+        // is read. A refusal reads at most a small prefix of a JSON-RPC body, only to answer with its id.
         let origins = server.allowed_origins.as_deref().unwrap_or(&self.own_origins);
-        let (upstream, key) = match admit(config, ctx, &parts, origins) {
-            Ok(admitted) => admitted,
+        let admitted = admit(config, ctx, &parts, origins);
+        // Bodies are held within a budget, per key (callers without a valid key share one) and in total.
+        let budget =
+            BudgetLimits { total: server.max_buffered_body_bytes, per_key: server.max_buffered_body_bytes_per_key };
+        let mut share = self.bodies.share(ctx.key_id.clone().unwrap_or_else(|| Arc::from("")), budget);
+        let judged = admitted.and_then(|(upstream, key)| {
+            let judged = self.judge(active, ctx, &mut parts, upstream, key)?;
+            Ok((upstream, judged))
+        });
+        let (upstream, Judged { user, public_prefix, mut statuses }) = match judged {
+            Ok(judged) => judged,
             Err(error) => {
                 if ctx.json_post {
-                    let prefix = body::read_prefix(body, ID_PEEK_BYTES, ID_PEEK_TIME).await;
+                    let prefix = body::read_prefix(body, ID_PEEK_BYTES, ID_PEEK_TIME, &mut share).await;
                     ctx.rpc = prefix.and_then(|bytes| mcp::inspect(&bytes[..]).ok());
                 }
                 return Err(error.into());
             }
         };
-        // A token URL's token goes no further: the upstream sees the path without it. The legacy
-        // transport's endpoint keeps it, so the client's message POSTs authenticate the same way.
-        let mut public_prefix = std::borrow::Cow::Borrowed(upstream.prefix.as_str());
-        if let Some((token, rest)) = token_in_path(upstream, parts.uri.path()) {
-            public_prefix = format!("{}/t/{token}", upstream.prefix.trim_end_matches('/')).into();
-            let stripped = match parts.uri.query() {
-                Some(query) => format!("{}{rest}?{query}", upstream.prefix),
-                None => format!("{}{rest}", upstream.prefix),
-            };
-            parts.uri = http::Uri::try_from(stripped).map_err(|_| ProxyError::InvalidPath)?;
+        let acting_user = config.directory.user_name(user);
+        // Read an MCP JSON-RPC body (bounded in size, time and the budget) and inspect it: -32700 /
+        // -32600 when it is not JSON-RPC, -32020 when the 2026-07-28 mirror headers disagree with the body
+        // that policy is enforced on. Every later refusal answers with the request's id.
+        let (body, json) =
+            body::read_request(body, &parts, server.max_body_bytes, server.body_read_timeout, &mut share).await?;
+        if let Some(json) = json {
+            let rpc = ctx.rpc.insert(mcp::inspect(&json)?);
+            mcp::check_mirrored_headers(&parts.headers, rpc)?;
         }
-        // Read an MCP JSON-RPC body (bounded in size and time; other bodies stream) and inspect it:
-        // -32700 / -32600 when it is not JSON-RPC, -32020 when the 2026-07-28 mirror headers disagree with
-        // the body that policy is enforced on. Every later refusal answers with the request's id.
-        let (body, json) = body::read_request(body, &parts, server.max_body_bytes, server.body_read_timeout).await?;
-        if let Some(json) = &json {
-            ctx.rpc = Some(mcp::inspect(json)?);
-            mcp::check_mirrored_headers(&parts.headers, ctx.rpc.as_ref().expect("just set"))?;
+        // Restrict: the upstream's tool rule on every `tools/call` in the body (a blocked tool never
+        // reaches the upstream), then the per-tool limits of the tools it calls.
+        if let Some(rpc) = &ctx.rpc {
+            if let Some(rule) = &upstream.tools
+                && rpc.tool_calls().any(|tool| !rule.permits(tool))
+            {
+                return Err(ProxyError::ToolNotAllowed.into());
+            }
+            let tools = self.limits.check_tools(&active.limits, user, upstream.id, rpc, &mut statuses);
+            tools.map_err(ProxyError::RateLimited)?;
         }
-        // Identify the acting user. The requested name is recorded first so that denials are audited too.
-        let requested = identity::requested_user(&config.identity, &parts.headers)?;
-        ctx.requested_user = requested.map(str::to_owned);
-        let who = identity::resolve(&config.identity, &config.directory, key, requested)?;
-        let acting_user = config.directory.user_name(who.user);
-        ctx.acting_user = Some(acting_user.clone());
-        ctx.fallback = who.fallback;
-        // Sessions: a session the client presents must be the acting user's on this upstream (else 404, the
-        // spec's "session not found"); the upstream gets its own id back.
-        let presented = session::unbind_request(&mut parts, &active.sessions, acting_user, &upstream.name)?;
-        ctx.session = presented.fingerprint;
-        ctx.legacy_session = presented.legacy;
-        // Restrict: the upstream's user rule, then its tool rule read from the JSON-RPC body (a blocked
-        // tool never reaches the upstream, and costs no quota).
-        if upstream.users.as_ref().is_some_and(|rule| !rule.permits(acting_user)) {
-            return Err(ProxyError::UserNotPermitted.into());
-        }
-        if let (Some(rule), Some(rpc)) = (&upstream.tools, &ctx.rpc)
-            && rpc.tool_calls().any(|tool| !rule.permits(tool))
-        {
-            return Err(ProxyError::ToolNotAllowed.into());
-        }
-        // Rate limit by the resolved user: only now, so that bad keys and unknown users never create
-        // limiter state, and before any work is done on the user's behalf.
-        let check = LimitRequest { key: key.index, user: who.user, upstream: upstream.id, calls: ctx.rpc.as_ref() };
-        let statuses = self.limits.check(&active.limits, &check).map_err(ProxyError::RateLimited)?;
         // The acting user's own credential for this upstream: never the caller's key, never another user's.
-        let credential = credential::select(config.directory.credentials(who.user, upstream.id), &parts.headers)?;
+        let credential = credential::select(config.directory.credentials(user, upstream.id), &parts.headers)?;
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
         let rewrite = headers::Rewrite {
             user_header: &config.identity.user_header,
@@ -306,6 +308,7 @@ impl Proxy {
         let response = forward::send(upstream, Request::from_parts(parts, body), &self.metrics)
             .await
             .map_err(|(error, detail)| Refusal { error, detail: Some(detail) })?;
+        drop(share); // the body has gone upstream
         let mut response = forward::into_client_response(response, &self.metrics);
         // Bind the session the upstream hands out, and point the legacy endpoint event at the proxy.
         let get = ctx.method == http::Method::GET;
@@ -344,11 +347,67 @@ impl Proxy {
     }
 }
 
+/// What the header-only steps decided about an admitted request.
+struct Judged<'c> {
+    user: UserId,
+    /// The path prefix the client sees (with a token URL's token, which the upstream never sees).
+    public_prefix: std::borrow::Cow<'c, str>,
+    statuses: ratelimit::Statuses,
+}
+
+impl Proxy {
+    /// The steps after the key that need no body: the acting user, the session, the user rule and the
+    /// rate limits. Pure header work, so a refused caller costs no body buffering.
+    fn judge<'c>(
+        &self,
+        active: &'c Active,
+        ctx: &mut RequestCtx,
+        parts: &mut http::request::Parts,
+        upstream: &'c crate::config::Upstream,
+        key: &'c crate::store::ApiKey,
+    ) -> Result<Judged<'c>, ProxyError> {
+        let config = &active.config;
+        // A token URL's token goes no further: the upstream sees the path without it. The legacy
+        // transport's endpoint keeps it, so the client's message POSTs authenticate the same way.
+        let mut public_prefix = std::borrow::Cow::Borrowed(upstream.prefix.as_str());
+        if let Some((token, rest)) = token_in_path(upstream, parts.uri.path()) {
+            public_prefix = format!("{}/t/{token}", upstream.prefix.trim_end_matches('/')).into();
+            let stripped = match parts.uri.query() {
+                Some(query) => format!("{}{rest}?{query}", upstream.prefix),
+                None => format!("{}{rest}", upstream.prefix),
+            };
+            parts.uri = http::Uri::try_from(stripped).map_err(|_| ProxyError::InvalidPath)?;
+        }
+        // Identify the acting user. The requested name is recorded first so that denials are audited too.
+        let requested = identity::requested_user(&config.identity, &parts.headers)?;
+        ctx.requested_user = requested.map(str::to_owned);
+        let who = identity::resolve(&config.identity, &config.directory, key, requested)?;
+        let acting_user = config.directory.user_name(who.user);
+        ctx.acting_user = Some(acting_user.clone());
+        ctx.fallback = who.fallback;
+        // Sessions: a session the client presents must be the acting user's on this upstream (else 404, the
+        // spec's "session not found"); the upstream gets its own id back.
+        let presented = session::unbind_request(parts, &active.sessions, acting_user, &upstream.name)?;
+        ctx.session = presented.fingerprint;
+        ctx.legacy_session = presented.legacy;
+        // The upstream's user rule.
+        if upstream.users.as_ref().is_some_and(|rule| !rule.permits(acting_user)) {
+            return Err(ProxyError::UserNotPermitted);
+        }
+        // Rate limit by the resolved user: only now, so that bad keys and unknown users never create
+        // limiter state, and before any work is done on the user's behalf. (Per-tool limits wait for the
+        // body that names the tool.)
+        let check = LimitRequest { key: key.index, user: who.user, upstream: upstream.id, calls: None };
+        let statuses = self.limits.check(&active.limits, &check).map_err(ProxyError::RateLimited)?;
+        Ok(Judged { user: who.user, public_prefix, statuses })
+    }
+}
+
 impl RequestCtx {
     /// The id a JSON-RPC error answer carries: the request's own, `null` when it has none or is unread.
     fn error_id(&self) -> Option<&RawValue> {
         match &self.rpc {
-            Some(rpc) => Some(rpc.error_id().unwrap_or(RawValue::NULL)),
+            Some(rpc) => Some(rpc.error_id().map_or(RawValue::NULL, mcp::Id::as_raw)),
             None => self.json_post.then_some(RawValue::NULL),
         }
     }
@@ -384,6 +443,8 @@ fn admit<'c>(
 ) -> Result<(&'c crate::config::Upstream, &'c crate::store::ApiKey), ProxyError> {
     // Limits first: the cheapest check, and it bounds the work of every later step.
     headers::check_size(&parts.headers, config.server.max_header_bytes)?;
+    // One authority: a request whose Host is missing, repeated or contradicts its target is refused.
+    headers::check_host(parts)?;
     // Route: which upstream's rules apply. A path with dot segments, encoded slashes or empty segments
     // is refused outright: it could reach beyond the upstream's path once the upstream normalizes it.
     headers::check_path(parts.uri.path())?;
@@ -409,14 +470,16 @@ fn token_in_path<'p>(upstream: &crate::config::Upstream, path: &'p str) -> Optio
     (!token.is_empty()).then_some((token, rest))
 }
 
-/// The request path as the audit trail records it: a token URL's token is a secret.
-fn audit_path(path: &str) -> std::borrow::Cow<'_, str> {
-    match path.find("/t/") {
+/// The request path as the audit trail records it: a token URL's token is a secret, replaced by `***`
+/// exactly where the router finds it (an upstream's own prefix may contain `/t/` too). Done for every
+/// request, refused ones included, before any step can fail.
+fn audit_path<'p>(config: &Config, path: &'p str) -> std::borrow::Cow<'p, str> {
+    let token = config.upstream_by_path(path).and_then(|upstream| token_in_path(upstream, path));
+    match token {
         None => path.into(),
-        Some(at) => {
-            let rest = &path[at + 3..];
-            let end = rest.find('/').unwrap_or(rest.len());
-            format!("{}/t/***{}", &path[..at], &rest[end..]).into()
+        Some((token, rest)) => {
+            let at = path.len() - rest.len() - token.len();
+            format!("{}***{rest}", &path[..at]).into()
         }
     }
 }

@@ -46,13 +46,16 @@ pub async fn filter_tools(response: Response<ProxyBody>, rule: Arc<Rule>) -> Res
     }
 }
 
-/// One event of a stream that may carry a `tools/list` result: rewritten when tools were removed,
-/// dropped when its data cannot be read, kept otherwise (comments, keep-alives, other messages).
-fn filter_event(raw: &[u8], rule: &Rule) -> Option<Vec<u8>> {
-    let event = sse::parse(raw)?;
-    match filter_tools_json(event.data.as_bytes(), rule) {
+/// One event of a stream that may carry a `tools/list` result. Every message event is read as JSON, as
+/// the client will read it: rewritten when tools were removed, dropped when its data is not JSON (it
+/// cannot be checked), kept otherwise. Comments, keep-alives and events of other types pass: clients do
+/// not read them as messages.
+pub fn filter_event(raw: &[u8], rule: &Rule) -> Option<Vec<u8>> {
+    let event = sse::parse(raw);
+    let data = event.data.as_deref().filter(|_| event.is_message())?;
+    match filter_tools_json(data.as_bytes(), rule) {
         Ok(None) => None,
-        Ok(Some(data)) => Some(sse::render(event.kind, std::str::from_utf8(&data).expect("serde_json writes UTF-8"))),
+        Ok(Some(json)) => Some(sse::render(event.kind.as_deref(), event.id.as_deref(), &json)),
         Err(NotJson) => {
             tracing::warn!("dropped a server-sent event that could not be checked for blocked tools");
             Some(Vec::new())
@@ -109,24 +112,21 @@ pub fn bind_sessions(
         let (registration, injected) = legacy::registration(streams);
         let registered = registration.clone();
         let rewrite = move |raw: &[u8]| {
-            // Answers on the stream (the legacy transport's, or a GET stream's): tools/list is filtered.
-            if let Some(rule) = &tools
-                && raw.windows(5).any(|w| w == b"tools")
-            {
-                return filter_event(raw, rule);
+            // The legacy transport's `endpoint` event (its type is plain text, no escapes to hide it).
+            if raw.windows(8).any(|w| w == b"endpoint") {
+                let event = sse::parse(raw);
+                if let (Some("endpoint"), Some(data)) = (event.kind.as_deref(), &event.data) {
+                    let bind = |s: &str| binder.bind(&user, &name, s);
+                    let (uri, session) = public_endpoint(data, &prefix, &base_path, bind)?;
+                    if let Some(session) = session {
+                        registered.register(&name, &session);
+                    }
+                    return Some(sse::render(event.kind.as_deref(), event.id.as_deref(), &uri));
+                }
             }
-            if !raw.windows(8).any(|w| w == b"endpoint") {
-                return None;
-            }
-            let event = sse::parse(raw)?;
-            if event.kind != Some("endpoint") {
-                return None;
-            }
-            let (uri, session) = public_endpoint(&event.data, &prefix, &base_path, |s| binder.bind(&user, &name, s))?;
-            if let Some(session) = session {
-                registered.register(&name, &session);
-            }
-            Some(sse::render(event.kind, &uri))
+            // Answers on the stream (the legacy transport's, or a GET stream's): with a tool rule, every
+            // message is read, so tools/list results are filtered however their JSON is spelled.
+            filter_event(raw, tools.as_deref()?)
         };
         // One pass over the stream: the rewrite yields whole events, and the proxy's own (refusals of this
         // session's message POSTs) go out between them.
@@ -196,7 +196,7 @@ pub struct NotJson;
 
 /// The JSON with disallowed tools removed from each JSON-RPC response's `result.tools`; `Ok(None)` when
 /// nothing was removed, `Err` when it is not JSON.
-pub fn filter_tools_json(json: &[u8], rule: &Rule) -> Result<Option<Vec<u8>>, NotJson> {
+pub fn filter_tools_json(json: &[u8], rule: &Rule) -> Result<Option<String>, NotJson> {
     let mut value: serde_json::Value = serde_json::from_slice(json).map_err(|_| NotJson)?;
     let mut changed = false;
     let mut filter = |message: &mut serde_json::Value| {
@@ -210,7 +210,8 @@ pub fn filter_tools_json(json: &[u8], rule: &Rule) -> Result<Option<Vec<u8>>, No
         serde_json::Value::Array(batch) => batch.iter_mut().for_each(&mut filter),
         message => filter(message),
     }
-    Ok(changed.then(|| serde_json::to_vec(&value).expect("a JSON value serializes")))
+    // A `Value` read from JSON always serializes (its map keys are strings).
+    Ok(changed.then(|| value.to_string()))
 }
 
 #[cfg(test)]
@@ -233,12 +234,42 @@ mod tests {
         assert_eq!(uri("/messages", "/", ""), Some(("/messages".into(), None)));
     }
 
+    /// The events a client dispatches from `raw`, by the same reading (used to check what leaves).
+    fn tool_names(raw: &[u8]) -> Vec<String> {
+        let event = sse::parse(raw);
+        let Some(data) = event.data.filter(|_| event.kind.is_none()) else { return vec![] };
+        let value: serde_json::Value = serde_json::from_str(&data).unwrap();
+        value["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().into()).collect()
+    }
+
+    #[test]
+    fn events_are_read_as_clients_read_them_and_fail_closed() {
+        let rule = Rule::Block(vec!["delete_*".into()]);
+        let list = |tools: &str| format!(r#"{{"jsonrpc":"2.0","id":1,"result":{{"tools":[{tools}]}}}}"#);
+        // A byte that is not UTF-8 does not hide the event: it is decoded as the client decodes it.
+        let raw = [&b"data: "[..], list(r#"{"name":"delete_?"},{"name":"ok"}"#).as_bytes(), b"\n\n"].concat();
+        let raw: Vec<u8> = raw.iter().map(|&b| if b == b'?' { 0xff } else { b }).collect();
+        let out = filter_event(&raw, &rule).unwrap();
+        assert_eq!(tool_names(&out), ["ok"]);
+        // A key spelled with escapes is the same key.
+        let escaped = br#"data: {"jsonrpc":"2.0","id":1,"result":{"t\u006fols":[{"name":"delete_repo"}]}}"#;
+        let out = filter_event(&[&escaped[..], b"\n\n"].concat(), &rule).unwrap();
+        assert_eq!(tool_names(&out), Vec::<String>::new());
+        // Unreadable message data is dropped; other event types and comments pass untouched.
+        assert_eq!(filter_event(b"data: {not json\n\n", &rule), Some(vec![]));
+        assert_eq!(filter_event(b"event: endpoint\ndata: /tools/messages?x=1\n\n", &rule), None);
+        assert_eq!(filter_event(b": keep-alive\n\n", &rule), None);
+        // The event id survives a rewrite, so a client can still resume after it.
+        let out = filter_event(format!("id: 42\ndata: {}\n\n", list(r#"{"name":"delete_x"}"#)).as_bytes(), &rule);
+        assert!(String::from_utf8(out.unwrap()).unwrap().starts_with("id: 42\n"));
+    }
+
     #[test]
     fn removes_only_disallowed_tools() {
         let rule = Rule::Block(vec!["delete_*".into()]);
         let json =
             br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_repo"},{"name":"get"}]}}"#;
-        let out: serde_json::Value = serde_json::from_slice(&filter_tools_json(json, &rule).unwrap().unwrap()).unwrap();
+        let out: serde_json::Value = serde_json::from_str(&filter_tools_json(json, &rule).unwrap().unwrap()).unwrap();
         let names: Vec<_> =
             out["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["search", "get"]);
@@ -248,8 +279,7 @@ mod tests {
         assert_eq!(filter_tools_json(b"not json", &rule), Err(NotJson));
         assert_eq!(filter_tools_json(b"\xef\xbb\xbf{}", &rule), Err(NotJson), "a BOM is not JSON: refused, not passed");
         let batch = br#"[{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"delete_x"}]}},{"jsonrpc":"2.0","id":2,"result":{}}]"#;
-        let out: serde_json::Value =
-            serde_json::from_slice(&filter_tools_json(batch, &rule).unwrap().unwrap()).unwrap();
+        let out: serde_json::Value = serde_json::from_str(&filter_tools_json(batch, &rule).unwrap().unwrap()).unwrap();
         assert_eq!(out[0]["result"]["tools"], serde_json::json!([]));
     }
 }

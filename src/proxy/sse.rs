@@ -16,43 +16,60 @@ use super::body::BoxError;
 /// passed on unchecked.
 pub const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
 
-/// One parsed event: its `event:` type and its `data:` lines joined by `\n`.
+/// One event as an EventSource client reads it (WHATWG HTML, "server-sent events"): its `event:` type,
+/// its `id:`, and its `data:` lines joined by `\n`. The bytes are decoded as UTF-8 with replacement
+/// characters, as clients decode them, so what the proxy checks is what the client will see.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Event<'a> {
-    pub kind: Option<&'a str>,
-    pub data: String,
+pub struct Event {
+    pub kind: Option<String>,
+    pub id: Option<String>,
+    /// `None` when the event has no `data:` line: a client dispatches nothing for it.
+    pub data: Option<String>,
 }
 
-/// Parses the fields the proxy cares about. `raw` is one event, blank-line terminator included.
-pub fn parse(raw: &[u8]) -> Option<Event<'_>> {
-    let text = std::str::from_utf8(raw).ok()?;
-    let mut kind = None;
-    let mut data: Option<String> = None;
+impl Event {
+    /// Whether a client hands this event to its JSON-RPC layer: MCP messages are events of the default
+    /// type, `message`. (The SDKs ignore other types, except the legacy transport's `endpoint`.)
+    pub fn is_message(&self) -> bool {
+        self.data.is_some() && self.kind.as_deref().is_none_or(|k| k == "message")
+    }
+}
+
+/// Parses one event; `raw` is the event, blank-line terminator included (or whatever is left at the end
+/// of a stream). Every field is read as a client reads it: lines end with CRLF, LF or CR, the field name
+/// is up to the first `:`, one space after it is dropped, and a line without `:` is a field with an
+/// empty value.
+pub fn parse(raw: &[u8]) -> Event {
+    let text = String::from_utf8_lossy(raw);
+    let mut event = Event { kind: None, id: None, data: None };
     for line in text.split(['\n', '\r']).filter(|l| !l.is_empty()) {
         let (field, value) = line.split_once(':').unwrap_or((line, ""));
         let value = value.strip_prefix(' ').unwrap_or(value);
         match field {
-            "event" => kind = Some(value),
-            "data" => match &mut data {
+            "event" => event.kind = Some(value.to_owned()),
+            "id" if !value.contains('\0') => event.id = Some(value.to_owned()),
+            "data" => match &mut event.data {
                 Some(d) => {
                     d.push('\n');
                     d.push_str(value);
                 }
-                None => data = Some(value.to_owned()),
+                None => event.data = Some(value.to_owned()),
             },
             _ => {}
         }
     }
-    Some(Event { kind, data: data? })
+    event
 }
 
-/// Serializes an event with the given type and data (multi-line data becomes several `data:` lines).
-pub fn render(kind: Option<&str>, data: &str) -> Vec<u8> {
+/// Serializes an event with the given type, id and data (multi-line data becomes several `data:` lines).
+pub fn render(kind: Option<&str>, id: Option<&str>, data: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 32);
-    if let Some(kind) = kind {
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(kind.as_bytes());
-        out.push(b'\n');
+    for (field, value) in [("event: ", kind), ("id: ", id)] {
+        if let Some(value) = value {
+            out.extend_from_slice(field.as_bytes());
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'\n');
+        }
     }
     for line in data.split('\n') {
         out.extend_from_slice(b"data: ");
@@ -62,6 +79,9 @@ pub fn render(kind: Option<&str>, data: &str) -> Vec<u8> {
     out.push(b'\n');
     out
 }
+
+/// The UTF-8 byte order mark, which a client skips at the very start of a stream.
+const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// End of the first complete event in `buf` (just past the blank line that ends it), if there is one.
 /// Lines end with CRLF, LF or CR (the SSE grammar); a CR at the very end of `buf` may be the first half
@@ -109,12 +129,14 @@ pub struct EventRewrite<B, F> {
     /// Where the next scan of `buf` may start (a line start with no event end before it).
     scanned: usize,
     rewrite: F,
+    /// No byte has been passed on yet: a leading BOM may still be on its way.
+    at_start: bool,
     ended: bool,
 }
 
 impl<B, F> EventRewrite<B, F> {
     pub fn new(inner: B, rewrite: F) -> Self {
-        EventRewrite { inner, buf: BytesMut::new(), scanned: 0, rewrite, ended: false }
+        EventRewrite { inner, buf: BytesMut::new(), scanned: 0, rewrite, at_start: true, ended: false }
     }
 }
 
@@ -124,6 +146,17 @@ where
 {
     /// Takes every complete event out of the buffer, rewritten where asked.
     fn complete_events(&mut self) -> Option<Bytes> {
+        // A client skips one BOM at the start of the stream and reads the first event after it; the
+        // proxy drops it too, so that event is checked as the client will read it.
+        if self.at_start {
+            if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) && !self.ended {
+                return None;
+            }
+            if self.buf.starts_with(BOM) {
+                let _ = self.buf.split_to(BOM.len());
+            }
+            self.at_start = false;
+        }
         let first = match scan(&self.buf, self.scanned) {
             Ok(len) => len,
             Err(resume) => {
@@ -168,8 +201,13 @@ where
                 return Poll::Ready(Some(Ok(Frame::data(events))));
             }
             if this.ended {
-                // A last event without its blank line is passed on as it is.
+                // What is left has no blank line after it, but a client may still dispatch it (a CR at the
+                // very end ends a line): it goes through the rewrite like any event.
                 let rest = this.buf.split().freeze();
+                if rest.is_empty() {
+                    return Poll::Ready(None);
+                }
+                let rest = (this.rewrite)(&rest).map_or(rest, Bytes::from);
                 return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -197,18 +235,18 @@ mod tests {
     use std::collections::VecDeque;
 
     /// A body that yields the given chunks, one frame each.
-    struct Chunks(VecDeque<&'static str>);
+    struct Chunks(VecDeque<&'static [u8]>);
 
     impl Body for Chunks {
         type Data = Bytes;
         type Error = BoxError;
         fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes())))))
+            Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(Bytes::from_static(c)))))
         }
     }
 
     fn chunks(parts: &[&'static str]) -> Chunks {
-        Chunks(parts.iter().copied().collect())
+        Chunks(parts.iter().map(|p| p.as_bytes()).collect())
     }
 
     #[tokio::test]
@@ -216,8 +254,8 @@ mod tests {
         let body =
             chunks(&["event: message\ndata: keep\n\nevent: mess", "age\ndata: swap\n", "\n: comment\n\ndata: tail"]);
         let rewrite = |raw: &[u8]| {
-            let event = parse(raw)?;
-            (event.data == "swap").then(|| render(event.kind, "swapped"))
+            let event = parse(raw);
+            (event.data.as_deref() == Some("swap")).then(|| render(event.kind.as_deref(), None, "swapped"))
         };
         let out = EventRewrite::new(body, rewrite).collect().await.unwrap().to_bytes();
         assert_eq!(out, "event: message\ndata: keep\n\nevent: message\ndata: swapped\n\n: comment\n\ndata: tail");
@@ -233,10 +271,28 @@ mod tests {
         assert_eq!(event_end(b"data: a\n\rx"), Some(9));
         assert_eq!(event_end(b"data: a\n\r"), None, "CR at the end may be half of a CRLF");
         assert_eq!(event_end(b"data: a\r\ndata: b"), None);
-        let e = parse(b"event: endpoint\r\ndata: /messages?x=1\r\n\r\n").unwrap();
-        assert_eq!(e, Event { kind: Some("endpoint"), data: "/messages?x=1".into() });
-        let e = parse(b"data: {\"a\":\ndata: 1}\n\n").unwrap();
-        assert_eq!(e.data, "{\"a\":\n1}");
-        assert!(parse(b": keepalive\n\n").is_none());
+        let e = parse(b"event: endpoint\r\nid: 7\r\ndata: /messages?x=1\r\n\r\n");
+        assert_eq!(
+            e,
+            Event { kind: Some("endpoint".into()), id: Some("7".into()), data: Some("/messages?x=1".into()) }
+        );
+        assert!(!e.is_message());
+        let e = parse(b"data: {\"a\":\ndata: 1}\n\n");
+        assert_eq!(e.data.as_deref(), Some("{\"a\":\n1}"));
+        assert!(e.is_message());
+        assert_eq!(parse(b": keepalive\n\n").data, None);
+        assert_eq!(parse(b"data\n\n").data.as_deref(), Some(""), "a line without a colon is a field");
+        assert_eq!(parse(b"data: a\xffb\n\n").data.as_deref(), Some("a\u{fffd}b"), "decoded as clients do");
+    }
+
+    #[tokio::test]
+    async fn a_leading_bom_is_dropped_and_a_last_unterminated_event_is_rewritten_too() {
+        let rewrite = |raw: &[u8]| {
+            let event = parse(raw);
+            (event.data.as_deref() == Some("swap")).then(|| render(None, None, "swapped"))
+        };
+        let body = Chunks([&b"\xef\xbb"[..], b"\xbfdata: swap\n\n", b"data: keep\n\ndata: swap\n\r"].into());
+        let out = EventRewrite::new(body, rewrite).collect().await.unwrap().to_bytes();
+        assert_eq!(out, "data: swapped\n\ndata: keep\n\ndata: swapped\n\n");
     }
 }

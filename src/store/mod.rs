@@ -247,6 +247,18 @@ impl Directory {
     }
 }
 
+/// The upstream-name grammar shared by config, store, admin API and CLI: ASCII letters, digits, `-` and
+/// `_`, 1 to [`model::MAX_NAME_LEN`] bytes.
+pub fn check_upstream_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > model::MAX_NAME_LEN {
+        return Err("must be 1 to 128 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err("only ASCII letters, digits, - and _ are allowed");
+    }
+    Ok(())
+}
+
 /// The user-id grammar shared by the user header, config and (later) the admin API: ASCII letters,
 /// digits and `._@:-`, non-empty, at most `max_len` bytes.
 pub fn check_user_id(id: &str, max_len: usize) -> Result<(), &'static str> {

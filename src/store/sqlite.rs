@@ -21,7 +21,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavio
 
 use super::crypto::{MasterKey, RowAad};
 use super::model::*;
-use super::{KeyKind, check_user_id};
+use super::{KeyKind, check_upstream_name, check_user_id};
 use crate::policy::ratelimit::Limit;
 use crate::secret::{Secret, sha256};
 
@@ -261,15 +261,8 @@ fn check_user(field: &'static str, id: &str) -> StoreResult<()> {
     check_user_id(id, MAX_USER_ID_LEN).map_err(|why| StoreError::invalid(field, why))
 }
 
-/// Upstream names as the config allows them: ASCII letters, digits, `-` and `_`.
 fn check_upstream(name: &str) -> StoreResult<()> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(StoreError::invalid("upstream", format!("must be 1 to {MAX_NAME_LEN} characters")));
-    }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(StoreError::invalid("upstream", "only ASCII letters, digits, - and _ are allowed"));
-    }
-    Ok(())
+    check_upstream_name(name).map_err(|why| StoreError::invalid("upstream", why))
 }
 
 fn check_name(field: &'static str, name: &str) -> StoreResult<()> {
@@ -299,8 +292,8 @@ fn limit_columns(limit: UserLimit) -> StoreResult<LimitColumns> {
             if l.per.subsec_nanos() % 1_000_000 != 0 || l.per.is_zero() {
                 return Err(StoreError::invalid("rate_limit.per", "must be a whole number of milliseconds"));
             }
-            if Limit::new(l.requests, l.per, Some(l.burst)).is_none() {
-                return Err(StoreError::invalid("rate_limit", "more than 1e9 requests per second"));
+            if let Err(why) = Limit::new(l.requests, l.per, Some(l.burst)) {
+                return Err(StoreError::invalid("rate_limit", why));
             }
             let per_ms =
                 i64::try_from(l.per.as_millis()).map_err(|_| StoreError::invalid("rate_limit.per", "too long"))?;
@@ -327,7 +320,8 @@ fn user_from_row(r: &Row<'_>) -> rusqlite::Result<User> {
         (true, None, None, None) => UserLimit::Unlimited,
         (false, None, None, None) => UserLimit::Default,
         (false, Some(requests), Some(per_ms), Some(burst)) if per_ms > 0 => {
-            UserLimit::Quota(Limit { requests, per: Duration::from_millis(per_ms as u64), burst })
+            let per = Duration::from_millis(per_ms as u64);
+            UserLimit::Quota(Limit::new(requests, per, Some(burst)).map_err(|why| conversion(3, Type::Integer, why))?)
         }
         _ => return Err(conversion(1, Type::Integer, "inconsistent rate-limit columns")),
     };
@@ -815,11 +809,16 @@ impl Store for SqliteStore {
     }
 
     fn add_usage(&self, deltas: &[UsageDelta]) -> StoreResult<()> {
-        for d in deltas {
-            check_user("user", &d.user)?;
-            check_upstream(&d.upstream)?;
-        }
-        let as_i64 = |field, v: u64| i64::try_from(v).map_err(|_| StoreError::invalid(field, "too large"));
+        // A row the store cannot hold is dropped with a warning: it must not hold back everyone else's.
+        let valid = |d: &&UsageDelta| match check_user("user", &d.user).and_then(|()| check_upstream(&d.upstream)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "usage row dropped: the store cannot hold its user or upstream name");
+                false
+            }
+        };
+        let deltas: Vec<&UsageDelta> = deltas.iter().filter(valid).collect();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let mut inner = self.lock();
         let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
@@ -830,7 +829,7 @@ impl Store for SqliteStore {
                      last_seen = max(last_seen, excluded.last_seen)",
             )?;
             for d in deltas {
-                let (requests, denials) = (as_i64("requests", d.requests)?, as_i64("denials", d.denials)?);
+                let (requests, denials) = (as_i64(d.requests), as_i64(d.denials));
                 stmt.execute(params![d.user, d.upstream, requests, denials, d.last_seen])?;
             }
         }

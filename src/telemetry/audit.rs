@@ -44,7 +44,7 @@ pub struct AuditEvent<'a> {
     /// MCP facts of a JSON-RPC POST (single messages; a batch records none). Argument values are never
     /// recorded: they may hold personal data.
     pub mcp_method: Option<&'a str>,
-    pub jsonrpc_id: Option<&'a serde_json::value::RawValue>,
+    pub jsonrpc_id: Option<&'a crate::policy::mcp::Id>,
     pub tool: Option<&'a str>,
     pub prompt: Option<&'a str>,
     pub resource: Option<&'a str>,

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::store::model::{UnixTime, UsageDelta};
+use crate::sync::lock;
 
 #[derive(Default)]
 struct Counts {
@@ -39,7 +40,7 @@ impl UsageCounters {
     /// Counts one request that had an acting user on an upstream; `denied` when the proxy refused it.
     pub fn record(&self, user: &Arc<str>, upstream: &Arc<str>, key: Option<&Arc<str>>, denied: bool) {
         let now = now();
-        let mut pending = self.pending.lock().expect("usage counters");
+        let mut pending = lock(&self.pending);
         let counts = pending.usage.entry((user.clone(), upstream.clone())).or_default();
         counts.requests += 1;
         counts.denials += u64::from(denied);
@@ -51,7 +52,7 @@ impl UsageCounters {
 
     /// Takes everything counted so far, leaving the counters empty.
     pub fn take(&self) -> Flush {
-        let pending = std::mem::take(&mut *self.pending.lock().expect("usage counters"));
+        let pending = std::mem::take(&mut *lock(&self.pending));
         Flush {
             usage: pending
                 .usage
@@ -70,7 +71,7 @@ impl UsageCounters {
 
     /// Puts a flush that could not be written back, so nothing counted is lost.
     pub fn restore(&self, flush: Flush) {
-        let mut pending = self.pending.lock().expect("usage counters");
+        let mut pending = lock(&self.pending);
         for delta in flush.usage {
             let counts = pending.usage.entry((delta.user.into(), delta.upstream.into())).or_default();
             counts.requests += delta.requests;
