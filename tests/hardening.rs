@@ -253,18 +253,18 @@ fn pending_post(
     (request, tx)
 }
 
+/// Alice's plain tool call; its status.
+async fn alice_calls(harness: &Harness) -> u16 {
+    let request = mcp_post(&harness.url("/mcp/github"), &[("authorization", "Bearer alice-key-0001")]);
+    harness.send(request).await.status().as_u16()
+}
+
 #[tokio::test]
 async fn a_rate_limited_caller_is_refused_before_its_body_is_read() {
     let (upstream, seen) = recording_upstream().await;
     let config = format!("rate_limit = {{ requests = 1, per = \"1h\" }}\n{}", base_config(upstream, ""));
     let harness = Harness::start_with_clock(&config, LimitClock::Fake(Default::default())).await;
-    assert_eq!(
-        harness
-            .send(mcp_post(&harness.url("/mcp/github"), &[("authorization", "Bearer alice-key-0001")]))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(alice_calls(&harness).await, 200);
     // A declared 1 MiB body that never comes: the answer must not wait for it (body_read_timeout is 30 s).
     let (request, _tx) = pending_post(&harness, ALICE_KEY, 1 << 20);
     let response = tokio::time::timeout(Duration::from_secs(5), harness.client.request(request)).await;
@@ -323,13 +323,7 @@ async fn buffered_bodies_are_bounded_per_key_and_in_total() {
     for task in [a1, a2, b1] {
         assert_eq!(task.await.unwrap().unwrap(), 200);
     }
-    assert_eq!(
-        harness
-            .send(mcp_post(&harness.url("/mcp/github"), &[("authorization", "Bearer alice-key-0001")]))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(alice_calls(&harness).await, 200);
     assert_eq!(seen.lock().unwrap().len(), 4);
     held(0).await;
 }
