@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::admin::api::AdminApi;
 use crate::admin::{self, Health};
@@ -46,9 +46,10 @@ pub struct App {
     pub proxy_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     health: Arc<Health>,
+    /// Each listener stops when its guard is dropped (also when the app is dropped without a shutdown).
     /// The proxy listener drains first, while the admin listener still answers probes (`/readyz` 503).
-    proxy_listener: (JoinHandle<()>, CancellationToken),
-    admin_listener: Option<(JoinHandle<()>, CancellationToken)>,
+    proxy_listener: (JoinHandle<()>, DropGuard),
+    admin_listener: Option<(JoinHandle<()>, DropGuard)>,
     evictor: JoinHandle<()>,
     /// Flushes usage to the store, when there is one.
     usage: Option<(JoinHandle<()>, Arc<SqliteStore>)>,
@@ -142,7 +143,7 @@ impl App {
         };
         let shutdown = CancellationToken::new();
         let proxy_listener =
-            (tokio::spawn(listener::serve(proxy_listener, settings, handler, shutdown.clone())), shutdown);
+            (tokio::spawn(listener::serve(proxy_listener, settings, handler, shutdown.clone())), shutdown.drop_guard());
 
         let admin_listener = admin_listener.map(|admin_listener| {
             // Probes and scrapes come from one or two addresses: no per-address cap here.
@@ -165,7 +166,7 @@ impl App {
             let health = health.clone();
             let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), api.clone(), request);
             let shutdown = CancellationToken::new();
-            (tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown.clone())), shutdown)
+            (tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown.clone())), shutdown.drop_guard())
         });
         health.set_ready(true);
         tracing::info!(%proxy_addr, ?admin_addr, tls = server.tls.is_some(), upstreams = config.upstreams.len(), "listening");
@@ -229,11 +230,11 @@ impl App {
         let usage = self.proxy.usage().clone();
         drop(self.proxy);
         self.health.set_ready(false);
-        let (proxy_listener, drain) = self.proxy_listener;
-        drain.cancel();
+        let (proxy_listener, stop) = self.proxy_listener;
+        drop(stop);
         let _ = proxy_listener.await;
         if let Some((admin_listener, stop)) = self.admin_listener {
-            stop.cancel();
+            drop(stop);
             let _ = admin_listener.await;
         }
         self.evictor.abort();
