@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::admin::api::AdminApi;
 use crate::admin::{self, Health};
@@ -46,8 +46,10 @@ pub struct App {
     pub proxy_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     health: Arc<Health>,
-    shutdown: watch::Sender<bool>,
-    listeners: Vec<JoinHandle<()>>,
+    /// Each listener stops when its guard is dropped (also when the app is dropped without a shutdown).
+    /// The proxy listener drains first, while the admin listener still answers probes (`/readyz` 503).
+    proxy_listener: (JoinHandle<()>, DropGuard),
+    admin_listener: Option<(JoinHandle<()>, DropGuard)>,
     evictor: JoinHandle<()>,
     /// Flushes usage to the store, when there is one.
     usage: Option<(JoinHandle<()>, Arc<SqliteStore>)>,
@@ -79,15 +81,12 @@ impl App {
     async fn start_inner(config: Config, config_path: Option<PathBuf>, clock: LimitClock) -> io::Result<App> {
         let config = Arc::new(config);
         let reload_lock = Arc::new(tokio::sync::Mutex::new(()));
-        let proxy_listener = listener::bind(config.server.listen).await?;
-        let admin_listener = match config.admin_listen {
-            Some(addr) => Some(listener::bind(addr).await?),
-            None => None,
-        };
+        let backlog = config.server.listen_backlog;
+        let proxy_listener = listener::bind(config.server.listen, backlog)?;
+        let admin_listener = config.admin_listen.map(|addr| listener::bind(addr, backlog)).transpose()?;
         let (audit, audit_health, audit_writer) = AuditSink::open(&config.audit_path).await?;
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.as_ref().map(|l| l.local_addr()).transpose()?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
         // `/readyz` also answers 503 while the audit sink cannot be written.
         let health = Arc::new(Health::new(audit_health.clone()));
         let server = &config.server;
@@ -129,25 +128,34 @@ impl App {
         });
         let settings = ListenerSettings {
             header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
             max_header_bytes: server.max_header_bytes,
             tls: server.tls.clone(),
             shutdown_grace: server.shutdown_grace,
             max_connections: server.max_connections,
+            max_connections_per_ip: server.max_connections_per_ip,
+            connections: metrics.connections("proxy"),
         };
         let serving = proxy.clone();
         let handler = move |request, peer| {
             let proxy = serving.clone();
             async move { proxy.handle(request, peer).await }
         };
-        let mut listeners = vec![tokio::spawn(listener::serve(proxy_listener, settings, handler, shutdown_rx.clone()))];
+        let shutdown = CancellationToken::new();
+        let proxy_listener =
+            (tokio::spawn(listener::serve(proxy_listener, settings, handler, shutdown.clone())), shutdown.drop_guard());
 
-        if let Some(admin_listener) = admin_listener {
+        let admin_listener = admin_listener.map(|admin_listener| {
+            // Probes and scrapes come from one or two addresses: no per-address cap here.
             let settings = ListenerSettings {
                 header_read_timeout: server.header_read_timeout,
+                idle_timeout: server.idle_timeout,
                 max_header_bytes: server.max_header_bytes,
                 tls: None,
                 shutdown_grace: server.shutdown_grace,
                 max_connections: 256,
+                max_connections_per_ip: 0,
+                connections: metrics.connections("admin"),
             };
             let api = match (&usage_store, config_path) {
                 (Some(store), Some(path)) => {
@@ -157,16 +165,17 @@ impl App {
             };
             let health = health.clone();
             let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), api.clone(), request);
-            listeners.push(tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown_rx)));
-        }
+            let shutdown = CancellationToken::new();
+            (tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown.clone())), shutdown.drop_guard())
+        });
         health.set_ready(true);
         tracing::info!(%proxy_addr, ?admin_addr, tls = server.tls.is_some(), upstreams = config.upstreams.len(), "listening");
         Ok(App {
             proxy_addr,
             admin_addr,
             health,
-            shutdown,
-            listeners,
+            proxy_listener,
+            admin_listener,
             evictor,
             usage: flusher.zip(usage_store),
             limits,
@@ -211,17 +220,22 @@ impl App {
         &self.audit_health
     }
 
-    /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, then writes out the audit
-    /// trail. A sink that still fails gets another `shutdown_grace`; then the lines it could not take are
-    /// logged as lost and the app stops anyway.
+    /// Turns `/readyz` to 503, stops accepting proxy connections, ends GET event streams and lets in-flight
+    /// requests finish within `shutdown_grace`; only then closes the admin listener (so probes see 503,
+    /// not a refused connection, during the drain) and writes out the audit trail. A sink that still fails
+    /// gets another `shutdown_grace`; then the lines it could not take are logged as lost and the app
+    /// stops anyway.
     pub async fn shutdown(self) {
         let grace = self.proxy.config().server.shutdown_grace;
         let usage = self.proxy.usage().clone();
         drop(self.proxy);
         self.health.set_ready(false);
-        let _ = self.shutdown.send(true);
-        for task in self.listeners {
-            let _ = task.await;
+        let (proxy_listener, stop) = self.proxy_listener;
+        drop(stop);
+        let _ = proxy_listener.await;
+        if let Some((admin_listener, stop)) = self.admin_listener {
+            drop(stop);
+            let _ = admin_listener.await;
         }
         self.evictor.abort();
         // The last requests' usage is written before the process goes.

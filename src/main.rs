@@ -98,13 +98,9 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = match App::start_from_file(config, &path).await {
-        Ok(app) => app,
-        Err(e) => {
-            eprintln!("cannot start: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // Signal handlers first: the default action of SIGTERM and SIGHUP is to end the process, and the
+    // app announces that it listens as soon as it does.
+    let shutdown = mcp_tenant_proxy::shutdown_signal();
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => signal,
         Err(e) => {
@@ -112,7 +108,13 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = mcp_tenant_proxy::shutdown_signal();
+    let app = match App::start_from_file(config, &path).await {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -62,7 +62,10 @@ pub struct RawServer {
     pub header_read_timeout: String,
     pub body_read_timeout: String,
     pub shutdown_grace: String,
+    pub idle_timeout: String,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub listen_backlog: u32,
     pub allowed_origins: Option<Vec<String>>,
     pub tls: Option<RawTls>,
 }
@@ -78,7 +81,12 @@ impl Default for RawServer {
             header_read_timeout: "10s".into(),
             body_read_timeout: "30s".into(),
             shutdown_grace: "30s".into(),
+            idle_timeout: "60s".into(),
             max_connections: 10_000,
+            // Off: behind an ingress or a service mesh every connection comes from the same few addresses.
+            max_connections_per_ip: 0,
+            // nginx's default; the kernel caps it at net.core.somaxconn.
+            listen_backlog: 4096,
             allowed_origins: None,
             tls: None,
         }

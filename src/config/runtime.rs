@@ -49,7 +49,13 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight for this long is closed (an open SSE stream is in flight).
+    pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Open connections per client address at most; 0: no cap.
+    pub max_connections_per_ip: usize,
+    /// The listen backlog of the proxy and admin listeners.
+    pub listen_backlog: u32,
     /// Origins whose requests are accepted (lowercase, no trailing slash). `None`: the proxy's own
     /// loopback origins (see `headers::own_origins`).
     pub allowed_origins: Option<Vec<String>>,
@@ -242,6 +248,10 @@ impl Config {
             ("server.header_read_timeout", a.header_read_timeout != b.header_read_timeout),
             ("server.max_header_bytes", a.max_header_bytes != b.max_header_bytes),
             ("server.shutdown_grace", a.shutdown_grace != b.shutdown_grace),
+            ("server.idle_timeout", a.idle_timeout != b.idle_timeout),
+            ("server.max_connections", a.max_connections != b.max_connections),
+            ("server.max_connections_per_ip", a.max_connections_per_ip != b.max_connections_per_ip),
+            ("server.listen_backlog", a.listen_backlog != b.listen_backlog),
             ("admin.listen", self.admin_listen != next.admin_listen),
             ("audit.path", self.audit_path != next.audit_path),
         ]
@@ -407,6 +417,13 @@ impl Builder<'_> {
         let header_read_timeout = self.duration("server.header_read_timeout", &s.header_read_timeout);
         let body_read_timeout = self.duration("server.body_read_timeout", &s.body_read_timeout);
         let shutdown_grace = self.duration("server.shutdown_grace", &s.shutdown_grace);
+        let idle_timeout = self.duration("server.idle_timeout", &s.idle_timeout);
+        if idle_timeout == Some(Duration::ZERO) {
+            self.problem("server.idle_timeout", "must be greater than 0");
+        }
+        if !(1..=65535).contains(&s.listen_backlog) {
+            self.problem("server.listen_backlog", "must be between 1 and 65535");
+        }
         let allowed_origins = s.allowed_origins.as_ref().map(|list| {
             list.iter()
                 .enumerate()
@@ -439,7 +456,10 @@ impl Builder<'_> {
             header_read_timeout: header_read_timeout?,
             body_read_timeout: body_read_timeout?,
             shutdown_grace: shutdown_grace?,
+            idle_timeout: idle_timeout?,
             max_connections: s.max_connections,
+            max_connections_per_ip: s.max_connections_per_ip,
+            listen_backlog: s.listen_backlog,
             allowed_origins,
             tls,
             tls_files: s.tls.as_ref().map(|t| (t.cert_file.clone(), t.key_file.clone())),

@@ -1,12 +1,13 @@
 //! The accept loop: plain TCP or TLS, HTTP/1.1 and HTTP/2 (h2c prior knowledge, or ALPN over TLS), with
-//! a header-read timeout against slowloris and a bound on header bytes. On shutdown it stops accepting,
-//! lets in-flight requests finish within the grace period, then drops what is left.
+//! a header-read timeout against slowloris, a bound on header bytes, caps on open connections (in all and
+//! per client address) and an idle timeout ([`conn`]). On shutdown it stops accepting, ends event streams
+//! ([`drain`]), lets in-flight requests finish within the grace period, then drops what is left.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -14,28 +15,32 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
+use super::conn::{self, Requests, Timing, Tracked};
+use super::drain;
 use crate::proxy::Peer;
 use crate::proxy::body::ProxyBody;
 
 pub struct ListenerSettings {
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    /// 0: no cap per client address.
+    pub max_connections_per_ip: usize,
+    /// Set to the number of connections this listener holds (`mcp_proxy_connections`).
+    pub connections: Gauge,
 }
 
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    settings: ListenerSettings,
-    handler: H,
-    mut shutdown: watch::Receiver<bool>,
-) where
+pub async fn serve<H, F>(listener: TcpListener, settings: ListenerSettings, handler: H, shutdown: CancellationToken)
+where
     H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
@@ -50,99 +55,149 @@ pub async fn serve<H, F>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find dead peers; they do not keep a connection from being idle (see `conn`).
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
     let tls = settings.tls.map(TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
-    let mut connections = tokio::task::JoinSet::new();
-
-    // At most `max_connections` at once: past that, new connections wait in the kernel's backlog.
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let timing = Timing { first_request: settings.header_read_timeout, idle: settings.idle_timeout };
+    let per_ip = (settings.max_connections_per_ip > 0).then(|| Arc::new(PerIp::new(settings.max_connections_per_ip)));
+    let gauge = settings.connections;
+    // Every connection task, reaped as soon as it ends: its count is the number of open connections.
+    let mut connections = JoinSet::new();
 
     loop {
-        while connections.try_join_next().is_some() {}
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-            _ = shutdown.changed() => break,
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = connections.join_next() => {
+                gauge.set(connections.len() as i64);
+                continue;
+            }
+            // At most `max_connections` at once: past that, new connections wait in the listen backlog.
+            accepted = listener.accept(), if connections.len() < settings.max_connections => accepted,
         };
-        let (stream, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Usually EMFILE: back off briefly instead of spinning on the error.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        let (stream, addr) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ip_slot = match &per_ip {
+            None => None,
+            Some(per_ip) => match per_ip.admit(addr.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!(%addr, "closed a connection past max_connections_per_ip");
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
         let peer = Peer { addr, tls: tls.is_some() };
-        let handler = handler.clone();
-        let started = Arc::new(AtomicBool::new(false));
-        let first_request = started.clone();
-        let service = service_fn(move |request| {
-            first_request.store(true, Ordering::Relaxed);
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(request, peer).await) }
+        let requests = Requests::default();
+        let service = {
+            let (handler, requests, shutdown) = (handler.clone(), requests.clone(), shutdown.clone());
+            service_fn(move |request: Request<Incoming>| {
+                let in_flight = requests.begin();
+                let (handler, shutdown) = (handler.clone(), shutdown.clone());
+                async move {
+                    let method = request.method().clone();
+                    let mut response = handler(request, peer).await;
+                    if drain::ends_at_shutdown(&method, response.headers()) {
+                        response = response.map(|body| drain::end_at_shutdown(body, shutdown));
+                    }
+                    Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+                }
+            })
+        };
+        let (builder, tls, shutdown) = (builder.clone(), tls.clone(), shutdown.clone());
+        let handshake_timeout = settings.header_read_timeout;
+        connections.spawn(async move {
+            let _ip_slot = ip_slot;
+            match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    conn::drive(conn, requests, timing, shutdown).await;
+                }
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        conn::drive(conn, requests, timing, shutdown).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                },
+            }
         });
-        let deadline = settings.header_read_timeout;
-        match &tls {
-            None => {
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                connections.spawn(async move {
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = no_request_within(deadline, &started) => {}
-                    }
-                    drop(slot);
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                let timeout = settings.header_read_timeout;
-                connections.spawn(async move {
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let conn =
-                                watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                            tokio::select! {
-                                _ = conn => {}
-                                _ = no_request_within(deadline, &started) => {}
-                            }
-                        }
-                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-                    }
-                    drop(slot);
-                });
-            }
-        }
+        gauge.set(connections.len() as i64);
     }
 
+    // Every connection saw the cancellation too and is closing gracefully.
     drop(listener);
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+    let drained = tokio::time::timeout(settings.shutdown_grace, async {
+        while connections.join_next().await.is_some() {
+            gauge.set(connections.len() as i64);
+        }
+    });
+    if drained.await.is_err() {
         tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period over; closing remaining connections");
     }
     connections.shutdown().await;
+    gauge.set(0);
 }
 
-/// Resolves when `deadline` has passed and no request has begun on the connection, which is then closed.
-/// hyper's header-read timeout starts only once it knows the protocol, and telling HTTP/1 from HTTP/2
-/// waits for the first bytes: a client that sends nothing, or half an HTTP/2 preface, would otherwise
-/// hold the socket forever.
-async fn no_request_within(deadline: Duration, started: &AtomicBool) {
-    tokio::time::sleep(deadline).await;
-    if started.load(Ordering::Relaxed) {
-        std::future::pending::<()>().await;
+/// Open connections per client address, capped.
+struct PerIp {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    fn new(max: usize) -> Self {
+        PerIp { max, open: Mutex::default() }
     }
-    tracing::debug!("closed a connection that sent no request in time");
+
+    /// A place for one more connection from `ip`, or `None` when it has `max` open already.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot { per_ip: self.clone(), ip })
+    }
 }
 
-/// Binds a listener, naming the address in the error.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+/// One open connection from `ip`; dropping it (also when its task panics) frees the place.
+struct IpSlot {
+    per_ip: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.per_ip.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Binds a listener with the given listen backlog (the std default of 128 overflows under bursts, and
+/// each overflowed SYN costs its client a one-second retry), naming the address in the error.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let bound = || {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        // A restarted proxy can bind again while the old process's connections are in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bound().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }

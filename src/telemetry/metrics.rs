@@ -12,6 +12,7 @@
 //! | `mcp_proxy_tool_calls_total` | `upstream`, `tool` (allowed, forwarded calls; at most [`MAX_TOOLS_PER_UPSTREAM`] names) |
 //! | `mcp_proxy_upstream_latency_seconds` | `upstream` (histogram: time to the upstream's response head) |
 //! | `mcp_proxy_open_streams` | (gauge: forwarded response bodies still being sent to clients) |
+//! | `mcp_proxy_connections` | `listener` (`proxy`, `admin`; gauge: open client connections) |
 //! | `mcp_proxy_audit_write_errors_total` | (failed audit writes, from [`AuditHealth`]) |
 
 use std::collections::HashMap;
@@ -68,6 +69,11 @@ struct ToolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: Arc<str>,
 }
@@ -101,6 +107,7 @@ pub struct Metrics {
     tools: RwLock<HashMap<Arc<str>, ToolCounters>>,
     latency: Family<UpstreamLabels, Histogram>,
     open_streams: Gauge,
+    connections: Family<ListenerLabels, Gauge>,
     /// The label of requests that matched no upstream.
     no_upstream: Arc<str>,
 }
@@ -138,6 +145,8 @@ impl Metrics {
             "Forwarded responses whose body is still being sent to the client",
             open_streams.clone(),
         );
+        let connections = Family::default();
+        registry.register("mcp_proxy_connections", "Open client connections, by listener", connections.clone());
         registry.register_collector(Box::new(AuditErrors(audit)));
         Metrics {
             registry,
@@ -148,6 +157,7 @@ impl Metrics {
             tools: RwLock::default(),
             latency,
             open_streams,
+            connections,
             no_upstream: Arc::from(""),
         }
     }
@@ -210,6 +220,11 @@ impl Metrics {
     pub fn stream_opened(&self) -> OpenStream {
         self.open_streams.inc();
         OpenStream(self.open_streams.clone())
+    }
+
+    /// The open connections gauge of `listener` (`proxy` or `admin`), for its accept loop to set.
+    pub fn connections(&self, listener: &'static str) -> Gauge {
+        self.connections.get_or_create_owned(&ListenerLabels { listener })
     }
 
     /// The OpenMetrics text exposition ([`CONTENT_TYPE`]) of every series.

@@ -404,3 +404,89 @@ pub async fn mcp_client(
     );
     rmcp::model::ClientConfig::default().serve(transport).await.map_err(|e| format!("{e:?}"))
 }
+
+/// One HTTP/1.1 GET on a connection of its own (`Connection: close`), read to EOF: status and body.
+pub async fn get_once(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not HTTP: {text:?}"));
+    (status, text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+}
+
+/// The value of `series` in the admin listener's `/metrics`.
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let (status, text) = get_once(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Scrapes until `series` reads `want` (10 s at most).
+pub async fn wait_for_metric(admin: SocketAddr, series: &str, want: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = metric(admin, series).await;
+        if now == Some(want) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} stayed at {now:?}, expected {want}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// An upstream with GET event streams (as [`sse_upstream`]) whose POSTs are answered only when the test
+/// releases them: each POST's arrival sends its release on `posts`.
+pub struct StreamsAndSlowPosts {
+    pub addr: SocketAddr,
+    pub streams: mpsc::Receiver<(http_body_util::channel::Sender<Bytes, Infallible>, oneshot::Receiver<()>)>,
+    pub posts: mpsc::Receiver<oneshot::Sender<()>>,
+}
+
+/// The answer a released POST gets.
+pub const SLOW_ANSWER: &str = r#"{"jsonrpc":"2.0","id":"call-1","result":{"content":[]}}"#;
+
+pub async fn streams_and_slow_posts() -> StreamsAndSlowPosts {
+    let (stream_tx, streams) = mpsc::channel(8);
+    let (post_tx, posts) = mpsc::channel(8);
+    let addr = spawn_http(move |req: Request<Incoming>| {
+        let (stream_tx, post_tx) = (stream_tx.clone(), post_tx.clone());
+        async move {
+            if req.method() == Method::POST {
+                let (release, released) = oneshot::channel();
+                post_tx.send(release).await.unwrap();
+                let _ = released.await;
+                let mut response = Response::new(body(SLOW_ANSWER));
+                response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                return response;
+            }
+            let (events, channel) = http_body_util::channel::Channel::<Bytes, Infallible>::new(8);
+            let (dropped_tx, dropped_rx) = oneshot::channel();
+            stream_tx.send((events, dropped_rx)).await.unwrap();
+            let body = NotifyOnDrop { inner: channel, dropped: Some(dropped_tx) };
+            let mut response = Response::new(body.map_err(|never| match never {}).boxed());
+            response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            response
+        }
+    })
+    .await;
+    StreamsAndSlowPosts { addr, streams, posts }
+}
+
+/// A GET of the event stream at `url`, as alice.
+pub fn stream_request(url: &str) -> Request<TestBody> {
+    // hyper's connection-level client sends no Host of its own, and the proxy requires one.
+    let uri: Uri = url.parse().unwrap();
+    Request::get(url)
+        .header("host", uri.authority().unwrap().as_str())
+        .header("authorization", format!("Bearer {ALICE_KEY}"))
+        .header("accept", "text/event-stream")
+        .body(body(""))
+        .unwrap()
+}
