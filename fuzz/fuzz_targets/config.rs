@@ -31,9 +31,11 @@ static BASE_DIR: LazyLock<PathBuf> = LazyLock::new(|| {
     dir
 });
 
+/// `secret = "..."` and misspellings of it; `secret_env` / `secret_file` name a secret, they do not hold one.
 fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["secret", "secert", "sekret", "scret"].iter().any(|s| key.contains(s))
+    let reference = key.ends_with("_env") || key.ends_with("_file");
+    !reference && ["secret", "secert", "sekret", "scret"].iter().any(|s| key.contains(s))
 }
 
 /// Inline secrets (string values under secret-like keys) and whether every `*_file` value is a plain name.
