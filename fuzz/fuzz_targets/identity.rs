@@ -118,6 +118,7 @@ fn percent_decode_once(s: &str) -> Vec<u8> {
     while i < b.len() {
         if b[i] == b'%'
             && let Some(hex) = b.get(i + 1..i + 3)
+            && hex.iter().all(u8::is_ascii_hexdigit)
             && let Ok(byte) = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16)
         {
             out.push(byte);
