@@ -57,10 +57,23 @@ fn response_bytes(error: &ProxyError, id: Option<&RawValue>) -> (u16, Vec<u8>) {
     }
 }
 
+static SKIP_KNOWN: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    std::env::var("FUZZ_SKIP_KNOWN").is_ok_and(|v| v == "1" || v == "all" || v.contains("surrogate_id"))
+});
+
 fn check_error_answers(rpc: &Rpc) {
     let id = rpc.error_id();
-    // The id as a client reads it.
-    let expected_id: Option<Value> = id.map(|id| serde_json::from_str(id.get()).expect("an accepted id is JSON"));
+    // Known (reported): `inspect` accepts ids with a lone surrogate escape ("\ud83d"), which serde_json
+    // cannot read back, and `ProxyError::body` then panics. `FUZZ_SKIP_KNOWN=surrogate_id` (or `1`) skips those inputs.
+    if *SKIP_KNOWN && id.is_some_and(|id| serde_json::from_str::<Value>(id.get()).is_err()) {
+        return;
+    }
+    // The id as a client reads it. `inspect` should accept only ids that are JSON (RFC 8259: a lone
+    // surrogate escape such as "\ud83d" is not something a JSON parser must accept).
+    let expected_id: Option<Value> = id.map(|id| {
+        serde_json::from_str(id.get())
+            .unwrap_or_else(|e| panic!("inspect accepted an id that is not JSON: {} ({e})", id.get()))
+    });
     // Refusals before the body is read answer with `id: null`.
     let null = RawValue::from_string("null".into()).unwrap();
     for error in errors() {
