@@ -165,7 +165,7 @@ fn visible_blocked_tools(data: &str) -> Vec<String> {
 }
 
 /// The fail-open classes already reported (README, "Fuzzing"), by name: `utf8` (non-UTF-8 bytes), `bom` (a
-/// leading BOM) and `eos` (a stream that does not end with a blank line). `SSE_FILTER_SKIP_KNOWN` names the
+/// leading BOM) and `eos` (a stream that does not end with a blank line). `FUZZ_SKIP_KNOWN` names the
 /// classes to skip (`utf8,bom`; `1` or `all` for every one), so a run can look for other failures before
 /// these are fixed.
 fn known_failure_class(input: &[u8], skip: &[&str]) -> bool {
@@ -179,9 +179,9 @@ fn known_failure_class(input: &[u8], skip: &[&str]) -> bool {
 }
 
 static SKIP_KNOWN: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
-    let value = std::env::var("SSE_FILTER_SKIP_KNOWN").unwrap_or_default();
+    let value = std::env::var("FUZZ_SKIP_KNOWN").unwrap_or_default();
     match value.as_str() {
-        "1" | "all" => vec!["utf8", "bom", "eos"],
+        "1" | "all" => vec!["utf8", "bom", "eos", "surrogate_id"],
         list => list.split(',').map(|c| &*String::from(c.trim()).leak()).filter(|c| !c.is_empty()).collect(),
     }
 });
