@@ -181,7 +181,7 @@ fn known_failure_class(input: &[u8], skip: &[&str]) -> bool {
 static SKIP_KNOWN: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
     let value = std::env::var("FUZZ_SKIP_KNOWN").unwrap_or_default();
     match value.as_str() {
-        "1" | "all" => vec!["utf8", "bom", "eos", "surrogate_id"],
+        "1" | "all" => vec!["utf8", "bom", "eos"],
         list => list.split(',').map(|c| &*String::from(c.trim()).leak()).filter(|c| !c.is_empty()).collect(),
     }
 });
