@@ -36,8 +36,10 @@ for target in "${targets[@]}"; do
     fi
     log="fuzz/logs/$target.log"
     echo "== $target: ${seconds}s (log: $log)" >&2
+    dict=()
+    [ -f "fuzz/$target.dict" ] && dict=(-dict="fuzz/$target.dict")
     # shellcheck disable=SC2086
-    cargo +nightly fuzz run "$target" "$corpus" -- \
+    cargo +nightly fuzz run "$target" "$corpus" -- "${dict[@]}" \
         -max_total_time="$seconds" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 ${FUZZ_FLAGS:-} \
         >"$log" 2>&1
     rc=$?
