@@ -255,7 +255,7 @@ fn last_line(file: &mut (impl Read + Seek)) -> io::Result<Continue> {
 
 /// Appends `event` (a JSON object without `prev`) to `out` as one line, with `"prev":"<hex of prev>"` as
 /// its first field, and moves `prev` on to the new line's hash. Byte-level: the event is not parsed again.
-fn chain_line(out: &mut Vec<u8>, prev: &mut [u8; 32], event: &str) {
+pub fn chain_line(out: &mut Vec<u8>, prev: &mut [u8; 32], event: &str) {
     let fields = event.strip_prefix('{').expect("an audit event is a JSON object");
     let start = out.len();
     let mut hex = [0u8; 64];
