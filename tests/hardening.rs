@@ -84,15 +84,17 @@ async fn client_json_cannot_write_a_second_audit_line() {
     let url = harness.url("/mcp/github");
     // Without a key: an id with raw newlines and a forged record inside, and a string id with escapes.
     let forged = "[1,\n{\"prev\":\"0000\",\"decision\":\"allow\",\"acting_user\":\"root\"}\n]";
-    for id in [forged, r#""line\nbreak\u2028\"}""#] {
+    for id in [forged, "\"line\\nbreak\u{2028}\u{85}\\\"}\""] {
         let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#);
         let _ = harness.send(rpc(&url, &[], body)).await;
     }
     let _ = harness.shutdown_and_read_audit().await;
     let lines = verified_audit(&harness);
     assert_eq!(lines.len(), 2, "one record is one line");
+    // Not even a reader that also splits at U+2028 or U+0085 sees more: the trail is ASCII.
+    assert!(std::fs::read(&harness.audit).unwrap().is_ascii());
     assert!(lines.iter().all(|l| l["acting_user"].is_null() && l["decision"] == "deny"));
-    assert_eq!(lines[1]["jsonrpc_id"], "line\nbreak\u{2028}\"}");
+    assert_eq!(lines[1]["jsonrpc_id"], "line\nbreak\u{2028}\u{85}\"}");
 }
 
 /// The data of every event an EventSource client would dispatch from `bytes` (type `message`).
@@ -108,7 +110,7 @@ fn client_messages(bytes: &[u8]) -> Vec<String> {
         }
         if line.is_empty() {
             if let Some(d) = data.take()
-                && kind.take().is_none_or(|k| k == "message")
+                && kind.take().is_none_or(|k| k.is_empty() || k == "message")
             {
                 out.push(d);
             }
@@ -145,11 +147,13 @@ async fn tools_list_filtering_reads_every_event_as_the_client_will() {
         .into_iter()
         .map(|b| if b == 1 { 0xff } else { b })
         .collect::<Vec<u8>>();
-    let streams: [(&str, Vec<u8>); 4] = [
+    let streams: [(&str, Vec<u8>); 6] = [
         ("POST", [&b"\xef\xbb\xbfdata: "[..], list.as_bytes(), b"\n\n"].concat()), // a BOM first
         ("POST", not_utf8),                                                        // a byte not UTF-8
         ("POST", [&b"data: "[..], list.as_bytes(), b"\n\r"].concat()),             // CR ends the stream
         ("GET", [&b"data: "[..], escaped.as_bytes(), b"\n\n"].concat()),           // escapes on a GET stream
+        ("POST", [&b"event:\ndata: "[..], list.as_bytes(), b"\n\n"].concat()),     // an empty type is `message`
+        ("GET", [&b"event\ndata:"[..], list.as_bytes(), b"\r\r"].concat()),        // so is a bare `event`
     ];
     for (method, event) in streams {
         let mut upstream = sse_upstream().await;
@@ -206,9 +210,15 @@ async fn token_urls_are_redacted_where_the_router_found_them() {
     // An upstream whose own prefix contains `/t/`.
     let config = base_config(upstream, "").replace("[upstreams.github]", "[upstreams.github]\npath = \"/mcp/t/gh\"");
     let mut harness = Harness::start(&config).await;
-    for path in ["/mcp/t/gh/t/tok-secret-1", "/mcp/t/gh/t/tok-secret-2/sse"] {
+    for (path, status) in [
+        ("/mcp/t/gh/t/tok-secret-1", 401),
+        ("/mcp/t/gh/t/tok-secret-2/sse", 401),
+        // No upstream serves these (a mistyped or removed route), but the token is still a secret.
+        ("/mcp/T/gh/t/tok-secret-4", 404),
+        ("/old/t/tok-secret-5/t/x", 404),
+    ] {
         let response = harness.send(Request::get(harness.url(path)).body(body("")).unwrap()).await;
-        assert_eq!(response.status(), 401);
+        assert_eq!(response.status(), status, "{path}");
     }
     // Refused before routing even looked at the key (headers too large): still redacted.
     let big = "x".repeat(8300);
@@ -216,7 +226,10 @@ async fn token_urls_are_redacted_where_the_router_found_them() {
     assert_eq!(harness.send(request).await.status(), 431);
     let lines = harness.shutdown_and_read_audit().await;
     let paths: Vec<_> = lines.iter().map(|l| l["path"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(paths, ["/mcp/t/gh/t/***", "/mcp/t/gh/t/***/sse", "/mcp/t/gh/t/***"]);
+    assert_eq!(
+        paths,
+        ["/mcp/t/gh/t/***", "/mcp/t/gh/t/***/sse", "/mcp/T/gh/t/***", "/old/t/***/t/***", "/mcp/t/gh/t/***"]
+    );
     assert!(seen.lock().unwrap().is_empty());
 }
 
@@ -346,9 +359,89 @@ async fn http1_requests_need_exactly_one_host_and_an_absolute_target_wins() {
         let status = raw_status(&harness, format!("GET /mcp/github HTTP/1.1\r\n{headers}{auth}\r\n")).await;
         assert!(status.starts_with("HTTP/1.1 400"), "{headers:?}: {status}");
     }
+    // Userinfo in an absolute-form target is refused too: it is the authority that wins.
+    let request =
+        format!("GET http://user:pw@public.example/mcp/github HTTP/1.1\r\nhost: public.example\r\n{auth}\r\n");
+    assert!(raw_status(&harness, request).await.starts_with("HTTP/1.1 400"));
     assert!(seen.lock().unwrap().is_empty());
     let request = format!("GET http://public.example/mcp/github HTTP/1.1\r\nhost: other.example\r\n{auth}\r\n");
     assert!(raw_status(&harness, request).await.starts_with("HTTP/1.1 200"));
     let seen = seen.lock().unwrap();
     assert_eq!(seen[0].headers["x-forwarded-host"], "public.example");
+}
+
+#[tokio::test]
+async fn an_answer_with_any_coding_but_identity_is_not_passed_on_unread() {
+    let upstream = spawn_http(|_req: Request<Incoming>| async {
+        let list = r#"data: {"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"delete_repo"}]}}"#;
+        let mut response = Response::new(body(format!("{list}\n\n")));
+        let headers = response.headers_mut();
+        headers.insert("content-type", "text/event-stream".parse().unwrap());
+        // A second field line: a client applies every coding of every line.
+        headers.append("content-encoding", "identity".parse().unwrap());
+        headers.append("content-encoding", "gzip".parse().unwrap());
+        response
+    })
+    .await;
+    let harness = Harness::start(&base_config(upstream, BLOCK_DELETE)).await;
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.to_owned();
+    let response =
+        harness.send(rpc(&harness.url("/mcp/github"), &[("authorization", "Bearer alice-key-0001")], list)).await;
+    assert_eq!(response.status(), 502);
+}
+
+#[tokio::test]
+async fn one_event_is_bounded_however_its_frames_are_cut() {
+    let mut upstream = sse_upstream().await;
+    let harness = Harness::start(&base_config(upstream.addr, BLOCK_DELETE)).await;
+    let request = Request::get(harness.url("/mcp/github"))
+        .header("authorization", "Bearer alice-key-0001")
+        .body(body(""))
+        .unwrap();
+    let response = harness.send(request).await;
+    let (mut events, _) = upstream.streams.recv().await.unwrap();
+    // Every frame starts with a line end, so each looks "complete" on its own; together they are one
+    // event of more than 8 MiB.
+    let feed = tokio::spawn(async move {
+        events.send_data(Bytes::from_static(b"data: x")).await.unwrap();
+        let frame = Bytes::from(format!("\ndata: {}", "A".repeat(64 * 1024)));
+        for _ in 0..(9 * 16) {
+            if events.send_data(frame.clone()).await.is_err() {
+                return; // the proxy gave up on the stream: what this test wants
+            }
+        }
+    });
+    assert!(response.into_body().collect().await.is_err(), "the stream ends with an error");
+    feed.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_still_gets_its_audit_line() {
+    let (reached, mut reached_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let upstream = spawn_http(move |_req: Request<Incoming>| {
+        let reached = reached.clone();
+        async move {
+            let _ = reached.send(()).await;
+            std::future::pending::<Response<TestBody>>().await
+        }
+    })
+    .await;
+    let harness = Harness::start(&base_config(upstream, "")).await;
+    let call =
+        harness.client.request(mcp_post(&harness.url("/mcp/github"), &[("authorization", "Bearer alice-key-0001")]));
+    let call = tokio::spawn(call);
+    reached_rx.recv().await.unwrap();
+    call.abort(); // the client leaves while the upstream works on the call
+    // The line is written as soon as the proxy sees the connection go: watch the file for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&harness.audit).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("client_gone")) {
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit line for the abandoned call");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!((line["status"].as_u64(), line["acting_user"].as_str()), (Some(499), Some("alice")));
+    assert_eq!(line["tool"], "whoami");
 }

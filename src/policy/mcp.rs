@@ -11,8 +11,8 @@ use crate::error::ProxyError;
 use crate::proxy::headers::single;
 
 /// A JSON-RPC id as the proxy echoes it (in error answers and the audit trail): a string, a number or
-/// `null`, and nothing else. A string is decoded and encoded again, so the id is always one line of
-/// plain JSON whatever escapes the client used; a number keeps its token, and must be one that JSON
+/// `null`, and nothing else. A string is decoded and encoded again (ASCII only), so the id is always one
+/// line of plain JSON whatever the client sent; a number keeps its token, and must be one that JSON
 /// readers can hold (`1e400` overflows every `f64`: whoever reads the audit trail would fail on it).
 #[derive(Debug, Clone)]
 pub struct Id(Box<RawValue>);
@@ -24,7 +24,7 @@ impl Id {
         let canonical = match text.as_bytes().first() {
             Some(b'"') => {
                 let decoded: String = serde_json::from_str(text).map_err(|_| ProxyError::InvalidRequest)?;
-                serde_json::to_string(&decoded).map_err(|_| ProxyError::InvalidRequest)?
+                crate::json::to_ascii_string(&decoded).map_err(|_| ProxyError::InvalidRequest)?
             }
             Some(b'-' | b'0'..=b'9') if serde_json::from_str::<serde_json::Number>(text).is_ok() => text.to_owned(),
             _ if text == "null" => text.to_owned(),

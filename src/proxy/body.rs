@@ -72,17 +72,25 @@ impl Share<'_> {
             return Ok(());
         }
         let mut of_key = self.budget.by_key.entry(self.key.clone()).or_insert(0);
-        if *of_key + more > self.limits.per_key {
-            return Err(ProxyError::KeyBodiesExhausted);
-        }
-        let before = self.budget.used.fetch_add(more, Ordering::Relaxed);
-        if before + more > self.limits.total {
+        let refused = if *of_key + more > self.limits.per_key {
+            Some(ProxyError::KeyBodiesExhausted)
+        } else if self.budget.used.fetch_add(more, Ordering::Relaxed) + more > self.limits.total {
             self.budget.used.fetch_sub(more, Ordering::Relaxed);
-            return Err(ProxyError::ProxyBusy);
+            Some(ProxyError::ProxyBusy)
+        } else {
+            None
+        };
+        let Some(refused) = refused else {
+            *of_key += more;
+            self.held += more;
+            return Ok(());
+        };
+        // A key that holds nothing keeps no entry.
+        if *of_key == 0 {
+            drop(of_key);
+            self.budget.by_key.remove_if(&self.key, |_, of_key| *of_key == 0);
         }
-        *of_key += more;
-        self.held += more;
-        Ok(())
+        Err(refused)
     }
 }
 

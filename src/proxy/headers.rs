@@ -110,6 +110,11 @@ fn is_dot_segment(segment: &str) -> bool {
 /// 1.1, two never); RFC 9113 section 8.3.1: an HTTP/2 `Host` must name the same authority as
 /// `:authority`. Otherwise the proxy and the upstream could disagree on what was addressed.
 pub fn check_host(parts: &Parts) -> Result<(), ProxyError> {
+    // Userinfo has no place in an authority a request addresses (RFC 9110 section 4.2.4), in `Host` or
+    // in the target.
+    if parts.uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ProxyError::InvalidHost);
+    }
     let host = single(&parts.headers, &header::HOST, "host").map_err(|_| ProxyError::InvalidHost)?;
     let Some(host) = host else {
         return match parts.version {
@@ -119,7 +124,7 @@ pub fn check_host(parts: &Parts) -> Result<(), ProxyError> {
     };
     let authority = http::uri::Authority::try_from(host.as_bytes()).map_err(|_| ProxyError::InvalidHost)?;
     if authority.as_str().contains('@') {
-        return Err(ProxyError::InvalidHost); // userinfo has no place in Host
+        return Err(ProxyError::InvalidHost);
     }
     let h2 = matches!(parts.version, http::Version::HTTP_2 | http::Version::HTTP_3);
     match parts.uri.authority() {

@@ -144,34 +144,41 @@ impl Proxy {
     }
 
     pub async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
-        let started = Instant::now();
         // One reference-count bump; the config is never cloned per request.
         let active = self.active.load_full();
-        let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
-        let method = request.method().clone();
-        let path = audit_path(&active.config, request.uri().path()).into_owned();
-        let mut ctx = RequestCtx {
-            json_post: body::is_json_post(request.method()),
-            method: method.clone(),
-            ..Default::default()
+        // Whatever happens from here on, the request ends in exactly one audit line: `Record` writes it
+        // when the request ends, or from `Drop` when the client goes away first (hyper then drops this
+        // future, wherever it is waiting, the upstream's answer included).
+        let mut record = Record {
+            proxy: self,
+            request_id: format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed)),
+            path: audit_path(&active.config, request.uri().path()).into_owned(),
+            started: Instant::now(),
+            ctx: RequestCtx {
+                json_post: body::is_json_post(request.method()),
+                method: request.method().clone(),
+                ..Default::default()
+            },
+            line: None,
+            written: false,
         };
-
         // A panic on the request path is a bug, but it must still end in an answer and an audit line:
         // it becomes a 500 here rather than a dropped connection and a request the trail never saw.
-        let outcome = AssertUnwindSafe(self.pipeline(&active, &mut ctx, request, peer, &request_id))
+        let outcome = AssertUnwindSafe(self.pipeline(&active, &mut record.ctx, request, peer, &record.request_id))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| Err(Refusal { error: ProxyError::Internal, detail: Some("panic".into()) }));
+        let ctx = &mut record.ctx;
         let (response, decision, reason) = match outcome {
             Ok(response) => (response, "allow", "ok"),
             Err(Refusal { error, detail }) => {
-                let response = match self.deliver_on_legacy_stream(&ctx, &error) {
+                let response = match self.deliver_on_legacy_stream(ctx, &error) {
                     true => accepted(),
                     false => error.into_response(ctx.error_id()),
                 };
                 // The one place a refusal is logged.
                 tracing::info!(
-                    request_id,
+                    request_id = record.request_id,
                     code = error.code(),
                     status = response.status().as_u16(),
                     detail,
@@ -187,42 +194,9 @@ impl Proxy {
                 (response, decision, error.code())
             }
         };
-        let status = response.status().as_u16();
-        if let (Some(user), Some(upstream)) = (&ctx.acting_user, &ctx.upstream) {
-            self.usage.record(user, upstream, ctx.key_id.as_ref(), decision == "deny");
-        }
-        self.metrics.record(&metrics::Outcome {
-            upstream: ctx.upstream.as_ref(),
-            status,
-            decision,
-            reason,
-            rate_limited: ctx.limited_at,
-            rpc: ctx.rpc.as_ref(),
-        });
-        self.audit
-            .record(&AuditEvent {
-                request_id: &request_id,
-                method: method.as_str(),
-                path: &path,
-                key_id: ctx.key_id.as_deref(),
-                key_kind: ctx.key_kind.map(KeyKind::as_str),
-                requested_user: ctx.requested_user.as_deref(),
-                acting_user: ctx.acting_user.as_deref(),
-                decision,
-                reason,
-                fallback: ctx.fallback,
-                upstream: ctx.upstream.as_deref(),
-                mcp_method: ctx.rpc.as_ref().and_then(Rpc::method),
-                jsonrpc_id: ctx.rpc.as_ref().and_then(Rpc::error_id),
-                tool: ctx.target(|t| matches!(t, Target::Tool(_))),
-                prompt: ctx.target(|t| matches!(t, Target::Prompt(_))),
-                resource: ctx.target(|t| matches!(t, Target::Resource(_))),
-                rate_limit_level: ctx.limited_at.map(Level::as_str),
-                session: ctx.session.as_deref(),
-                status,
-                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            })
-            .await;
+        record.outcome(response.status().as_u16(), decision, reason);
+        record.proxy.audit.send(&mut record.line).await;
+        record.written = true;
         response
     }
 
@@ -344,6 +318,76 @@ impl Proxy {
             }
         }
         Ok(response)
+    }
+}
+
+/// One request's outcome, counted (usage, metrics) and audited exactly once.
+struct Record<'p> {
+    proxy: &'p Proxy,
+    request_id: String,
+    path: String,
+    started: Instant,
+    ctx: RequestCtx,
+    /// The audit line, once the outcome is known and until the sink has taken it.
+    line: Option<String>,
+    /// The sink took the line: nothing is left to do.
+    written: bool,
+}
+
+impl Record<'_> {
+    /// Counts the outcome and renders its audit line (which `Proxy::handle` then queues).
+    fn outcome(&mut self, status: u16, decision: &'static str, reason: &'static str) {
+        let ctx = &self.ctx;
+        if let (Some(user), Some(upstream)) = (&ctx.acting_user, &ctx.upstream) {
+            self.proxy.usage.record(user, upstream, ctx.key_id.as_ref(), decision == "deny");
+        }
+        self.proxy.metrics.record(&metrics::Outcome {
+            upstream: ctx.upstream.as_ref(),
+            status,
+            decision,
+            reason,
+            rate_limited: ctx.limited_at,
+            rpc: ctx.rpc.as_ref(),
+        });
+        self.line = Some(AuditSink::line(&AuditEvent {
+            request_id: &self.request_id,
+            method: ctx.method.as_str(),
+            path: &self.path,
+            key_id: ctx.key_id.as_deref(),
+            key_kind: ctx.key_kind.map(KeyKind::as_str),
+            requested_user: ctx.requested_user.as_deref(),
+            acting_user: ctx.acting_user.as_deref(),
+            decision,
+            reason,
+            fallback: ctx.fallback,
+            upstream: ctx.upstream.as_deref(),
+            mcp_method: ctx.rpc.as_ref().and_then(Rpc::method),
+            jsonrpc_id: ctx.rpc.as_ref().and_then(Rpc::error_id),
+            tool: ctx.target(|t| matches!(t, Target::Tool(_))),
+            prompt: ctx.target(|t| matches!(t, Target::Prompt(_))),
+            resource: ctx.target(|t| matches!(t, Target::Resource(_))),
+            rate_limit_level: ctx.limited_at.map(Level::as_str),
+            session: ctx.session.as_deref(),
+            status,
+            latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+        }));
+    }
+}
+
+impl Drop for Record<'_> {
+    /// The client went away before the request ended (or while its line waited for the sink): the line
+    /// is still written, without waiting. Status 499 is nginx's "client closed request".
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        if self.line.is_none() {
+            tracing::info!(request_id = self.request_id, "the client went away before the answer");
+            self.outcome(499, "error", "client_gone");
+        }
+        if let Some(line) = self.line.take() {
+            self.proxy.audit.send_detached(line);
+        }
     }
 }
 
@@ -471,17 +515,32 @@ fn token_in_path<'p>(upstream: &crate::config::Upstream, path: &'p str) -> Optio
 }
 
 /// The request path as the audit trail records it: a token URL's token is a secret, replaced by `***`
-/// exactly where the router finds it (an upstream's own prefix may contain `/t/` too). Done for every
-/// request, refused ones included, before any step can fail.
+/// exactly where the router finds it (an upstream's own prefix may contain `/t/` too). A path no
+/// upstream serves may still carry a token (a mistyped or removed route): there the segment after every
+/// `/t/` is replaced. Done for every request, refused ones included, before any step can fail.
 fn audit_path<'p>(config: &Config, path: &'p str) -> std::borrow::Cow<'p, str> {
-    let token = config.upstream_by_path(path).and_then(|upstream| token_in_path(upstream, path));
-    match token {
-        None => path.into(),
-        Some((token, rest)) => {
-            let at = path.len() - rest.len() - token.len();
-            format!("{}***{rest}", &path[..at]).into()
-        }
+    if !path.contains("/t/") {
+        return path.into();
     }
+    if let Some(upstream) = config.upstream_by_path(path) {
+        return match token_in_path(upstream, path) {
+            None => path.into(),
+            Some((token, rest)) => format!("{}***{rest}", &path[..path.len() - rest.len() - token.len()]).into(),
+        };
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(at) = rest.find("/t/") {
+        out.push_str(&rest[..at + 3]);
+        let after = &rest[at + 3..];
+        let end = after.find('/').unwrap_or(after.len());
+        if end > 0 {
+            out.push_str("***");
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out.into()
 }
 
 /// A refusal and, for upstream failures, the detail that goes to the log (never to the client).

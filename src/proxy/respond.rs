@@ -46,20 +46,20 @@ pub async fn filter_tools(response: Response<ProxyBody>, rule: Arc<Rule>) -> Res
     }
 }
 
-/// One event of a stream that may carry a `tools/list` result. Every message event is read as JSON, as
-/// the client will read it: rewritten when tools were removed, dropped when its data is not JSON (it
-/// cannot be checked), kept otherwise. Comments, keep-alives and events of other types pass: clients do
-/// not read them as messages.
+/// One event of a stream that may carry a `tools/list` result. Every event with data is read as JSON,
+/// whatever its type: rewritten when tools were removed, kept otherwise. Data that is not JSON holds no
+/// tool list a client could read; a message event with such data cannot be checked and is dropped,
+/// never passed on unfiltered, while other types (the legacy `endpoint`) and comments pass.
 pub fn filter_event(raw: &[u8], rule: &Rule) -> Option<Vec<u8>> {
     let event = sse::parse(raw);
-    let data = event.data.as_deref().filter(|_| event.is_message())?;
-    match filter_tools_json(data.as_bytes(), rule) {
+    match filter_tools_json(event.data.as_deref()?.as_bytes(), rule) {
         Ok(None) => None,
         Ok(Some(json)) => Some(sse::render(event.kind.as_deref(), event.id.as_deref(), &json)),
-        Err(NotJson) => {
+        Err(NotJson) if event.is_message() => {
             tracing::warn!("dropped a server-sent event that could not be checked for blocked tools");
             Some(Vec::new())
         }
+        Err(NotJson) => None,
     }
 }
 
@@ -69,12 +69,15 @@ fn content_type(headers: &http::HeaderMap) -> String {
 }
 
 /// The proxy asks upstreams for uncompressed answers; one that compresses anyway cannot be rewritten.
+/// Every `Content-Encoding` field and every coding in it counts (a client applies them all).
 fn check_identity_encoding(response: &Response<ProxyBody>) -> Result<(), String> {
-    match response.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
-        None => Ok(()),
-        Some(e) if e.trim().eq_ignore_ascii_case("identity") => Ok(()),
-        Some(e) => Err(format!("the upstream sent a {e}-encoded answer the proxy must read")),
+    for value in response.headers().get_all(header::CONTENT_ENCODING) {
+        let codings = value.to_str().map_err(|_| "an unreadable Content-Encoding".to_owned())?;
+        if let Some(coding) = codings.split(',').map(str::trim).find(|c| !c.eq_ignore_ascii_case("identity")) {
+            return Err(format!("the upstream sent a {coding}-encoded answer the proxy must read"));
+        }
     }
+    Ok(())
 }
 
 /// Binds the session the upstream hands out (`Mcp-Session-Id`) to the acting user and upstream, and, on
@@ -234,10 +237,10 @@ mod tests {
         assert_eq!(uri("/messages", "/", ""), Some(("/messages".into(), None)));
     }
 
-    /// The events a client dispatches from `raw`, by the same reading (used to check what leaves).
+    /// The tool names in the event `raw`, by the same reading (used to check what leaves).
     fn tool_names(raw: &[u8]) -> Vec<String> {
         let event = sse::parse(raw);
-        let Some(data) = event.data.filter(|_| event.kind.is_none()) else { return vec![] };
+        let Some(data) = event.data else { return vec![] };
         let value: serde_json::Value = serde_json::from_str(&data).unwrap();
         value["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().into()).collect()
     }
@@ -258,6 +261,9 @@ mod tests {
         // Unreadable message data is dropped; other event types and comments pass untouched.
         assert_eq!(filter_event(b"data: {not json\n\n", &rule), Some(vec![]));
         assert_eq!(filter_event(b"event: endpoint\ndata: /tools/messages?x=1\n\n", &rule), None);
+        // JSON in an event of any type is filtered: a client might read it as a message.
+        let other = format!("event: other\ndata: {}\n\n", list(r#"{"name":"delete_x"},{"name":"ok"}"#));
+        assert_eq!(tool_names(&filter_event(other.as_bytes(), &rule).unwrap()), ["ok"]);
         assert_eq!(filter_event(b": keep-alive\n\n", &rule), None);
         // The event id survives a rewrite, so a client can still resume after it.
         let out = filter_event(format!("id: 42\ndata: {}\n\n", list(r#"{"name":"delete_x"}"#)).as_bytes(), &rule);

@@ -29,9 +29,10 @@ pub struct Event {
 
 impl Event {
     /// Whether a client hands this event to its JSON-RPC layer: MCP messages are events of the default
-    /// type, `message`. (The SDKs ignore other types, except the legacy transport's `endpoint`.)
+    /// type, `message`, which an absent or empty `event:` also means. (The SDKs ignore other types,
+    /// except the legacy transport's `endpoint`.)
     pub fn is_message(&self) -> bool {
-        self.data.is_some() && self.kind.as_deref().is_none_or(|k| k == "message")
+        self.data.is_some() && self.kind.as_deref().is_none_or(|k| k.is_empty() || k == "message")
     }
 }
 
@@ -200,6 +201,10 @@ where
             if let Some(events) = this.complete_events() {
                 return Poll::Ready(Some(Ok(Frame::data(events))));
             }
+            // What is left is one unfinished event: bounded, however its frames are cut.
+            if this.buf.len() > MAX_EVENT_BYTES {
+                return Poll::Ready(Some(Err("server-sent event larger than 8 MiB".into())));
+            }
             if this.ended {
                 // What is left has no blank line after it, but a client may still dispatch it (a CR at the
                 // very end ends a line): it goes through the rewrite like any event.
@@ -215,12 +220,7 @@ where
                 Poll::Ready(None) => this.ended = true,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        if this.buf.len() + data.len() > MAX_EVENT_BYTES && event_end(&data).is_none() {
-                            return Poll::Ready(Some(Err("server-sent event larger than 8 MiB".into())));
-                        }
-                        this.buf.extend_from_slice(&data);
-                    }
+                    Ok(data) => this.buf.extend_from_slice(&data),
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
             }
@@ -282,6 +282,8 @@ mod tests {
         assert!(e.is_message());
         assert_eq!(parse(b": keepalive\n\n").data, None);
         assert_eq!(parse(b"data\n\n").data.as_deref(), Some(""), "a line without a colon is a field");
+        assert!(parse(b"event:\ndata: x\n\n").is_message(), "an empty type is the default type");
+        assert!(!parse(b"event: other\ndata: x\n\n").is_message());
         assert_eq!(parse(b"data: a\xffb\n\n").data.as_deref(), Some("a\u{fffd}b"), "decoded as clients do");
     }
 

@@ -161,7 +161,11 @@ impl AuditSink {
         (AuditSink { tx }, health, AuditWriter { task, give_up })
     }
 
-    pub async fn record(&self, event: &AuditEvent<'_>) {
+    /// The line for `event`, without `prev` and the newline (the writer adds both, in the order the lines
+    /// reach the sink). Every field is serialized here, and every character outside ASCII is written as
+    /// a `\u` escape, so one record is one line for any reader, whatever a client put in a field (even
+    /// one that also splits lines at U+2028 or U+0085).
+    pub fn line(event: &AuditEvent<'_>) -> String {
         #[derive(Serialize)]
         struct Line<'a> {
             #[serde(serialize_with = "display")]
@@ -170,10 +174,35 @@ impl AuditSink {
             event: &'a AuditEvent<'a>,
         }
         let line = Line { time: humantime::format_rfc3339_millis(SystemTime::now()), event };
-        // Without `prev` and the newline: the writer adds both, in the order the lines reach the sink.
-        let text = serde_json::to_string(&line).expect("audit events serialize");
-        if self.tx.send(text).await.is_err() {
+        // Plain fields with string keys: serializing cannot fail.
+        crate::json::to_ascii_string(&line).unwrap_or_default()
+    }
+
+    /// Queues `line` once there is room; cancel-safe (nothing is taken before there is room), so a caller
+    /// whose future is dropped still holds its line.
+    pub async fn send(&self, line: &mut Option<String>) {
+        let Ok(permit) = self.tx.reserve().await else {
             tracing::error!("audit writer has stopped; audit line lost");
+            return;
+        };
+        if let Some(line) = line.take() {
+            permit.send(line);
+        }
+    }
+
+    /// Queues `line` without waiting: at once when there is room, else from a task that waits for it.
+    /// For a request whose future is being dropped (the client went away), which cannot wait.
+    pub fn send_detached(&self, line: String) {
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(line)) => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let tx = self.tx.clone();
+                    runtime.spawn(async move { tx.send(line).await });
+                }
+                Err(_) => tracing::error!("no runtime to queue an audit line; audit line lost"),
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => tracing::error!("audit writer has stopped; audit line lost"),
         }
     }
 }
