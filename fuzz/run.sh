@@ -6,7 +6,7 @@
 # One libFuzzer process at a time (no -jobs/-workers: a single in-process worker). The checked-in seeds
 # (fuzz/seeds/<target>/) are copied into the working corpus (fuzz/corpus/<target>/, not checked in) before
 # each run; crashes land in fuzz/artifacts/<target>/, full logs in fuzz/logs/<target>.log. Extra libFuzzer
-# flags: FUZZ_FLAGS="-max_len=4096 ...". FUZZ_SKIP_KNOWN=1 skips the known failure classes (README).
+# flags: FUZZ_FLAGS="-max_len=4096 ...".
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

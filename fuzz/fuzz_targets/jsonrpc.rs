@@ -22,7 +22,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Body;
 use libfuzzer_sys::fuzz_target;
 use mcp_tenant_proxy::error::ProxyError;
-use mcp_tenant_proxy::policy::mcp::{Rpc, check_mirrored_headers, inspect};
+use mcp_tenant_proxy::policy::mcp::{Id, Rpc, check_mirrored_headers, inspect};
 use mcp_tenant_proxy::policy::ratelimit::{Level, Limit, Refusal};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -57,30 +57,13 @@ fn response_bytes(error: &ProxyError, id: Option<&RawValue>) -> (u16, Vec<u8>) {
     }
 }
 
-static SKIP_KNOWN: std::sync::LazyLock<Vec<&'static str>> =
-    std::sync::LazyLock::new(|| match std::env::var("FUZZ_SKIP_KNOWN").unwrap_or_default().as_str() {
-        "1" | "all" => vec!["surrogate_id", "float_id"],
-        list => list.split(',').map(|c| &*String::from(c.trim()).leak()).filter(|c| !c.is_empty()).collect(),
-    });
-
 fn check_error_answers(rpc: &Rpc) {
-    let id = rpc.error_id();
-    // Known (reported): `inspect` accepts ids with a lone surrogate escape ("\ud83d"), which serde_json
-    // cannot read back, and `ProxyError::body` then panics. `FUZZ_SKIP_KNOWN=surrogate_id` (or `1`) skips those inputs.
-    if SKIP_KNOWN.contains(&"surrogate_id") && id.is_some_and(|id| serde_json::from_str::<Value>(id.get()).is_err()) {
-        return;
+    let id = rpc.error_id().map(Id::as_raw);
+    // The id as a client reads it: `inspect` accepts only ids that any JSON reader can hold (no lone
+    // surrogate escape, no number beyond f64), and the answer carries it as written, on one ASCII line.
+    if let Some(id) = id {
+        assert!(id.get().is_ascii() && !id.get().contains('\n'), "an id that is not one ASCII line: {}", id.get());
     }
-    // Known (reported): `ProxyError::body` turns the id into a `serde_json::Value`, and serde_json's default
-    // float parsing is not exact, so a float id (or an integer beyond u64/i64) comes back as another
-    // number. `FUZZ_SKIP_KNOWN=float_id` (or `1`) skips those inputs.
-    let inexact = |id: &RawValue| {
-        serde_json::from_str::<Value>(id.get()).is_ok_and(|v| v.as_f64().is_some() && !v.is_i64() && !v.is_u64())
-    };
-    if SKIP_KNOWN.contains(&"float_id") && id.is_some_and(inexact) {
-        return;
-    }
-    // The id as a client reads it. `inspect` should accept only ids that are JSON (RFC 8259: a lone
-    // surrogate escape such as "\ud83d" is not something a JSON parser must accept).
     let expected_id: Option<Value> = id.map(|id| {
         serde_json::from_str(id.get())
             .unwrap_or_else(|e| panic!("inspect accepted an id that is not JSON: {} ({e})", id.get()))
@@ -90,7 +73,7 @@ fn check_error_answers(rpc: &Rpc) {
     for error in errors() {
         let (status, _, jsonrpc_code) = error.describe();
         for (id, expected_id) in [(id, expected_id.as_ref()), (Some(&*null), Some(&Value::Null))] {
-            let body = error.body(id);
+            let body: Value = serde_json::from_str(&error.body(id)).expect("the error body is JSON");
             let (response_status, bytes) = response_bytes(&error, id);
             assert_eq!(response_status, status.as_u16(), "{error:?}");
             let answered: Value = serde_json::from_slice(&bytes).expect("the error answer is JSON");

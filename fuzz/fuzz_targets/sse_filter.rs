@@ -164,39 +164,12 @@ fn visible_blocked_tools(data: &str) -> Vec<String> {
     found
 }
 
-/// The fail-open classes already reported (README, "Fuzzing"), by name: `utf8` (non-UTF-8 bytes), `bom` (a
-/// leading BOM) and `eos` (a stream that does not end with a blank line). `FUZZ_SKIP_KNOWN` names the
-/// classes to skip (`utf8,bom`; `1` or `all` for every one), so a run can look for other failures before
-/// these are fixed.
-fn known_failure_class(input: &[u8], skip: &[&str]) -> bool {
-    let clean_end = input.last() == Some(&b'\n') && {
-        let body = input.strip_suffix(b"\r\n").or(input.strip_suffix(b"\n")).unwrap_or(input);
-        matches!(body.last(), Some(b'\n' | b'\r'))
-    };
-    (skip.contains(&"utf8") && std::str::from_utf8(input).is_err())
-        || (skip.contains(&"bom") && input.starts_with("\u{FEFF}".as_bytes()))
-        || (skip.contains(&"eos") && !clean_end)
-}
-
-static SKIP_KNOWN: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
-    let value = std::env::var("FUZZ_SKIP_KNOWN").unwrap_or_default();
-    match value.as_str() {
-        "1" | "all" => vec!["utf8", "bom", "eos"],
-        list => list.split(',').map(|c| &*String::from(c.trim()).leak()).filter(|c| !c.is_empty()).collect(),
-    }
-});
-
 fuzz_target!(|data: &[u8]| {
     let chunks = frames(data);
     let input: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-    if !SKIP_KNOWN.is_empty() && known_failure_class(&input, &SKIP_KNOWN) {
-        return;
-    }
     let output = filtered(chunks);
-    for (kind, data) in client_events(&output) {
-        if kind != "message" {
-            continue;
-        }
+    // Clients read `message` events only, but the proxy filters JSON in events of every type: check all.
+    for (_kind, data) in client_events(&output) {
         let blocked = visible_blocked_tools(&data);
         assert!(
             blocked.is_empty(),
