@@ -55,6 +55,11 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        // What a client may send before the proxy reads it: bodies wait until their caller is judged, and
+        // the windows bound what waits in h2's buffers meanwhile (hyper's default is 1 MiB a connection).
+        // MCP bodies are small; 64 KiB is the protocol's own default per stream.
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(256 * 1024)
         // Pings find dead peers; they do not keep a connection from being idle (see `conn`).
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
