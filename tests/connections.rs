@@ -133,6 +133,30 @@ async fn idle_connections_that_fill_max_connections_are_closed_and_new_clients_g
 }
 
 #[tokio::test]
+async fn a_client_that_takes_nothing_does_not_keep_its_connection() {
+    let (upstream, _) = recording_upstream().await;
+    let settings = "max_connections = 1\nidle_timeout = \"200ms\"\nheader_read_timeout = \"200ms\"";
+    let harness = Harness::start(&with_server(upstream, settings)).await;
+    // An HTTP/2 client whose window stays at zero: the proxy can send the 401's head but never its body,
+    // so the request never ends. It still answers pings.
+    let tcp = TcpStream::connect(harness.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = Request::get(harness.url("/mcp/github")).body(body("")).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 401);
+    // It is closed like an idle connection, and its slot goes to the next client.
+    tokio::time::timeout(BOUND, connection).await.expect("the stalled connection is still open").ok();
+    let (status, _) = tokio::time::timeout(BOUND, get_once(harness.addr, "/nowhere")).await.expect("locked out");
+    assert_eq!(status, 404);
+    drop(response);
+}
+
+#[tokio::test]
 async fn max_connections_per_ip_refuses_the_extra_connection_of_one_address_only() {
     let (upstream, _) = recording_upstream().await;
     let harness = Harness::start(&with_server(upstream, "max_connections_per_ip = 2")).await;

@@ -155,8 +155,10 @@ async fn a_client_that_disconnects_cancels_the_upstream_stream() {
 
 #[tokio::test]
 async fn upstream_failures_map_to_502_and_504() {
-    // Refused: a port that was just free.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // Refused: a port bound but not listening (held, so no other test can take it meanwhile).
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = held.local_addr().unwrap();
     let harness = Harness::start(&base_config(closed, "")).await;
     let response = harness.send(mcp_post(&harness.url("/mcp/github"), &alice())).await;
     assert_eq!(response.status(), 502);

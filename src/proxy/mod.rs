@@ -146,9 +146,11 @@ impl Proxy {
     pub async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         // One reference-count bump; the config is never cloned per request.
         let active = self.active.load_full();
-        // Whatever happens from here on, the request ends in exactly one audit line: `Record` writes it
-        // when the request ends, or from `Drop` when the client goes away first (hyper then drops this
-        // future, wherever it is waiting, the upstream's answer included).
+        // A place in the audit queue first: a slow trail holds requests back here, before any work is done
+        // for them. From here on the request ends in exactly one audit line: `Record` writes it when the
+        // request ends, or from `Drop` when the client goes away first (hyper then drops this future,
+        // wherever it is waiting, the upstream's answer included), through that place, without waiting.
+        let permit = self.audit.reserve().await;
         let mut record = Record {
             proxy: self,
             request_id: format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed)),
@@ -159,8 +161,8 @@ impl Proxy {
                 method: request.method().clone(),
                 ..Default::default()
             },
-            line: None,
-            written: false,
+            permit,
+            done: false,
         };
         // A panic on the request path is a bug, but it must still end in an answer and an audit line:
         // it becomes a 500 here rather than a dropped connection and a request the trail never saw.
@@ -194,9 +196,7 @@ impl Proxy {
                 (response, decision, error.code())
             }
         };
-        record.outcome(response.status().as_u16(), decision, reason);
-        record.proxy.audit.send(&mut record.line).await;
-        record.written = true;
+        record.finish(response.status().as_u16(), decision, reason);
         response
     }
 
@@ -328,15 +328,17 @@ struct Record<'p> {
     path: String,
     started: Instant,
     ctx: RequestCtx,
-    /// The audit line, once the outcome is known and until the sink has taken it.
-    line: Option<String>,
-    /// The sink took the line: nothing is left to do.
-    written: bool,
+    /// The request's place in the audit queue (`None` only once the writer has stopped).
+    permit: Option<tokio::sync::mpsc::OwnedPermit<String>>,
+    done: bool,
 }
 
 impl Record<'_> {
-    /// Counts the outcome and renders its audit line (which `Proxy::handle` then queues).
-    fn outcome(&mut self, status: u16, decision: &'static str, reason: &'static str) {
+    /// Counts the outcome and queues its audit line; only the first call counts.
+    fn finish(&mut self, status: u16, decision: &'static str, reason: &'static str) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
         let ctx = &self.ctx;
         if let (Some(user), Some(upstream)) = (&ctx.acting_user, &ctx.upstream) {
             self.proxy.usage.record(user, upstream, ctx.key_id.as_ref(), decision == "deny");
@@ -349,7 +351,7 @@ impl Record<'_> {
             rate_limited: ctx.limited_at,
             rpc: ctx.rpc.as_ref(),
         });
-        self.line = Some(AuditSink::line(&AuditEvent {
+        let line = AuditSink::line(&AuditEvent {
             request_id: &self.request_id,
             method: ctx.method.as_str(),
             path: &self.path,
@@ -370,23 +372,20 @@ impl Record<'_> {
             session: ctx.session.as_deref(),
             status,
             latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-        }));
+        });
+        if let Some(permit) = self.permit.take() {
+            permit.send(line);
+        }
     }
 }
 
 impl Drop for Record<'_> {
-    /// The client went away before the request ended (or while its line waited for the sink): the line
-    /// is still written, without waiting. Status 499 is nginx's "client closed request".
+    /// The client went away before the request ended: its line is still written. Status 499 is nginx's
+    /// "client closed request".
     fn drop(&mut self) {
-        if self.written {
-            return;
-        }
-        if self.line.is_none() {
+        if !self.done {
             tracing::info!(request_id = self.request_id, "the client went away before the answer");
-            self.outcome(499, "error", "client_gone");
-        }
-        if let Some(line) = self.line.take() {
-            self.proxy.audit.send_detached(line);
+            self.finish(499, "error", "client_gone");
         }
     }
 }

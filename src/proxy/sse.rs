@@ -88,23 +88,35 @@ const BOM: &[u8] = b"\xef\xbb\xbf";
 /// Lines end with CRLF, LF or CR (the SSE grammar); a CR at the very end of `buf` may be the first half
 /// of a CRLF, so the answer waits for the next byte.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    scan(buf, 0).ok()
+    scan(buf, Resume::default()).ok()
 }
 
-/// As [`event_end`], starting at `from`, which must be the start of a line. Without a complete event,
-/// returns the start of the last line seen: the next scan may resume there instead of at 0, so an event
-/// that arrives in many small frames is scanned once, not once per frame.
-fn scan(buf: &[u8], from: usize) -> Result<usize, usize> {
-    let mut line_empty = true;
-    let mut line_start = from;
-    let mut i = from;
+/// Where a scan that found no complete event stopped, to go on from there when more bytes arrive: an
+/// event that arrives in many small frames, even one long line, is scanned once, not once per frame.
+#[derive(Clone, Copy)]
+struct Resume {
+    at: usize,
+    /// Whether the line `at` is in has no byte yet (a line end there would end the event).
+    line_empty: bool,
+}
+
+impl Default for Resume {
+    fn default() -> Self {
+        Resume { at: 0, line_empty: true }
+    }
+}
+
+/// As [`event_end`], resuming where an earlier scan of the same event stopped.
+fn scan(buf: &[u8], from: Resume) -> Result<usize, Resume> {
+    let mut line_empty = from.line_empty;
+    let mut i = from.at;
     while i < buf.len() {
         let terminator = match buf[i] {
             b'\n' => 1,
             b'\r' => match buf.get(i + 1) {
                 Some(b'\n') => 2,
                 Some(_) => 1,
-                None => return Err(line_start),
+                None => return Err(Resume { at: i, line_empty }),
             },
             _ => {
                 line_empty = false;
@@ -117,9 +129,8 @@ fn scan(buf: &[u8], from: usize) -> Result<usize, usize> {
             return Ok(i);
         }
         line_empty = true;
-        line_start = i;
     }
-    Err(line_start)
+    Err(Resume { at: i, line_empty })
 }
 
 /// A body that passes `inner`'s events through `rewrite`: `Some(bytes)` replaces the event, `None`
@@ -127,8 +138,8 @@ fn scan(buf: &[u8], from: usize) -> Result<usize, usize> {
 pub struct EventRewrite<B, F> {
     inner: B,
     buf: BytesMut,
-    /// Where the next scan of `buf` may start (a line start with no event end before it).
-    scanned: usize,
+    /// Where the next scan of `buf` goes on (no event ends before it).
+    scanned: Resume,
     rewrite: F,
     /// No byte has been passed on yet: a leading BOM may still be on its way.
     at_start: bool,
@@ -137,7 +148,7 @@ pub struct EventRewrite<B, F> {
 
 impl<B, F> EventRewrite<B, F> {
     pub fn new(inner: B, rewrite: F) -> Self {
-        EventRewrite { inner, buf: BytesMut::new(), scanned: 0, rewrite, at_start: true, ended: false }
+        EventRewrite { inner, buf: BytesMut::new(), scanned: Resume::default(), rewrite, at_start: true, ended: false }
     }
 }
 
@@ -181,7 +192,7 @@ where
             end += len;
             next = event_end(&self.buf[end..]);
         }
-        self.scanned = 0;
+        self.scanned = Resume::default();
         let taken = self.buf.split_to(end).freeze();
         Some(out.map_or(taken, BytesMut::freeze))
     }
@@ -285,6 +296,20 @@ mod tests {
         assert!(parse(b"event:\ndata: x\n\n").is_message(), "an empty type is the default type");
         assert!(!parse(b"event: other\ndata: x\n\n").is_message());
         assert_eq!(parse(b"data: a\xffb\n\n").data.as_deref(), Some("a\u{fffd}b"), "decoded as clients do");
+    }
+
+    #[tokio::test]
+    async fn events_cut_into_single_bytes_come_out_as_from_one_frame() {
+        let stream: &'static [u8] = b"data: a\r\n\r\ndata: swap\r\rdata: long line\ndata: x\n\r\nevent: e\r\n\n";
+        let rewrite = |raw: &[u8]| {
+            let event = parse(raw);
+            (event.data.as_deref() == Some("swap")).then(|| render(None, None, "swapped"))
+        };
+        let whole = EventRewrite::new(Chunks([stream].into()), rewrite).collect().await.unwrap().to_bytes();
+        let bytes = Chunks(stream.chunks(1).collect());
+        let cut = EventRewrite::new(bytes, rewrite).collect().await.unwrap().to_bytes();
+        assert_eq!(cut, whole);
+        assert_eq!(&whole[..], b"data: a\r\n\r\ndata: swapped\n\ndata: long line\ndata: x\n\r\nevent: e\r\n\n");
     }
 
     #[tokio::test]

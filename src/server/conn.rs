@@ -6,10 +6,18 @@
 //! flight from the moment hyper hands it to the service until its response body is finished or dropped
 //! (an open SSE stream is in flight; pings are no requests), and a connection with nothing in flight for
 //! its idle period is closed gracefully (GOAWAY for HTTP/2, a close for HTTP/1).
+//!
+//! A request whose answer waits on the client counts as idle too: a client that takes nothing (an HTTP/2
+//! window left at zero, an HTTP/1 socket never read) would otherwise keep its requests in flight, and its
+//! connection open, for ever. An answer waits on the client from the moment it is handed to hyper, and
+//! again after each frame, until hyper asks for more; an SSE stream waiting for its next event waits on
+//! the upstream, and is busy. A connection whose every request waits on the client, with no progress for
+//! an idle period, is closed like an idle one (nginx's `send_timeout`).
 
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -34,9 +42,19 @@ struct Load {
     started: bool,
 }
 
+/// How the answers in flight are doing. Atomics, not the watch channel: they change with every frame,
+/// and nobody needs waking for that; `idle` looks at them once an idle period.
+#[derive(Default)]
+struct Progress {
+    /// Answers handed to hyper (or that gave it a frame) that it has not asked for more of since.
+    waiting_on_client: AtomicUsize,
+    /// Polls of any answer's body: unchanged over a period means nothing moved.
+    polls: AtomicU64,
+}
+
 /// The requests in flight on one connection, shared by its service and its response bodies.
 #[derive(Clone, Default)]
-pub struct Requests(Arc<watch::Sender<Load>>);
+pub struct Requests(Arc<watch::Sender<Load>>, Arc<Progress>);
 
 impl Requests {
     /// Counts a request as in flight until the returned guard is dropped.
@@ -45,12 +63,12 @@ impl Requests {
             load.in_flight += 1;
             load.started = true;
         });
-        InFlight(self.0.clone())
+        InFlight(self.0.clone(), self.1.clone())
     }
 }
 
 /// One request in flight.
-pub struct InFlight(Arc<watch::Sender<Load>>);
+pub struct InFlight(Arc<watch::Sender<Load>>, Arc<Progress>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -58,15 +76,37 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it is finished or dropped.
+/// A response body that keeps its request in flight until it is finished or dropped, and tells whether
+/// it waits on the client.
 pub struct Tracked<B> {
     inner: B,
     request: Option<InFlight>,
+    waiting_on_client: bool,
 }
 
 impl<B> Tracked<B> {
+    /// The answer is handed to hyper: until hyper polls it, it waits on the client (for its window).
     pub fn new(inner: B, request: InFlight) -> Self {
-        Tracked { inner, request: Some(request) }
+        request.1.waiting_on_client.fetch_add(1, Ordering::Relaxed);
+        Tracked { inner, request: Some(request), waiting_on_client: true }
+    }
+
+    fn set_waiting(&mut self, waiting: bool) {
+        if let Some(request) = &self.request
+            && waiting != self.waiting_on_client
+        {
+            match waiting {
+                true => request.1.waiting_on_client.fetch_add(1, Ordering::Relaxed),
+                false => request.1.waiting_on_client.fetch_sub(1, Ordering::Relaxed),
+            };
+            self.waiting_on_client = waiting;
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        self.set_waiting(false);
     }
 }
 
@@ -75,9 +115,15 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     type Error = B::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.set_waiting(false);
+        if let Some(request) = &self.request {
+            request.1.polls.fetch_add(1, Ordering::Relaxed);
+        }
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if frame.is_none() {
-            self.request = None;
+        match &frame {
+            None => self.request = None,
+            // Until hyper asks for the next frame, the client has this one to take.
+            Some(_) => self.set_waiting(true),
         }
         Poll::Ready(frame)
     }
@@ -116,7 +162,7 @@ where
             tokio::select! {
                 _ = conn.as_mut() => return,
                 () = shutdown.cancelled(), if !closing => {}
-                started = idle(&mut load, period) => if closing || !started {
+                started = idle(&requests, &mut load, period) => if closing || !started {
                     tracing::debug!(started, "dropped a connection that stayed idle");
                     return;
                 },
@@ -127,14 +173,29 @@ where
     }
 }
 
-/// Resolves once nothing has been in flight for `period(started)`, where `started` tells whether a request
-/// was ever made on the connection; returns `started`.
-async fn idle(load: &mut watch::Receiver<Load>, period: impl Fn(bool) -> Duration) -> bool {
+/// Resolves once the connection has been idle for `period(started)`, where `started` tells whether a
+/// request was ever made on it; returns `started`. Idle: nothing in flight, or every request in flight
+/// waiting on the client with no progress at all for the period.
+async fn idle(requests: &Requests, load: &mut watch::Receiver<Load>, period: impl Fn(bool) -> Duration) -> bool {
     loop {
-        // The sender lives as long as the connection's service: these fail only once it is gone.
-        let Ok(started) = load.wait_for(|load| load.in_flight == 0).await.map(|l| l.started) else { return false };
-        if tokio::time::timeout(period(started), load.changed()).await.is_err() {
-            return started;
+        let (in_flight, started) = {
+            let load = load.borrow_and_update();
+            (load.in_flight, load.started)
+        };
+        let polls = requests.1.polls.load(Ordering::Relaxed);
+        match tokio::time::timeout(period(started), load.changed()).await {
+            Ok(Ok(())) => continue, // a request began or ended: start over
+            // The sender lives as long as the connection's service: this fails only once it is gone.
+            Ok(Err(_)) => return false,
+            Err(_) if in_flight == 0 => return started,
+            Err(_) => {
+                let stalled = requests.1.polls.load(Ordering::Relaxed) == polls
+                    && requests.1.waiting_on_client.load(Ordering::Relaxed) >= in_flight;
+                if stalled {
+                    tracing::debug!(in_flight, "closing a connection whose client takes nothing");
+                    return started;
+                }
+            }
         }
     }
 }

@@ -91,7 +91,7 @@ where
         };
         let ip_slot = match &per_ip {
             None => None,
-            Some(per_ip) => match per_ip.admit(addr.ip()) {
+            Some(per_ip) => match per_ip.admit(client_group(addr.ip())) {
                 Some(slot) => Some(slot),
                 None => {
                     tracing::debug!(%addr, "closed a connection past max_connections_per_ip");
@@ -153,6 +153,18 @@ where
     gauge.set(0);
 }
 
+/// The address that `max_connections_per_ip` counts for a peer: its IPv4 address, or the /64 of an
+/// IPv6 one (one client usually holds a whole /64, and could otherwise pick a new address per connection).
+fn client_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
 /// Open connections per client address, capped.
 struct PerIp {
     max: usize,
@@ -205,4 +217,18 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
         socket.listen(backlog)
     };
     bound().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_group;
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let group = |s: &str| client_group(s.parse().unwrap()).to_string();
+        assert_eq!(group("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(group("2001:db8:1:2:ffff::9"), "2001:db8:1:2::");
+        assert_eq!(group("::ffff:10.1.2.3"), "10.1.2.3");
+        assert_eq!(group("127.0.0.2"), "127.0.0.2");
+    }
 }

@@ -63,8 +63,9 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// Audit lines that may wait for the writer before `record` waits.
-const CHANNEL: usize = 4096;
+/// Places in the audit queue: requests in progress plus lines waiting for the writer. Past that, new
+/// requests wait for a place.
+const CHANNEL: usize = 16384;
 /// The writer takes what is queued, up to about this many bytes, into one write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
@@ -178,32 +179,16 @@ impl AuditSink {
         crate::json::to_ascii_string(&line).unwrap_or_default()
     }
 
-    /// Queues `line` once there is room; cancel-safe (nothing is taken before there is room), so a caller
-    /// whose future is dropped still holds its line.
-    pub async fn send(&self, line: &mut Option<String>) {
-        let Ok(permit) = self.tx.reserve().await else {
+    /// A place in the queue for one line, once there is room. Taken when a request starts, so that its
+    /// line can be queued when it ends without waiting, even from a `Drop` (the client went away): the
+    /// queue thus bounds the requests in progress plus the lines waiting for the sink, and a slow sink
+    /// holds new requests back before any work is done for them. `None` once the writer has stopped.
+    pub async fn reserve(&self) -> Option<mpsc::OwnedPermit<String>> {
+        let permit = self.tx.clone().reserve_owned().await.ok();
+        if permit.is_none() {
             tracing::error!("audit writer has stopped; audit line lost");
-            return;
-        };
-        if let Some(line) = line.take() {
-            permit.send(line);
         }
-    }
-
-    /// Queues `line` without waiting: at once when there is room, else from a task that waits for it.
-    /// For a request whose future is being dropped (the client went away), which cannot wait.
-    pub fn send_detached(&self, line: String) {
-        match self.tx.try_send(line) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(line)) => match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    let tx = self.tx.clone();
-                    runtime.spawn(async move { tx.send(line).await });
-                }
-                Err(_) => tracing::error!("no runtime to queue an audit line; audit line lost"),
-            },
-            Err(mpsc::error::TrySendError::Closed(_)) => tracing::error!("audit writer has stopped; audit line lost"),
-        }
+        permit
     }
 }
 
