@@ -99,7 +99,13 @@ fuzz_target!(|data: &[u8]| {
         {
             continue;
         }
-        assert!(!message.contains(secret.as_str()), "the error shows the secret {secret:?}:\n{message}");
-        assert!(!debug.contains(secret.as_str()), "the error's Debug shows the secret {secret:?}:\n{debug}");
+        if !message.contains(secret.as_str()) && !debug.contains(secret.as_str()) {
+            continue;
+        }
+        // A "secret" may also be spelled like the proxy's own words (`"lumn 3: unclosed table"`): it
+        // leaked only if the message changes when the secret does.
+        let blanked = text.replace(secret.as_str(), &"Q".repeat(secret.len()));
+        let blanked = Config::from_toml(&blanked, &BASE_DIR).err().map(|e| format!("{e} {e:?}")).unwrap_or_default();
+        assert!(blanked.contains(secret.as_str()), "the error shows the secret {secret:?}:\n{message}\n{debug}");
     }
 });
