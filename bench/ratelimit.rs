@@ -54,8 +54,8 @@ fn setup(users: u32, clock: &FakeRelativeClock) -> (RateLimits, LimitPlan) {
     (limits, plan)
 }
 
-fn request(user: u32) -> LimitRequest<'static> {
-    LimitRequest { key: 0, user: UserId(user), upstream: UpstreamId(0), calls: None }
+fn request(user: u32) -> LimitRequest {
+    LimitRequest { key: 0, user: UserId(user), upstream: UpstreamId(0) }
 }
 
 /// A fixed pseudo-random walk over the users (xorshift), so both limiters see the same sequence.

@@ -205,7 +205,7 @@ fn a_reload_keeps_buckets_of_unchanged_quotas() {
         );
         Config::from_toml(&text, std::path::Path::new(".")).unwrap()
     };
-    let request = LimitRequest { key: 0, user: UserId(0), upstream: UpstreamId(0), calls: None };
+    let request = LimitRequest { key: 0, user: UserId(0), upstream: UpstreamId(0) };
     let first = limits.plan(&config(5));
     for _ in 0..2 {
         limits.check(&first, &request).unwrap();

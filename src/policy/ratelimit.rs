@@ -272,25 +272,21 @@ impl RateLimits {
     }
 }
 
-/// One request, as the limiters see it.
-pub struct LimitRequest<'a> {
+/// One request, as the limiters that need no body see it.
+pub struct LimitRequest {
     pub key: u32,
     pub user: UserId,
     pub upstream: UpstreamId,
-    /// The JSON-RPC messages, for the per-tool limits of the tools they call.
-    pub calls: Option<&'a Rpc>,
 }
 
 impl RateLimits {
-    /// Checks and counts one request: the one call the request path makes. The most specific level goes
-    /// first (tool, user on upstream, user, key), and a level that refuses stops the check, so a refused
-    /// request never uses up a broader level that other users share (the key's, for instance).
-    pub fn check(&self, plan: &LimitPlan, request: &LimitRequest<'_>) -> Result<Statuses, Refusal> {
+    /// Checks and counts one request on the levels that need no body, before it is read. The most
+    /// specific level goes first (user on upstream, user, key), and a level that refuses stops the
+    /// check, so a refused request never uses up a broader level that other users share (the key's, for
+    /// instance). Per-tool levels follow the body: [`RateLimits::check_tools`].
+    pub fn check(&self, plan: &LimitPlan, request: &LimitRequest) -> Result<Statuses, Refusal> {
         let mut statuses = Statuses::default();
         let user = request.user.0;
-        if let Some(rpc) = request.calls {
-            self.check_tools(plan, request.user, request.upstream, rpc, &mut statuses)?;
-        }
         if let Some(Some((limit, limiter))) = plan.upstreams.get(request.upstream.0 as usize) {
             statuses.push(outcome(self, Level::UserUpstream, *limit, limiter.check_key(&user))?);
         }

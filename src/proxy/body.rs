@@ -32,10 +32,17 @@ pub fn empty() -> ProxyBody {
 /// Request-body bytes held in memory at once, over all requests and per API key. Bodies are read whole
 /// (policy reads them before anything is forwarded), so without a bound a few connections with many
 /// unfinished large bodies could make the proxy hold gigabytes.
-#[derive(Default)]
 pub struct BodyBudget {
     used: AtomicU64,
     by_key: DashMap<Arc<str>, u64>,
+    /// The one share that every caller without a valid key draws on (no key id is empty).
+    anonymous: Arc<str>,
+}
+
+impl Default for BodyBudget {
+    fn default() -> Self {
+        BodyBudget { used: AtomicU64::new(0), by_key: DashMap::new(), anonymous: Arc::from("") }
+    }
 }
 
 /// The bounds of a [`BodyBudget`], from the config in force.
@@ -46,8 +53,10 @@ pub struct BudgetLimits {
 }
 
 impl BodyBudget {
-    /// A share of the budget for one request of `key`, growing as its body arrives, given back on drop.
-    pub fn share(&self, key: Arc<str>, limits: BudgetLimits) -> Share<'_> {
+    /// A share of the budget for one request of `key` (`None`: no valid key), growing as its body
+    /// arrives, given back on drop.
+    pub fn share(&self, key: Option<&Arc<str>>, limits: BudgetLimits) -> Share<'_> {
+        let key = key.unwrap_or(&self.anonymous).clone();
         Share { budget: self, key, limits, held: 0 }
     }
 

@@ -230,7 +230,7 @@ impl Proxy {
         // Bodies are held within a budget, per key (callers without a valid key share one) and in total.
         let budget =
             BudgetLimits { total: server.max_buffered_body_bytes, per_key: server.max_buffered_body_bytes_per_key };
-        let mut share = self.bodies.share(ctx.key_id.clone().unwrap_or_else(|| Arc::from("")), budget);
+        let mut share = self.bodies.share(ctx.key_id.as_ref(), budget);
         let judged = admitted.and_then(|(upstream, key)| {
             let judged = self.judge(active, ctx, &mut parts, upstream, key)?;
             Ok((upstream, judged))
@@ -440,7 +440,7 @@ impl Proxy {
         // Rate limit by the resolved user: only now, so that bad keys and unknown users never create
         // limiter state, and before any work is done on the user's behalf. (Per-tool limits wait for the
         // body that names the tool.)
-        let check = LimitRequest { key: key.index, user: who.user, upstream: upstream.id, calls: None };
+        let check = LimitRequest { key: key.index, user: who.user, upstream: upstream.id };
         let statuses = self.limits.check(&active.limits, &check).map_err(ProxyError::RateLimited)?;
         Ok(Judged { user: who.user, public_prefix, statuses })
     }
