@@ -97,6 +97,11 @@ async fn client_json_cannot_write_a_second_audit_line() {
     assert_eq!(lines[1]["jsonrpc_id"], "line\nbreak\u{2028}\u{85}\"}");
 }
 
+/// Alice's GET stream on the `github` upstream.
+fn alice_get(harness: &Harness) -> Request<TestBody> {
+    Request::get(harness.url("/mcp/github")).header("authorization", "Bearer alice-key-0001").body(body("")).unwrap()
+}
+
 /// The data of every event an EventSource client would dispatch from `bytes` (type `message`).
 fn client_messages(bytes: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(bytes);
@@ -163,7 +168,7 @@ async fn tools_list_filtering_reads_every_event_as_the_client_will() {
             "POST" => {
                 rpc(&harness.url("/mcp/github"), &headers, r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.into())
             }
-            _ => Request::get(harness.url("/mcp/github")).header(headers[0].0, headers[0].1).body(body("")).unwrap(),
+            _ => alice_get(&harness),
         };
         let response = harness.send(request).await;
         assert_eq!(response.status(), 200);
@@ -189,11 +194,7 @@ async fn tools_list_filtering_reads_every_event_as_the_client_will() {
 async fn a_legacy_endpoint_whose_path_says_tools_is_kept() {
     let mut upstream = sse_upstream().await;
     let harness = Harness::start(&base_config(upstream.addr, BLOCK_DELETE)).await;
-    let request = Request::get(harness.url("/mcp/github"))
-        .header("authorization", "Bearer alice-key-0001")
-        .body(body(""))
-        .unwrap();
-    let response = harness.send(request).await;
+    let response = harness.send(alice_get(&harness)).await;
     let (mut events, _) = upstream.streams.recv().await.unwrap();
     events
         .send_data(Bytes::from_static(b"event: endpoint\ndata: /mcp/tools/messages?session_id=abc\n\n"))
@@ -394,11 +395,7 @@ async fn an_answer_with_any_coding_but_identity_is_not_passed_on_unread() {
 async fn one_event_is_bounded_however_its_frames_are_cut() {
     let mut upstream = sse_upstream().await;
     let harness = Harness::start(&base_config(upstream.addr, BLOCK_DELETE)).await;
-    let request = Request::get(harness.url("/mcp/github"))
-        .header("authorization", "Bearer alice-key-0001")
-        .body(body(""))
-        .unwrap();
-    let response = harness.send(request).await;
+    let response = harness.send(alice_get(&harness)).await;
     let (mut events, _) = upstream.streams.recv().await.unwrap();
     // Every frame starts with a line end, so each looks "complete" on its own; together they are one
     // event of more than 8 MiB.
@@ -426,22 +423,18 @@ async fn a_client_that_leaves_before_the_answer_still_gets_its_audit_line() {
         }
     })
     .await;
-    let harness = Harness::start(&base_config(upstream, "")).await;
+    let mut harness = Harness::start(&base_config(upstream, "")).await;
     let call =
         harness.client.request(mcp_post(&harness.url("/mcp/github"), &[("authorization", "Bearer alice-key-0001")]));
     let call = tokio::spawn(call);
     reached_rx.recv().await.unwrap();
     call.abort(); // the client leaves while the upstream works on the call
-    // The line is written as soon as the proxy sees the connection go: watch the file for it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let line = loop {
-        let text = std::fs::read_to_string(&harness.audit).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("client_gone")) {
-            break serde_json::from_str::<serde_json::Value>(line).unwrap();
-        }
-        assert!(std::time::Instant::now() < deadline, "no audit line for the abandoned call");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    // The line is written as soon as the proxy sees the connection go, and at the latest when shutdown
+    // drops what is left.
+    let lines = harness.shutdown_and_read_audit().await;
+    assert_eq!(lines.len(), 1, "exactly one line for the abandoned call");
+    let line = &lines[0];
+    assert_eq!(line["reason"], "client_gone");
     assert_eq!((line["status"].as_u64(), line["acting_user"].as_str()), (Some(499), Some("alice")));
     assert_eq!(line["tool"], "whoami");
 }

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError};
 
@@ -427,29 +426,13 @@ fn req() -> impl Strategy<Value = Req> {
 
 /// Records every request and hands out a session id `up-<x-test-seq>` on every answer.
 async fn session_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    let addr = spawn_http(move |req: Request<Incoming>| {
-        let record = record.clone();
-        async move {
-            let (parts, incoming) = req.into_parts();
-            let body = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            let seq = parts.headers.get(SEQ_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("none").to_owned();
-            record.lock().unwrap().push(Seen {
-                method: parts.method,
-                uri: parts.uri,
-                version: parts.version,
-                headers: parts.headers,
-                body,
-            });
-            let mut response = Response::new(common::body(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#));
-            response.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
-            response.headers_mut().insert("mcp-session-id", HeaderValue::from_str(&format!("up-{seq}")).unwrap());
-            response
-        }
+    recording_upstream_answering(|seen| {
+        let seq = seen.headers.get(SEQ_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("none");
+        let mut response = Response::new(common::body(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#));
+        response.headers_mut().insert("mcp-session-id", HeaderValue::from_str(&format!("up-{seq}")).unwrap());
+        response
     })
-    .await;
-    (addr, seen)
+    .await
 }
 
 // ---- one case ----

@@ -243,22 +243,26 @@ where
 
 /// An upstream that records every request and answers 200 `{"ok":true}`.
 pub async fn recording_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    recording_upstream_answering(|_| Response::new(self::body(r#"{"ok":true}"#))).await
+}
+
+/// An upstream that records every request and answers with `answer(&request)`, as JSON.
+pub async fn recording_upstream_answering<A>(answer: A) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>)
+where
+    A: Fn(&Seen) -> Response<TestBody> + Clone + Send + Sync + 'static,
+{
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
     let addr = spawn_http(move |req: Request<Incoming>| {
-        let record = record.clone();
+        let (record, answer) = (record.clone(), answer.clone());
         async move {
             let (parts, incoming) = req.into_parts();
             let body = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            record.lock().unwrap().push(Seen {
-                method: parts.method,
-                uri: parts.uri,
-                version: parts.version,
-                headers: parts.headers,
-                body,
-            });
-            let mut response = Response::new(self::body(r#"{"ok":true}"#));
+            let seen =
+                Seen { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers, body };
+            let mut response = answer(&seen);
             response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            record.lock().unwrap().push(seen);
             response
         }
     })
