@@ -207,6 +207,30 @@ pub struct Snapshot {
     pub taken_at: UnixTime,
 }
 
+/// One user and what the request path needs of it, read in one transaction: the unit of an incremental
+/// directory update (see [`Change`]).
+#[derive(Debug)]
+pub struct UserSnapshot {
+    pub user: User,
+    /// Active keys only, as in [`Snapshot::keys`].
+    pub keys: Vec<SnapshotKey>,
+    pub credentials: Vec<CredentialSecret>,
+    /// Active token URLs only.
+    pub tokens: Vec<SnapshotToken>,
+    pub taken_at: UnixTime,
+}
+
+/// What a store tells the replicas that read it. Every write that changes what the request path sees
+/// (a user, its limit, keys, credentials or token URLs) names the user it changed; usage and key
+/// `last_used_at` do not. A reader applies a change by re-reading that user ([`Store::load_user`]), so
+/// changes are idempotent and may arrive twice or out of order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Anything may have changed (start, or after a lost connection): reload the whole snapshot.
+    Resync,
+    User(String),
+}
+
 /// Users, API keys, upstream credentials, token URLs and usage counters.
 ///
 /// Calls block (the embedded backend does file I/O): call them from `spawn_blocking` in async code.
@@ -259,4 +283,6 @@ pub trait Store: Send + Sync {
 
     /// Everything the request path needs. `NoMasterKey` if credentials exist and no key is set.
     fn load_snapshot(&self) -> StoreResult<Snapshot>;
+    /// What the request path needs of one user; `None` when the user does not exist (deleted).
+    fn load_user(&self, id: &str) -> StoreResult<Option<UserSnapshot>>;
 }

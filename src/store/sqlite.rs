@@ -864,56 +864,85 @@ impl Store for SqliteStore {
         let Inner { conn, key } = &mut *inner;
         // One read transaction: a consistent view even while other processes write.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        let users = {
-            let mut stmt = tx.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY id"))?;
-            stmt.query_map([], user_from_row)?.collect::<Result<Vec<_>, _>>()?
-        };
-        let keys = {
-            let mut stmt = tx.prepare(
-                "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
-                 WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) ORDER BY id",
-            )?;
-            stmt.query_map([now], |r| {
-                Ok(SnapshotKey {
-                    id: r.get(0)?,
-                    sha256: r.get(1)?,
-                    kind: kind_from_str(2, &r.get::<_, String>(2)?)?,
-                    user: r.get(3)?,
-                    act_as: act_as_from_json(4, &r.get::<_, String>(4)?)?,
-                    expires_at: r.get(5)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?
-        };
-        let tokens = {
-            let mut stmt = tx.prepare(
-                "SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
-                 WHERE revoked_at IS NULL AND expires_at > ?1 ORDER BY id",
-            )?;
-            stmt.query_map([now], |r| {
-                Ok(SnapshotToken {
-                    id: r.get(0)?,
-                    sha256: r.get(1)?,
-                    user: r.get(2)?,
-                    upstream: r.get(3)?,
-                    expires_at: r.get(4)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?
-        };
-        let credentials = match key.as_ref() {
-            Some((version, key)) => decrypt_credentials(&tx, *version, key, None)?,
-            None => {
-                let any: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM credentials)", [], |r| r.get(0))?;
-                if any {
-                    return Err(StoreError::NoMasterKey);
-                }
-                Vec::new()
-            }
-        };
+        let snapshot = read_snapshot(&tx, key.as_ref(), None, now)?;
         tx.commit()?;
-        Ok(Snapshot { users, keys, credentials, tokens, taken_at: now })
+        Ok(snapshot)
     }
+
+    fn load_user(&self, id: &str) -> StoreResult<Option<UserSnapshot>> {
+        check_user("id", id)?;
+        let now = self.now();
+        let mut inner = self.lock();
+        let Inner { conn, key } = &mut *inner;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let Snapshot { mut users, keys, credentials, tokens, taken_at } =
+            read_snapshot(&tx, key.as_ref(), Some(id), now)?;
+        tx.commit()?;
+        Ok(users.pop().map(|user| UserSnapshot { user, keys, credentials, tokens, taken_at }))
+    }
+}
+
+/// Users with their active keys, active token URLs and decrypted credentials: all, or one user's.
+fn read_snapshot(
+    conn: &Connection,
+    key: Option<&(u32, MasterKey)>,
+    user: Option<&str>,
+    now: UnixTime,
+) -> StoreResult<Snapshot> {
+    let users = {
+        let mut stmt =
+            conn.prepare(&format!("SELECT {USER_COLS} FROM users WHERE (?1 IS NULL OR id = ?1) ORDER BY id"))?;
+        stmt.query_map([user], user_from_row)?.collect::<Result<Vec<_>, _>>()?
+    };
+    let keys = {
+        let mut stmt = conn.prepare(
+            "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
+             WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) AND (?2 IS NULL OR user_id = ?2)
+             ORDER BY id",
+        )?;
+        stmt.query_map(params![now, user], |r| {
+            Ok(SnapshotKey {
+                id: r.get(0)?,
+                sha256: r.get(1)?,
+                kind: kind_from_str(2, &r.get::<_, String>(2)?)?,
+                user: r.get(3)?,
+                act_as: act_as_from_json(4, &r.get::<_, String>(4)?)?,
+                expires_at: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    let tokens = {
+        let mut stmt = conn.prepare(
+            "SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
+             WHERE revoked_at IS NULL AND expires_at > ?1 AND (?2 IS NULL OR user_id = ?2) ORDER BY id",
+        )?;
+        stmt.query_map(params![now, user], |r| {
+            Ok(SnapshotToken {
+                id: r.get(0)?,
+                sha256: r.get(1)?,
+                user: r.get(2)?,
+                upstream: r.get(3)?,
+                expires_at: r.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    let credentials = match key {
+        Some((version, key)) => decrypt_credentials(conn, *version, key, user)?,
+        None => {
+            let any: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM credentials WHERE (?1 IS NULL OR user_id = ?1))",
+                [user],
+                |r| r.get(0),
+            )?;
+            if any {
+                return Err(StoreError::NoMasterKey);
+            }
+            Vec::new()
+        }
+    };
+    Ok(Snapshot { users, keys, credentials, tokens, taken_at: now })
 }
 
 #[cfg(test)]
