@@ -15,7 +15,7 @@ use criterion::{BenchmarkId, Criterion};
 use governor::clock::FakeRelativeClock;
 use governor::{Quota, RateLimiter};
 use mcp_tenant_proxy::config::Config;
-use mcp_tenant_proxy::policy::ratelimit::{LimitClock, LimitPlan, LimitRequest, RateLimits};
+use mcp_tenant_proxy::policy::ratelimit::{Limit, LimitClock, LimitPlan, LimitRequest, RateLimits};
 use mcp_tenant_proxy::store::{UpstreamId, UserId};
 
 struct Counting;
@@ -54,8 +54,13 @@ fn setup(users: u32, clock: &FakeRelativeClock) -> (RateLimits, LimitPlan) {
     (limits, plan)
 }
 
+/// The config's default user limit, as the request path passes it for a user without its own.
 fn request(user: u32) -> LimitRequest {
-    LimitRequest { key: 0, user: UserId(user), upstream: UpstreamId(0) }
+    static LIMIT: std::sync::OnceLock<Limit> = std::sync::OnceLock::new();
+    let limit = *LIMIT.get_or_init(|| {
+        Limit::new(std::num::NonZeroU32::new(4_000_000_000).unwrap(), Duration::from_secs(3600), None).unwrap()
+    });
+    LimitRequest { key: 0, user: UserId(user), user_limit: Some(limit), upstream: UpstreamId(0) }
 }
 
 /// A fixed pseudo-random walk over the users (xorshift), so both limiters see the same sequence.

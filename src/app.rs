@@ -2,7 +2,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
@@ -68,17 +67,6 @@ impl App {
 
     /// As [`App::start`], with the clock the rate limiters read (tests pass a fake one).
     pub async fn start_with_clock(config: Config, clock: LimitClock) -> io::Result<App> {
-        Self::start_inner(config, None, clock).await
-    }
-
-    /// As [`App::start`], for a config loaded (with [`Config::load`]) from `config_path`: with a `[store]`
-    /// and an `[admin]` token, the admin API serves under `/admin/v1/` and rebuilds the running config from
-    /// this file and the store after every write.
-    pub async fn start_from_file(config: Config, config_path: &Path) -> io::Result<App> {
-        Self::start_inner(config, Some(config_path.to_owned()), LimitClock::default()).await
-    }
-
-    async fn start_inner(config: Config, config_path: Option<PathBuf>, clock: LimitClock) -> io::Result<App> {
         let config = Arc::new(config);
         let reload_lock = Arc::new(tokio::sync::Mutex::new(()));
         let backlog = config.server.listen_backlog;
@@ -157,12 +145,7 @@ impl App {
                 max_connections_per_ip: 0,
                 connections: metrics.connections("admin"),
             };
-            let api = match (&usage_store, config_path) {
-                (Some(store), Some(path)) => {
-                    Some(Arc::new(AdminApi::new(store.clone(), proxy.clone(), path, reload_lock.clone())))
-                }
-                _ => None,
-            };
+            let api = usage_store.as_ref().map(|store| Arc::new(AdminApi::new(store.clone(), proxy.clone())));
             let health = health.clone();
             let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), api.clone(), request);
             let shutdown = CancellationToken::new();
@@ -199,8 +182,8 @@ impl App {
         restart
     }
 
-    /// Held while a new config is built from the file and the store and swapped in (SIGHUP and the admin
-    /// API's writes), so a rebuild never replaces a newer one with an older snapshot.
+    /// Held while a new config is built from the file and the store and swapped in (SIGHUP), so a
+    /// rebuild never replaces a newer one with an older snapshot.
     pub fn reload_lock(&self) -> &Arc<tokio::sync::Mutex<()>> {
         &self.reload_lock
     }

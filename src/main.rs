@@ -108,7 +108,7 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = match App::start_from_file(config, &path).await {
+    let app = match App::start(config).await {
         Ok(app) => app,
         Err(e) => {
             eprintln!("cannot start: {e}");
@@ -135,7 +135,7 @@ async fn run(path: PathBuf) -> ExitCode {
 fn reload(app: &App, path: &Path) {
     match Config::load(path, Some(&app.config())) {
         Ok(config) => {
-            let users = config.directory.user_count();
+            let users = config.directory.user_count() + config.live.user_count();
             let restart = app.reload(config);
             tracing::info!(users, "config reloaded");
             if !restart.is_empty() {
@@ -152,7 +152,7 @@ fn check_config(path: &Path) -> ExitCode {
             println!(
                 "{}: ok ({} users, {} upstreams)",
                 path.display(),
-                config.directory.user_count(),
+                config.directory.user_count() + config.live.user_count(),
                 config.upstreams.len()
             );
             ExitCode::SUCCESS

@@ -44,7 +44,7 @@ fn files(upstream: std::net::SocketAddr) -> Files {
 }
 
 async fn start(config: &Path) -> App {
-    App::start_from_file(Config::load(config, None).unwrap(), config).await.unwrap()
+    App::start(Config::load(config, None).unwrap()).await.unwrap()
 }
 
 struct Client {

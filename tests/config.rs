@@ -117,7 +117,7 @@ secret_file = "token"
 "#;
     let config = Config::from_toml(toml, dir.path()).unwrap();
     let key = config.directory.key_by_hash(&mcp_tenant_proxy::secret::sha256(b"env-key")).unwrap();
-    let creds = config.directory.credentials(key.user, config.upstreams[0].id);
+    let creds = config.credentials(&key.user, &config.upstreams[0]).unwrap();
     assert_eq!(creds[0].header_value, "file-token", "trailing newline of the file is dropped");
     assert!(!format!("{creds:?}").contains("file-token"));
 

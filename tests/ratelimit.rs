@@ -205,7 +205,9 @@ fn a_reload_keeps_buckets_of_unchanged_quotas() {
         );
         Config::from_toml(&text, std::path::Path::new(".")).unwrap()
     };
-    let request = LimitRequest { key: 0, user: UserId(0), upstream: UpstreamId(0) };
+    let alice = config(5).user("alice").unwrap();
+    let user_limit = config(5).user_limit(&alice);
+    let request = LimitRequest { key: 0, user: UserId(0), user_limit, upstream: UpstreamId(0) };
     let first = limits.plan(&config(5));
     for _ in 0..2 {
         limits.check(&first, &request).unwrap();

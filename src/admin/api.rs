@@ -1,15 +1,14 @@
 //! The admin API: JSON over HTTP under `/admin/v1/` on the admin listener.
 //!
-//! On when the config has both `[admin] token_env|token_file` and `[store]`, and the app knows its config
-//! file (to rebuild the running config after a write); otherwise every `/admin/v1/` path answers 404.
+//! On when the config has both `[admin] token_env|token_file` and `[store]`; otherwise every `/admin/v1/`
+//! path answers 404.
 //! Every route except the OpenAPI document needs `Authorization: Bearer <admin token>` (compared in
 //! constant time, as SHA-256 digests so the length does not leak either).
 //!
-//! Store calls block and run on the blocking pool. After each successful write the running config is
-//! rebuilt from the config file and a fresh store snapshot (`Config::load`, as SIGHUP does) and swapped
-//! in, so the change serves the next request.
+//! Store calls block and run on the blocking pool. After each successful write the user it changed is
+//! re-read from the store into the live directory (`LiveDirectory::refresh_user`), so the change serves
+//! the next request; the cost is one user's, however many users there are.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,7 +21,6 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::config::Config;
 use crate::policy::ratelimit::Limit;
 use crate::proxy::Proxy;
 use crate::proxy::body::{ProxyBody, full};
@@ -118,10 +116,6 @@ fn route(method: &Method, path: &str) -> Matched {
 pub struct AdminApi {
     store: Arc<SqliteStore>,
     proxy: Arc<Proxy>,
-    config_path: PathBuf,
-    /// One rebuild of the running config at a time (shared with SIGHUP), so the last write's snapshot is the
-    /// one in force.
-    reload: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// An API error: status, stable code, message and, for 400, the field.
@@ -193,13 +187,8 @@ pub fn off() -> Response<ProxyBody> {
 }
 
 impl AdminApi {
-    pub fn new(
-        store: Arc<SqliteStore>,
-        proxy: Arc<Proxy>,
-        config_path: PathBuf,
-        reload: Arc<tokio::sync::Mutex<()>>,
-    ) -> AdminApi {
-        AdminApi { store, proxy, config_path, reload }
+    pub fn new(store: Arc<SqliteStore>, proxy: Arc<Proxy>) -> AdminApi {
+        AdminApi { store, proxy }
     }
 
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
@@ -249,7 +238,7 @@ impl AdminApi {
                     ));
                 }
                 let user = self.blocking(move |s| s.create_user(&body.id, limit)).await?;
-                self.apply().await?;
+                self.apply(&user.id).await?;
                 Ok((StatusCode::CREATED, user_json(&user)))
             }
             Op::ListUsers => {
@@ -280,14 +269,14 @@ impl AdminApi {
                 let body: UpdateUser = read_json(request).await?;
                 let limit = body.rate_limit.into_limit()?;
                 let user = self.blocking(move |s| s.set_user_limit(&id, limit)).await?;
-                self.apply().await?;
+                self.apply(&user.id).await?;
                 Ok((StatusCode::OK, user_json(&user)))
             }
             Op::DeleteUser => {
                 let id = param(0);
                 let deleted = id.clone();
                 self.blocking(move |s| s.delete_user(&id)).await?;
-                self.apply().await?;
+                self.apply(&deleted).await?;
                 Ok((StatusCode::OK, json!({ "deleted": deleted })))
             }
             Op::CreateKey => {
@@ -304,7 +293,7 @@ impl AdminApi {
                 };
                 let new = NewKey { id: None, kind, user: body.user, act_as: body.act_as, expires_at };
                 let created = self.blocking(move |s| s.create_key(new)).await?;
-                self.apply().await?;
+                self.apply(&created.info.user).await?;
                 let mut value = key_json(&created.info);
                 value["key"] = json!(created.key.expose());
                 Ok((StatusCode::CREATED, value))
@@ -318,7 +307,7 @@ impl AdminApi {
             Op::RevokeKey => {
                 let id = param(0);
                 let info = self.blocking(move |s| s.revoke_key(&id)).await?;
-                self.apply().await?;
+                self.apply(&info.user).await?;
                 Ok((StatusCode::OK, key_json(&info)))
             }
             Op::ListCredentials => {
@@ -343,7 +332,7 @@ impl AdminApi {
                 }
                 let secret = Secret::new(body.secret);
                 let outcome = self.blocking(move |s| s.put_credential(&user, &upstream, &cred, &secret)).await?;
-                self.apply().await?;
+                self.apply(&param(0)).await?;
                 let (status, outcome) = match outcome {
                     PutOutcome::Created => (StatusCode::CREATED, "created"),
                     PutOutcome::Updated => (StatusCode::OK, "updated"),
@@ -354,7 +343,7 @@ impl AdminApi {
             Op::DeleteCredential => {
                 let (user, upstream, cred) = (param(0), param(1), param(2));
                 self.blocking(move |s| s.delete_credential(&user, &upstream, &cred)).await?;
-                self.apply().await?;
+                self.apply(&param(0)).await?;
                 let (user, upstream, cred) = (param(0), param(1), param(2));
                 Ok((
                     StatusCode::OK,
@@ -364,7 +353,7 @@ impl AdminApi {
             Op::CreateToken => {
                 let body: CreateToken = read_json(request).await?;
                 let created = self.blocking(move |s| s.create_token(&body.user, &body.upstream, body.days)).await?;
-                self.apply().await?;
+                self.apply(&created.info.user).await?;
                 let config = self.proxy.config();
                 let prefix = config
                     .upstreams
@@ -385,7 +374,7 @@ impl AdminApi {
             Op::RevokeToken => {
                 let id = param(0);
                 let info = self.blocking(move |s| s.revoke_token(&id)).await?;
-                self.apply().await?;
+                self.apply(&info.user).await?;
                 Ok((StatusCode::OK, token_json(&info)))
             }
             Op::Usage => {
@@ -419,23 +408,26 @@ impl AdminApi {
             .map_err(ApiError::from)
     }
 
-    /// Rebuilds the running config from the config file and a fresh store snapshot and swaps it in.
-    async fn apply(&self) -> Result<(), ApiError> {
-        let _one_at_a_time = self.reload.lock().await;
-        let running = self.proxy.config();
-        let path = self.config_path.clone();
-        let loaded = tokio::task::spawn_blocking(move || Config::load(&path, Some(&running))).await;
-        match loaded {
-            Ok(Ok(config)) => {
-                self.proxy.reload(Arc::new(config));
-                Ok(())
+    /// Brings the running proxy up to date with a write to `user`: the user is re-read from the store
+    /// and its entries replaced in the live directory (the cost of one user, however many there are).
+    async fn apply(&self, user: &str) -> Result<(), ApiError> {
+        let (store, config, user) = (self.store.clone(), self.proxy.config(), user.to_owned());
+        let applied = tokio::task::spawn_blocking(move || {
+            let problems = config.live.refresh_user(&*store, &*config, &user)?;
+            for problem in problems {
+                tracing::warn!(%problem, "admin API: part of the write is not served");
             }
+            Ok::<_, StoreError>(())
+        })
+        .await;
+        match applied {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
-                tracing::error!(problems = %e, "admin API: the write is stored, but the running config was not rebuilt");
+                tracing::error!(error = %e, "admin API: the write is stored, but not yet served");
                 Err(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "reload_failed",
-                    format!("stored, but the running config was not rebuilt: {e}"),
+                    format!("stored, but not yet served: {e}"),
                 ))
             }
             Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the reload panicked")),

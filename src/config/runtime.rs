@@ -16,7 +16,11 @@ use crate::policy::mcp::Rule;
 use crate::policy::ratelimit::Limit;
 use crate::proxy::forward::UpstreamClient;
 use crate::secret::{Secret, sha256};
-use crate::store::{ApiKey, Credential, Directory, KeyKind, UpstreamId, UserPattern, check_user_id};
+use crate::store::live::{FileSide, Rendered};
+use crate::store::{
+    ApiKey, Credential, Directory, KeyKind, LiveDirectory, STORE_USER_BIT, TokenGrant, UpstreamId, UserLimit,
+    UserPattern, UserRef, check_user_id,
+};
 
 pub struct Config {
     pub server: ServerSettings,
@@ -25,7 +29,10 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub identity: IdentitySettings,
     pub audit_path: AuditPath,
+    /// The config file's users, keys and credentials.
     pub directory: Directory,
+    /// The store's, updated in place (shared by every config of the process: a reload keeps it).
+    pub live: Arc<LiveDirectory>,
     pub upstreams: Vec<Upstream>,
     /// The key binding MCP sessions to users; `None`: a random key of this process.
     pub session_secret: Option<Secret>,
@@ -137,12 +144,14 @@ impl Config {
     /// Loads a new version of the running config: users keep the ids `self` gave them.
     pub fn reload_from_file(&self, path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        Self::parse(&text, path.parent().unwrap_or(Path::new(".")), Some(&self.directory))
+        self.reload_from_toml(&text, path.parent().unwrap_or(Path::new(".")))
     }
 
     /// As [`Config::reload_from_file`], from text.
     pub fn reload_from_toml(&self, text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-        Self::parse(text, base_dir, Some(&self.directory))
+        let mut next = Self::parse(text, base_dir, Some(&self.directory))?;
+        next.live = self.live.clone();
+        Ok(next)
     }
 
     fn parse(text: &str, base_dir: &Path, previous: Option<&Directory>) -> Result<Config, ConfigError> {
@@ -150,93 +159,65 @@ impl Config {
         Builder { problems: Vec::new(), base_dir, previous }.build(raw)
     }
 
-    /// Loads the config file and, when it has a `[store]`, adds the store's users, keys and
-    /// credentials next to the file's (see [`Config::merge_store`]). `previous`: the running config,
-    /// on reload.
+    /// Loads the config file and, when it has a `[store]`, brings the store's users, keys and
+    /// credentials into the live directory (see [`Config::refresh_store`]). `previous`: the running
+    /// config, on reload.
     pub fn load(path: &Path, previous: Option<&Config>) -> Result<Config, ConfigError> {
-        let mut config = match previous {
+        let config = match previous {
             Some(running) => running.reload_from_file(path)?,
             None => Config::from_file(path)?,
         };
         if let Some(store) = &config.store {
-            let snapshot = crate::store::SqliteStore::open(&store.path, store.master_key.as_ref())
-                .and_then(|s| crate::store::Store::load_snapshot(&s))
+            let opened = crate::store::SqliteStore::open(&store.path, store.master_key.as_ref())
                 .map_err(|e| ConfigError::Invalid(vec![Problem { path: "store".into(), message: e.to_string() }]))?;
-            config.merge_store(&snapshot)?;
+            config.refresh_store(&opened)?;
         }
         Ok(config)
     }
 
-    /// Adds the store's users, keys and credentials to the directory. The config file stays a read-only
-    /// source next to the store: the same user, key or credential declared in both is a conflict,
-    /// reported (every one of them, with its path) rather than resolved silently.
-    pub fn merge_store(&mut self, snapshot: &crate::store::model::Snapshot) -> Result<(), ConfigError> {
-        use crate::store::model::UserLimit;
-        let mut problems = Vec::new();
-        let dir = &mut self.directory;
-        for user in &snapshot.users {
-            if dir.user(&user.id).is_some() {
-                problems.push(Problem {
-                    path: format!("store.users.{}", user.id),
-                    message: "also declared in the config file".into(),
-                });
-                continue;
-            }
-            let id = dir.add_user(&user.id);
-            match user.rate_limit {
-                UserLimit::Default => {}
-                UserLimit::Unlimited => dir.set_user_limit(id, None),
-                UserLimit::Quota(limit) => dir.set_user_limit(id, Some(limit)),
-            }
+    /// Reloads every store user into the live directory, with this config's upstreams. The config file
+    /// stays a read-only source next to the store: the same user or key declared in both is a conflict,
+    /// reported (every one of them, with its path) and nothing changes.
+    pub fn refresh_store(&self, store: &dyn crate::store::Store) -> Result<(), ConfigError> {
+        let store_problem = |e: crate::store::StoreError| Problem { path: "store".into(), message: e.to_string() };
+        match self.live.refresh_all(store, self, true) {
+            Err(e) => Err(ConfigError::Invalid(vec![store_problem(e)])),
+            Ok(Err(problems)) => Err(ConfigError::Invalid(problems.into_iter().map(Problem::from_line).collect())),
+            Ok(Ok(_)) => Ok(()),
         }
-        for key in &snapshot.keys {
-            let conflict = dir.keys().any(|k| *k.id == *key.id) || dir.key_by_hash(&key.sha256).is_some();
-            if conflict {
-                problems.push(Problem {
-                    path: format!("store.keys.{}", key.id),
-                    message: "also declared in the config file".into(),
-                });
-                continue;
-            }
-            let Some(user) = dir.user(&key.user) else { continue };
-            let act_as = key.act_as.iter().map(|p| UserPattern::parse(p)).collect();
-            let api_key = ApiKey {
-                index: 0,
-                id: key.id.as_str().into(),
-                kind: key.kind,
-                user,
-                act_as,
-                rate_limit: None,
-                expires_at: key.expires_at,
-            };
-            dir.add_key(key.sha256, api_key);
+    }
+
+    /// The key whose SHA-256 is `sha256`: the config file's or the store's.
+    pub fn key_by_hash(&self, sha256: &[u8; 32]) -> Option<Arc<ApiKey>> {
+        self.directory.key_by_hash(sha256).cloned().or_else(|| self.live.key_by_hash(sha256))
+    }
+
+    /// The token URL whose SHA-256 is `sha256` (token URLs live in the store only).
+    pub fn token_by_hash(&self, sha256: &[u8; 32]) -> Option<Arc<TokenGrant>> {
+        self.live.token_by_hash(sha256)
+    }
+
+    /// A user of the config file or of the store.
+    pub fn user(&self, name: &str) -> Option<UserRef> {
+        self.directory.user_ref(name).or_else(|| self.live.user(name))
+    }
+
+    /// The user's credentials for `upstream`, from the side that holds the user.
+    pub fn credentials(&self, user: &UserRef, upstream: &Upstream) -> Option<Arc<[Credential]>> {
+        if user.id.0 & STORE_USER_BIT != 0 {
+            self.live.credentials(&user.name, &upstream.name)
+        } else {
+            self.directory.credentials(user.id, upstream.id).cloned()
         }
-        for cred in &snapshot.credentials {
-            let path = format!("store.credentials.{}/{}/{}", cred.user, cred.upstream, cred.credential_id);
-            let (Some(user), Some(upstream)) =
-                (dir.user(&cred.user), self.upstreams.iter().find(|u| *u.name == *cred.upstream))
-            else {
-                // A credential for an upstream this config does not serve is kept in the store, unused.
-                continue;
-            };
-            let Some(header_value) = upstream.render_credential(&cred.secret) else {
-                problems.push(Problem { path, message: "the secret cannot be sent in a header".into() });
-                continue;
-            };
-            if !dir.add_credential(
-                user,
-                upstream.id,
-                Credential { id: cred.credential_id.as_str().into(), header_value },
-            ) {
-                problems.push(Problem { path, message: "also declared in the config file".into() });
-            }
+    }
+
+    /// The limit that applies to `user`: its own, or the config's default.
+    pub fn user_limit(&self, user: &UserRef) -> Option<Limit> {
+        match user.limit {
+            UserLimit::Default => self.directory.default_user_limit(),
+            UserLimit::Unlimited => None,
+            UserLimit::Quota(limit) => Some(limit),
         }
-        for token in &snapshot.tokens {
-            if let Some(user) = dir.user(&token.user) {
-                dir.add_token(token.sha256, &token.id, user, &token.upstream, token.expires_at);
-            }
-        }
-        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }
 
     /// Settings a reload cannot change (listeners and the audit sink are bound at start): their names.
@@ -274,6 +255,35 @@ impl Config {
 pub struct Problem {
     pub path: String,
     pub message: String,
+}
+
+impl Problem {
+    /// A `path: message` line, as the live directory reports what it could not take in.
+    fn from_line(line: String) -> Problem {
+        match line.split_once(": ") {
+            Some((path, message)) => Problem { path: path.into(), message: message.into() },
+            None => Problem { path: "store".into(), message: line },
+        }
+    }
+}
+
+impl FileSide for Config {
+    fn has_user(&self, name: &str) -> bool {
+        self.directory.user(name).is_some()
+    }
+
+    fn has_key(&self, sha256: &[u8; 32], id: &str) -> bool {
+        // Config files hold a handful of keys: a scan is fine.
+        self.directory.key_by_hash(sha256).is_some() || self.directory.keys().any(|k| *k.id == *id)
+    }
+
+    fn render(&self, upstream: &str, secret: &Secret) -> Rendered {
+        match self.upstreams.iter().find(|u| *u.name == *upstream).map(|u| u.render_credential(secret)) {
+            None => Rendered::NotServed,
+            Some(Some(value)) => Rendered::Value(value),
+            Some(None) => Rendered::Unsendable,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -388,6 +398,7 @@ impl Builder<'_> {
                 identity,
                 audit_path,
                 directory,
+                live: Arc::default(),
                 upstreams,
                 session_secret,
                 store,
@@ -620,7 +631,7 @@ impl Builder<'_> {
             } else {
                 let id = dir.add_user(&user.id);
                 if let (Some(limit), Some(_)) = (limit, &user.rate_limit) {
-                    dir.set_user_limit(id, limit);
+                    dir.set_user_limit(id, limit.map_or(UserLimit::Unlimited, UserLimit::Quota));
                 }
             }
         }
@@ -693,7 +704,8 @@ impl Builder<'_> {
         };
         let rate_limit = self.limit(&format!("{path}.rate_limit"), key.rate_limit.as_ref());
         let (Some(kind), Some(hash), Some(rate_limit)) = (kind, hash, rate_limit) else { return };
-        let user = dir.add_user(&key.user);
+        dir.add_user(&key.user);
+        let Some(user) = dir.user_ref(&key.user) else { return };
         let act_as = key.act_as.iter().map(|p| UserPattern::parse(p)).collect();
         let key = ApiKey { index: 0, id: key.id.as_str().into(), kind, user, act_as, rate_limit, expires_at: None };
         if !dir.add_key(hash, key) {

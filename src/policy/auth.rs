@@ -1,16 +1,19 @@
 //! Authentication: `Authorization: Bearer <key>`, looked up by the key's SHA-256.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, header};
 
+use crate::config::Config;
 use crate::error::ProxyError;
 use crate::proxy::headers::single;
 use crate::secret::sha256;
-use crate::store::{ApiKey, Directory};
+use crate::store::ApiKey;
 
-pub fn authenticate<'a>(directory: &'a Directory, headers: &HeaderMap) -> Result<&'a ApiKey, ProxyError> {
+pub fn authenticate(config: &Config, headers: &HeaderMap) -> Result<Arc<ApiKey>, ProxyError> {
     let value = single(headers, &header::AUTHORIZATION, "authorization")?.ok_or(ProxyError::MissingApiKey)?;
     let token = bearer_token(value.as_bytes()).ok_or(ProxyError::InvalidApiKey)?;
-    let key = directory.key_by_hash(&sha256(token)).ok_or(ProxyError::InvalidApiKey)?;
+    let key = config.key_by_hash(&sha256(token)).ok_or(ProxyError::InvalidApiKey)?;
     if key.expires_at.is_some_and(|at| at <= unix_now()) {
         return Err(ProxyError::InvalidApiKey);
     }
@@ -19,13 +22,13 @@ pub fn authenticate<'a>(directory: &'a Directory, headers: &HeaderMap) -> Result
 
 /// A token URL (`/mcp/<upstream>/t/<token>`): it authenticates as its user, on its upstream only.
 /// Unknown, expired and revoked tokens, and tokens of another upstream, are all 401.
-pub fn authenticate_token<'a>(directory: &'a Directory, token: &str, upstream: &str) -> Result<&'a ApiKey, ProxyError> {
-    let grant = directory.token_by_hash(&sha256(token.as_bytes())).ok_or(ProxyError::InvalidApiKey)?;
+pub fn authenticate_token(config: &Config, token: &str, upstream: &str) -> Result<Arc<ApiKey>, ProxyError> {
+    let grant = config.token_by_hash(&sha256(token.as_bytes())).ok_or(ProxyError::InvalidApiKey)?;
     let live = grant.key.expires_at.is_none_or(|at| at > unix_now());
     if *grant.upstream != *upstream || !live {
         return Err(ProxyError::InvalidApiKey);
     }
-    Ok(&grant.key)
+    Ok(grant.key.clone())
 }
 
 fn unix_now() -> i64 {
@@ -49,14 +52,16 @@ mod tests {
     #[test]
     fn an_expired_key_is_refused_even_while_it_is_in_the_directory() {
         use crate::store::{ApiKey, KeyKind};
-        let mut dir = Directory::default();
-        let user = dir.add_user("dana");
+        let mut config = Config::from_toml("", std::path::Path::new(".")).unwrap();
+        let dir = &mut config.directory;
+        dir.add_user("dana");
+        let user = dir.user_ref("dana").unwrap();
         for (token, expires_at) in [("old", Some(1)), ("current", Some(i64::MAX)), ("forever", None)] {
             let key = ApiKey {
                 index: 0,
                 id: token.into(),
                 kind: KeyKind::Standard,
-                user,
+                user: user.clone(),
                 act_as: vec![],
                 rate_limit: None,
                 expires_at,
@@ -66,9 +71,9 @@ mod tests {
         let headers = |token: &str| -> HeaderMap {
             [(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap())].into_iter().collect()
         };
-        assert_eq!(authenticate(&dir, &headers("old")).unwrap_err(), ProxyError::InvalidApiKey);
-        assert_eq!(&*authenticate(&dir, &headers("current")).unwrap().id, "current");
-        assert_eq!(&*authenticate(&dir, &headers("forever")).unwrap().id, "forever");
+        assert_eq!(authenticate(&config, &headers("old")).unwrap_err(), ProxyError::InvalidApiKey);
+        assert_eq!(&*authenticate(&config, &headers("current")).unwrap().id, "current");
+        assert_eq!(&*authenticate(&config, &headers("forever")).unwrap().id, "forever");
     }
 
     #[test]

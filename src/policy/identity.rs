@@ -6,15 +6,16 @@
 
 use http::HeaderMap;
 
+use crate::config::Config;
 use crate::config::UnknownUserPolicy;
 use crate::config::runtime::IdentitySettings;
 use crate::error::ProxyError;
 use crate::proxy::headers::single;
-use crate::store::{ApiKey, Directory, KeyKind, UserId, check_user_id};
+use crate::store::{ApiKey, KeyKind, UserRef, check_user_id};
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
-    pub user: UserId,
+    pub user: UserRef,
     /// The unknown user was replaced by the key's own user (`unknown_user = "default"`).
     pub fallback: bool,
 }
@@ -35,14 +36,14 @@ pub fn requested_user<'h>(settings: &IdentitySettings, headers: &'h HeaderMap) -
 
 pub fn resolve(
     settings: &IdentitySettings,
-    directory: &Directory,
+    config: &Config,
     key: &ApiKey,
     requested: Option<&str>,
 ) -> Result<Identity, ProxyError> {
-    let own = Identity { user: key.user, fallback: false };
-    let Some(name) = requested else { return Ok(own) };
-    if **directory.user_name(key.user) == *name {
-        return Ok(own);
+    let own = || Identity { user: key.user.clone(), fallback: false };
+    let Some(name) = requested else { return Ok(own()) };
+    if *key.user.name == *name {
+        return Ok(own());
     }
     if key.kind == KeyKind::Standard {
         return Err(ProxyError::UserOverrideForbidden);
@@ -50,9 +51,9 @@ pub fn resolve(
     if !key.may_act_as(name) {
         return Err(ProxyError::UserNotPermitted);
     }
-    match (directory.user(name), settings.unknown_user) {
+    match (config.user(name), settings.unknown_user) {
         (Some(user), _) => Ok(Identity { user, fallback: false }),
         (None, UnknownUserPolicy::Reject) => Err(ProxyError::UnknownUser),
-        (None, UnknownUserPolicy::Default) => Ok(Identity { user: key.user, fallback: true }),
+        (None, UnknownUserPolicy::Default) => Ok(Identity { user: key.user.clone(), fallback: true }),
     }
 }

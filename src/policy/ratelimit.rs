@@ -16,6 +16,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use governor::clock::{Clock, FakeRelativeClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
@@ -178,7 +179,6 @@ impl Statuses {
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Scope {
     Key(Arc<str>),
-    User,
     Upstream(Arc<str>),
     Tool(Arc<str>, Box<str>),
 }
@@ -189,7 +189,6 @@ type PerUser = (Limit, Arc<KeyedLimiter>);
 /// Which limiter applies to each key, user and upstream under one config.
 pub struct LimitPlan {
     keys: Vec<Option<(Limit, Arc<DirectLimiter>)>>,
-    users: Vec<Option<PerUser>>,
     upstreams: Vec<Option<PerUser>>,
     /// By upstream id: per-tool limiters.
     tools: Vec<HashMap<Box<str>, PerUser>>,
@@ -203,6 +202,9 @@ pub struct RateLimits {
     clock: LimitClock,
     keyed: Mutex<HashMap<(Scope, Limit), Arc<KeyedLimiter>>>,
     direct: Mutex<HashMap<(Scope, Limit), Arc<DirectLimiter>>>,
+    /// The user level: one limiter per quota, found by the quota the user has (its own or the
+    /// default), so users join and leave without a new plan. Kept for the life of the process.
+    users: DashMap<Limit, Arc<KeyedLimiter>>,
 }
 
 impl RateLimits {
@@ -224,8 +226,6 @@ impl RateLimits {
             });
             Some((limit, limiter.clone()))
         };
-        let users =
-            (0..dir.user_id_space()).map(|i| keyed_for(Scope::User, dir.user_limit(UserId(i as u32)))).collect();
         let mut by_id = vec![None; config.upstreams.len()];
         let mut tools = vec![HashMap::new(); config.upstreams.len()];
         for upstream in &config.upstreams {
@@ -247,7 +247,18 @@ impl RateLimits {
             });
             keys[key.index as usize] = Some((limit, limiter.clone()));
         }
-        LimitPlan { keys, users, upstreams: by_id, tools }
+        LimitPlan { keys, upstreams: by_id, tools }
+    }
+
+    /// The user-level limiter of `limit`.
+    fn user_limiter(&self, limit: Limit) -> dashmap::mapref::one::Ref<'_, Limit, Arc<KeyedLimiter>> {
+        if let Some(limiter) = self.users.get(&limit) {
+            return limiter;
+        }
+        let quota = limit.quota().expect("validated at load");
+        let limiter =
+            Arc::new(KeyedLimiter::new(quota, DashMapStateStore::with_hasher(UserIdHash), self.clock.clone()));
+        self.users.entry(limit).or_insert(limiter).downgrade()
     }
 
     /// Drops the state of users whose buckets are full again (indistinguishable from a fresh start), then
@@ -259,12 +270,16 @@ impl RateLimits {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+        for limiter in self.users.iter() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
         lock(&self.direct).retain(|_, limiter| Arc::strong_count(limiter) > 1);
     }
 
     /// Users with limiter state, over all limiters (for tests and benchmarks).
     pub fn tracked(&self) -> usize {
-        lock(&self.keyed).values().map(|l| l.len()).sum()
+        lock(&self.keyed).values().map(|l| l.len()).sum::<usize>() + self.users.iter().map(|l| l.len()).sum::<usize>()
     }
 
     fn now(&self) -> Nanos {
@@ -276,6 +291,8 @@ impl RateLimits {
 pub struct LimitRequest {
     pub key: u32,
     pub user: UserId,
+    /// The user's limit (its own or the default; `None`: unlimited).
+    pub user_limit: Option<Limit>,
     pub upstream: UpstreamId,
 }
 
@@ -290,8 +307,8 @@ impl RateLimits {
         if let Some(Some((limit, limiter))) = plan.upstreams.get(request.upstream.0 as usize) {
             statuses.push(outcome(self, Level::UserUpstream, *limit, limiter.check_key(&user))?);
         }
-        if let Some(Some((limit, limiter))) = plan.users.get(user as usize) {
-            statuses.push(outcome(self, Level::User, *limit, limiter.check_key(&user))?);
+        if let Some(limit) = request.user_limit {
+            statuses.push(outcome(self, Level::User, limit, self.user_limiter(limit).check_key(&user))?);
         }
         if let Some(Some((limit, limiter))) = plan.keys.get(request.key as usize) {
             statuses.push(outcome(self, Level::Key, *limit, limiter.check())?);

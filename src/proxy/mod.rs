@@ -25,7 +25,7 @@ use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
 use crate::policy::session::{self, SessionBinder};
 use crate::policy::{auth, credential, identity};
-use crate::store::{KeyKind, UserId};
+use crate::store::{KeyKind, UserRef};
 use crate::telemetry::audit::{AuditEvent, AuditSink};
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::usage::UsageCounters;
@@ -232,7 +232,7 @@ impl Proxy {
             BudgetLimits { total: server.max_buffered_body_bytes, per_key: server.max_buffered_body_bytes_per_key };
         let mut share = self.bodies.share(ctx.key_id.as_ref(), budget);
         let judged = admitted.and_then(|(upstream, key)| {
-            let judged = self.judge(active, ctx, &mut parts, upstream, key)?;
+            let judged = self.judge(active, ctx, &mut parts, upstream, &key)?;
             Ok((upstream, judged))
         });
         let (upstream, Judged { user, public_prefix, mut statuses }) = match judged {
@@ -245,7 +245,7 @@ impl Proxy {
                 return Err(error.into());
             }
         };
-        let acting_user = config.directory.user_name(user);
+        let acting_user = &user.name;
         // Read an MCP JSON-RPC body (bounded in size, time and the budget) and inspect it: -32700 /
         // -32600 when it is not JSON-RPC, -32020 when the 2026-07-28 mirror headers disagree with the body
         // that policy is enforced on. Every later refusal answers with the request's id.
@@ -263,11 +263,12 @@ impl Proxy {
             {
                 return Err(ProxyError::ToolNotAllowed.into());
             }
-            let tools = self.limits.check_tools(&active.limits, user, upstream.id, rpc, &mut statuses);
+            let tools = self.limits.check_tools(&active.limits, user.id, upstream.id, rpc, &mut statuses);
             tools.map_err(ProxyError::RateLimited)?;
         }
         // The acting user's own credential for this upstream: never the caller's key, never another user's.
-        let credential = credential::select(config.directory.credentials(user, upstream.id), &parts.headers)?;
+        let credentials = config.credentials(&user, upstream);
+        let credential = credential::select(credentials.as_deref().unwrap_or_default(), &parts.headers)?;
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
         let rewrite = headers::Rewrite {
             user_header: &config.identity.user_header,
@@ -392,7 +393,7 @@ impl Drop for Record<'_> {
 
 /// What the header-only steps decided about an admitted request.
 struct Judged<'c> {
-    user: UserId,
+    user: UserRef,
     /// The path prefix the client sees (with a token URL's token, which the upstream never sees).
     public_prefix: std::borrow::Cow<'c, str>,
     statuses: ratelimit::Statuses,
@@ -407,7 +408,7 @@ impl Proxy {
         ctx: &mut RequestCtx,
         parts: &mut http::request::Parts,
         upstream: &'c crate::config::Upstream,
-        key: &'c crate::store::ApiKey,
+        key: &crate::store::ApiKey,
     ) -> Result<Judged<'c>, ProxyError> {
         let config = &active.config;
         // A token URL's token goes no further: the upstream sees the path without it. The legacy
@@ -424,8 +425,8 @@ impl Proxy {
         // Identify the acting user. The requested name is recorded first so that denials are audited too.
         let requested = identity::requested_user(&config.identity, &parts.headers)?;
         ctx.requested_user = requested.map(str::to_owned);
-        let who = identity::resolve(&config.identity, &config.directory, key, requested)?;
-        let acting_user = config.directory.user_name(who.user);
+        let who = identity::resolve(&config.identity, config, key, requested)?;
+        let acting_user = &who.user.name;
         ctx.acting_user = Some(acting_user.clone());
         ctx.fallback = who.fallback;
         // Sessions: a session the client presents must be the acting user's on this upstream (else 404, the
@@ -440,7 +441,12 @@ impl Proxy {
         // Rate limit by the resolved user: only now, so that bad keys and unknown users never create
         // limiter state, and before any work is done on the user's behalf. (Per-tool limits wait for the
         // body that names the tool.)
-        let check = LimitRequest { key: key.index, user: who.user, upstream: upstream.id };
+        let check = LimitRequest {
+            key: key.index,
+            user: who.user.id,
+            user_limit: config.user_limit(&who.user),
+            upstream: upstream.id,
+        };
         let statuses = self.limits.check(&active.limits, &check).map_err(ProxyError::RateLimited)?;
         Ok(Judged { user: who.user, public_prefix, statuses })
     }
@@ -483,7 +489,7 @@ fn admit<'c>(
     ctx: &mut RequestCtx,
     parts: &http::request::Parts,
     origins: &[String],
-) -> Result<(&'c crate::config::Upstream, &'c crate::store::ApiKey), ProxyError> {
+) -> Result<(&'c crate::config::Upstream, Arc<crate::store::ApiKey>), ProxyError> {
     // Limits first: the cheapest check, and it bounds the work of every later step.
     headers::check_size(&parts.headers, config.server.max_header_bytes)?;
     // One authority: a request whose Host is missing, repeated or contradicts its target is refused.
@@ -498,8 +504,8 @@ fn admit<'c>(
     // Authenticate: nothing about the caller is trusted, or recorded, before the key is valid. A token
     // URL carries its credential in the path, for MCP clients that only take a URL.
     let key = match token_in_path(upstream, parts.uri.path()) {
-        Some((token, _)) => auth::authenticate_token(&config.directory, token, &upstream.name)?,
-        None => auth::authenticate(&config.directory, &parts.headers)?,
+        Some((token, _)) => auth::authenticate_token(config, token, &upstream.name)?,
+        None => auth::authenticate(config, &parts.headers)?,
     };
     ctx.key_id = Some(key.id.clone());
     ctx.key_kind = Some(key.kind);

@@ -1,14 +1,18 @@
 //! Who exists and what they hold: users, API keys (as SHA-256 hashes) and upstream credentials.
 //!
-//! Built once from the config and read-only afterwards; the request path only does hash-map lookups.
-//! Users are interned to a small [`UserId`] so per-user state elsewhere (limiters, usage) can key on a `u32`.
+//! The config file's part ([`Directory`]) is built at each load and read-only afterwards; the store's part
+//! ([`LiveDirectory`]) is updated in place, one user at a time. The request path only does hash-map
+//! lookups. Users are interned to a small [`UserId`] so per-user state elsewhere (limiters) can key on
+//! a `u32`.
 
 pub mod crypto;
 pub mod json;
+pub mod live;
 pub mod model;
 pub mod sqlite;
 
-pub use model::{Store, StoreError};
+pub use live::{LiveDirectory, STORE_USER_BIT};
+pub use model::{Store, StoreError, UserLimit};
 pub use sqlite::SqliteStore;
 
 use std::collections::HashMap;
@@ -70,13 +74,23 @@ impl UserPattern {
     }
 }
 
+/// A user as the request path sees it: its interned id, its name, and its own rate limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRef {
+    pub id: UserId,
+    pub name: Arc<str>,
+    pub limit: UserLimit,
+}
+
 #[derive(Debug)]
 pub struct ApiKey {
-    /// Position in the config, for per-key state such as the key-level rate limiter.
+    /// Position in the config, for per-key state such as the key-level rate limiter (`u32::MAX`: none,
+    /// as for store keys, which have no key-level limit).
     pub index: u32,
     pub id: Arc<str>,
     pub kind: KeyKind,
-    pub user: UserId,
+    /// The key's own user (a store key's entry is rebuilt whenever its user changes).
+    pub user: UserRef,
     pub act_as: Vec<UserPattern>,
     pub rate_limit: Option<Limit>,
     /// Unix seconds after which the key is refused (keys made through the store may expire).
@@ -91,6 +105,7 @@ impl ApiKey {
 
 /// A user's credential for one upstream, already rendered into the header value the upstream expects
 /// (marked sensitive, so hyper's and our `Debug` hide it).
+#[derive(Clone)]
 pub struct Credential {
     pub id: Box<str>,
     pub header_value: HeaderValue,
@@ -106,25 +121,41 @@ impl fmt::Debug for Credential {
 /// key that exists only inside the token, so the rest of the pipeline treats it like any other.
 #[derive(Debug)]
 pub struct TokenGrant {
-    pub key: ApiKey,
+    pub key: Arc<ApiKey>,
     pub upstream: Arc<str>,
 }
 
+impl TokenGrant {
+    pub fn new(id: &str, user: UserRef, upstream: &str, expires_at: i64) -> TokenGrant {
+        let key = ApiKey {
+            // Past every key's index: a token has no key-level limiter of its own.
+            index: u32::MAX,
+            id: id.into(),
+            kind: KeyKind::Standard,
+            user,
+            act_as: Vec::new(),
+            rate_limit: None,
+            expires_at: Some(expires_at),
+        };
+        TokenGrant { key: Arc::new(key), upstream: upstream.into() }
+    }
+}
+
+/// The users, keys and credentials the config file declares. Built at each load and read-only
+/// afterwards; the store's live next to it in a [`LiveDirectory`], updated in place.
 #[derive(Debug, Default)]
 pub struct Directory {
-    /// The interner: append-only, and carried over on reload, so a user keeps its id (and with it its
-    /// rate-limit buckets) for the life of the process.
+    /// The interner: carried over on reload, so a user keeps its id (and with it its rate-limit
+    /// buckets) for the life of the process. File users' ids are below [`STORE_USER_BIT`].
     user_ids: HashMap<Arc<str>, UserId>,
     user_names: Vec<Arc<str>>,
     /// By `UserId`: whether the user exists in this config (a removed user keeps its id, not its access).
     present: Vec<bool>,
-    keys: HashMap<[u8; 32], ApiKey>,
-    credentials: HashMap<(UserId, UpstreamId), Vec<Credential>>,
-    /// Token URLs by SHA-256: each authenticates as one user, for one upstream.
-    tokens: HashMap<[u8; 32], TokenGrant>,
+    keys: HashMap<[u8; 32], Arc<ApiKey>>,
+    credentials: HashMap<(UserId, UpstreamId), Arc<[Credential]>>,
     default_user_limit: Option<Limit>,
-    /// Users whose limit differs from the default (`None`: unlimited).
-    user_limits: HashMap<UserId, Option<Limit>>,
+    /// Users whose limit differs from the default.
+    user_limits: HashMap<UserId, UserLimit>,
 }
 
 impl Directory {
@@ -153,7 +184,8 @@ impl Directory {
             self.present[id.0 as usize] = true;
             return id;
         }
-        let id = UserId(u32::try_from(self.user_names.len()).expect("fewer than 2^32 users"));
+        let id = u32::try_from(self.user_names.len()).ok().filter(|id| id & STORE_USER_BIT == 0);
+        let id = UserId(id.expect("fewer than 2^31 users in a config file"));
         let name: Arc<str> = name.into();
         self.user_names.push(name.clone());
         self.user_ids.insert(name, id);
@@ -167,58 +199,45 @@ impl Directory {
             return false;
         }
         key.index = u32::try_from(self.keys.len()).expect("fewer than 2^32 keys");
-        self.keys.insert(sha256, key);
+        self.keys.insert(sha256, Arc::new(key));
         true
     }
 
-    /// Adds a token URL for `user` on `upstream`, valid until `expires_at` (Unix seconds).
-    pub fn add_token(&mut self, sha256: [u8; 32], id: &str, user: UserId, upstream: &str, expires_at: i64) {
-        let key = ApiKey {
-            // Past every key's index: a token has no key-level limiter of its own.
-            index: u32::MAX,
-            id: id.into(),
-            kind: KeyKind::Standard,
-            user,
-            act_as: Vec::new(),
-            rate_limit: None,
-            expires_at: Some(expires_at),
-        };
-        self.tokens.insert(sha256, TokenGrant { key, upstream: upstream.into() });
-    }
-
-    pub fn token_by_hash(&self, sha256: &[u8; 32]) -> Option<&TokenGrant> {
-        self.tokens.get(sha256)
-    }
-
     pub fn keys(&self) -> impl Iterator<Item = &ApiKey> {
-        self.keys.values()
+        self.keys.values().map(|key| &**key)
     }
 
     pub fn set_default_user_limit(&mut self, limit: Option<Limit>) {
         self.default_user_limit = limit;
     }
 
-    pub fn set_user_limit(&mut self, user: UserId, limit: Option<Limit>) {
-        self.user_limits.insert(user, limit);
+    /// The limit of users without one of their own.
+    pub fn default_user_limit(&self) -> Option<Limit> {
+        self.default_user_limit
     }
 
-    /// The user's own limit, or the default.
-    pub fn user_limit(&self, user: UserId) -> Option<Limit> {
-        self.user_limits.get(&user).copied().unwrap_or(self.default_user_limit)
+    pub fn set_user_limit(&mut self, user: UserId, limit: UserLimit) {
+        self.user_limits.insert(user, limit);
     }
 
     /// Returns false when the user already has a credential with that id for that upstream.
     pub fn add_credential(&mut self, user: UserId, upstream: UpstreamId, credential: Credential) -> bool {
-        let list = self.credentials.entry((user, upstream)).or_default();
+        let list = self.credentials.entry((user, upstream)).or_insert_with(|| Arc::from([]));
         if list.iter().any(|c| c.id == credential.id) {
             return false;
         }
-        list.push(credential);
+        *list = list.iter().cloned().chain([credential]).collect();
         true
     }
 
     pub fn user(&self, name: &str) -> Option<UserId> {
         self.user_ids.get(name).copied().filter(|id| self.present[id.0 as usize])
+    }
+
+    /// The user with its name and limit, if the config file declares it.
+    pub fn user_ref(&self, name: &str) -> Option<UserRef> {
+        let (name, &id) = self.user_ids.get_key_value(name).filter(|(_, id)| self.present[id.0 as usize])?;
+        Some(UserRef { id, name: name.clone(), limit: self.user_limits.get(&id).copied().unwrap_or_default() })
     }
 
     pub fn user_name(&self, id: UserId) -> &Arc<str> {
@@ -230,20 +249,15 @@ impl Directory {
         self.present.iter().filter(|p| **p).count()
     }
 
-    /// Ids handed out so far (users of earlier configs included): the size of per-user tables.
-    pub fn user_id_space(&self) -> usize {
-        self.user_names.len()
-    }
-
     /// Looks a key up by the SHA-256 of what the client presented. Comparing digests rather than keys
     /// means any timing difference of the lookup depends on the digest only, which tells an attacker
     /// nothing about a stored key's bytes.
-    pub fn key_by_hash(&self, sha256: &[u8; 32]) -> Option<&ApiKey> {
+    pub fn key_by_hash(&self, sha256: &[u8; 32]) -> Option<&Arc<ApiKey>> {
         self.keys.get(sha256)
     }
 
-    pub fn credentials(&self, user: UserId, upstream: UpstreamId) -> &[Credential] {
-        self.credentials.get(&(user, upstream)).map_or(&[], Vec::as_slice)
+    pub fn credentials(&self, user: UserId, upstream: UpstreamId) -> Option<&Arc<[Credential]>> {
+        self.credentials.get(&(user, upstream))
     }
 }
 
