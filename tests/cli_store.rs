@@ -376,3 +376,68 @@ fn rotating_the_master_key_retires_the_old_one() {
     let store = SqliteStore::open(&cli.store, Some(&Secret::new(new_key))).unwrap();
     assert_eq!(store.credential_secrets(None).unwrap()[0].secret.expose(), "ghp_rotate_me");
 }
+
+#[test]
+fn users_import_adds_users_keys_and_credentials_in_batches_and_hands_out_the_keys_once() {
+    let cli = Cli::new();
+    let lines = [
+        r#"{"id":"alice","keys":[{"kind":"standard"}],"credentials":[{"upstream":"github","id":"default","secret":"ghp_alice"}]}"#,
+        r#"{"id":"bob","rate_limit":{"requests":5,"per":"1m"},"keys":[{"kind":"enterprise","act_as":["team-*"]},{"kind":"standard"}]}"#,
+        "",
+        r#"{"id":"carol","rate_limit":"unlimited"}"#,
+    ];
+    let input = cli.dir().join("users.jsonl");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let keys_out = cli.dir().join("keys.jsonl");
+    let args = ["users", "import", input.to_str().unwrap(), "--keys-out", keys_out.to_str().unwrap(), "--batch", "2"];
+    let report = cli.json(&args, true);
+    assert_eq!(
+        (report["users"].as_u64(), report["keys"].as_u64(), report["credentials"].as_u64()),
+        (Some(3), Some(3), Some(1))
+    );
+
+    // The keys file holds each generated key once, readable by its owner only; they authenticate.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&keys_out).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let store = cli.library();
+    let snapshot = store.load_snapshot().unwrap();
+    let written: Vec<Value> =
+        std::fs::read_to_string(&keys_out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(written.len(), 3);
+    for line in &written {
+        let hash = sha256(line["key"].as_str().unwrap().as_bytes());
+        let key = snapshot.keys.iter().find(|k| k.sha256 == hash).expect("the handed-out key is stored");
+        assert_eq!(key.user, line["user"].as_str().unwrap());
+    }
+    assert_eq!(snapshot.credentials.len(), 1);
+    assert_eq!(snapshot.credentials[0].secret.expose(), "ghp_alice");
+    let bob = snapshot.users.iter().find(|u| u.id == "bob").unwrap();
+    assert!(matches!(bob.rate_limit, mcp_tenant_proxy::store::UserLimit::Quota(l) if l.requests.get() == 5));
+
+    // A second run of the same file: the first batch conflicts and nothing of it is written; the keys
+    // file is never overwritten.
+    let again = cli.run(&args, true, None);
+    assert!(!again.status.success());
+    assert!(again.stderr_text().contains("cannot create"), "{}", again.stderr_text());
+    std::fs::remove_file(&keys_out).unwrap();
+    let again = cli.run(&args, true, None);
+    assert!(
+        again.stderr_text().contains("line 2") && again.stderr_text().contains("already exists"),
+        "{}",
+        again.stderr_text()
+    );
+    assert_eq!(store.load_snapshot().unwrap().keys.len(), 3);
+
+    // A secret in a field that wants something else is never echoed.
+    std::fs::write(&input, r#"{"id":"dave","keys":[{"kind":"ghp_leak"}]}"#).unwrap();
+    std::fs::remove_file(&keys_out).unwrap();
+    let bad = cli.run(&args, true, None);
+    assert!(bad.stderr_text().contains("line 1") && !bad.stderr_text().contains("ghp_leak"), "{}", bad.stderr_text());
+    // Keys asked for without --keys-out: refused before anything is written.
+    std::fs::write(&input, r#"{"id":"erin","keys":[{"kind":"standard"}]}"#).unwrap();
+    let no_out = cli.run(&["users", "import", input.to_str().unwrap()], true, None);
+    assert!(no_out.stderr_text().contains("--keys-out"), "{}", no_out.stderr_text());
+}

@@ -6,6 +6,7 @@
 //! a `u32`.
 
 pub mod crypto;
+pub mod follow;
 pub mod json;
 pub mod live;
 pub mod model;

@@ -231,6 +231,75 @@ pub enum Change {
     User(String),
 }
 
+/// One user of a bulk import ([`Store::import_users`]): the user, the keys to generate for it and its
+/// credentials.
+#[derive(Clone, Debug)]
+pub struct ImportUser {
+    pub id: String,
+    pub rate_limit: UserLimit,
+    /// `user` must be `id`.
+    pub keys: Vec<NewKey>,
+    pub credentials: Vec<ImportCredential>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ImportCredential {
+    pub upstream: String,
+    pub credential_id: String,
+    pub secret: Secret,
+}
+
+/// Validates a new key and generates it: the key (returned this once) and its listing. One rule for
+/// every backend.
+pub(crate) fn prepare_key(new: NewKey, now: UnixTime) -> StoreResult<(Secret, KeyInfo)> {
+    check_user_field("user", &new.user)?;
+    let id = match new.id {
+        Some(id) => {
+            check_name_field("id", &id)?;
+            id
+        }
+        None => format!("k_{}", hex::encode(rand::random::<[u8; 8]>())),
+    };
+    if new.kind == KeyKind::Standard && !new.act_as.is_empty() {
+        return Err(StoreError::invalid("act_as", "standard keys act as their own user only; use an enterprise key"));
+    }
+    for pattern in &new.act_as {
+        let literal = pattern.strip_suffix('*').unwrap_or(pattern);
+        if pattern != "*" && super::check_user_id(literal, MAX_USER_ID_LEN).is_err() {
+            return Err(StoreError::invalid(
+                "act_as",
+                format!("{pattern:?}: use *, a user id, or a prefix ending in *"),
+            ));
+        }
+    }
+    if let Some(expires_at) = new.expires_at
+        && expires_at <= now
+    {
+        return Err(StoreError::invalid("expires_at", "must be in the future"));
+    }
+    let key = format!("mtp_{}", hex::encode(rand::random::<[u8; 32]>()));
+    let info = KeyInfo {
+        id,
+        kind: new.kind,
+        user: new.user,
+        act_as: new.act_as,
+        prefix: key[..8].to_owned(),
+        expires_at: new.expires_at,
+        created_at: now,
+        last_used_at: None,
+        revoked_at: None,
+    };
+    Ok((Secret::new(key), info))
+}
+
+pub(crate) fn check_user_field(field: &'static str, id: &str) -> StoreResult<()> {
+    super::check_user_id(id, MAX_USER_ID_LEN).map_err(|why| StoreError::invalid(field, why))
+}
+
+pub(crate) fn check_name_field(field: &'static str, name: &str) -> StoreResult<()> {
+    super::check_user_id(name, MAX_NAME_LEN).map_err(|why| StoreError::invalid(field, why))
+}
+
 /// Users, API keys, upstream credentials, token URLs and usage counters.
 ///
 /// Calls block (the embedded backend does file I/O): call them from `spawn_blocking` in async code.
@@ -244,6 +313,10 @@ pub trait Store: Send + Sync {
     fn set_user_limit(&self, id: &str, rate_limit: UserLimit) -> StoreResult<User>;
     /// Deletes the user with its keys, token URLs, credentials and usage counters.
     fn delete_user(&self, id: &str) -> StoreResult<()>;
+
+    /// Adds many users with their keys (generated, returned this once, in order) and credentials, in
+    /// one transaction: all or nothing. `Conflict` when a user exists. For provisioning at scale.
+    fn import_users(&self, users: &[ImportUser]) -> StoreResult<Vec<CreatedKey>>;
 
     /// Generates a key, stores its SHA-256 and prefix, and returns it this once.
     fn create_key(&self, new: NewKey) -> StoreResult<CreatedKey>;

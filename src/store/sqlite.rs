@@ -20,8 +20,8 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::crypto::{MasterKey, RowAad};
-use super::model::*;
-use super::{KeyKind, check_upstream_name, check_user_id};
+use super::model::{check_name_field as check_name, check_user_field as check_user, prepare_key, *};
+use super::{KeyKind, check_upstream_name};
 use crate::policy::ratelimit::Limit;
 use crate::secret::{Secret, sha256};
 
@@ -257,16 +257,13 @@ fn conversion(col: usize, ty: Type, why: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(col, ty, why.to_owned().into())
 }
 
-fn check_user(field: &'static str, id: &str) -> StoreResult<()> {
-    check_user_id(id, MAX_USER_ID_LEN).map_err(|why| StoreError::invalid(field, why))
-}
-
 fn check_upstream(name: &str) -> StoreResult<()> {
     check_upstream_name(name).map_err(|why| StoreError::invalid("upstream", why))
 }
 
-fn check_name(field: &'static str, name: &str) -> StoreResult<()> {
-    check_user_id(name, MAX_NAME_LEN).map_err(|why| StoreError::invalid(field, why))
+/// A unique-constraint failure as `Conflict` on `what` `id`; other errors as they are.
+fn conflict(e: rusqlite::Error, what: &'static str, id: &str) -> StoreError {
+    if is_constraint(&e) { StoreError::Conflict { what, id: id.to_owned() } } else { e.into() }
 }
 
 fn random_id(prefix: &str) -> String {
@@ -502,51 +499,95 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn create_key(&self, new: NewKey) -> StoreResult<CreatedKey> {
-        check_user("user", &new.user)?;
-        let id = match new.id {
-            Some(id) => {
-                check_name("id", &id)?;
-                id
-            }
-            None => random_id("k_"),
-        };
-        match new.kind {
-            KeyKind::Standard if !new.act_as.is_empty() => {
-                return Err(StoreError::invalid(
-                    "act_as",
-                    "standard keys act as their own user only; use an enterprise key",
-                ));
-            }
-            _ => {}
-        }
-        for pattern in &new.act_as {
-            let literal = pattern.strip_suffix('*').unwrap_or(pattern);
-            if pattern != "*" && check_user_id(literal, MAX_USER_ID_LEN).is_err() {
-                return Err(StoreError::invalid(
-                    "act_as",
-                    format!("{pattern:?}: use *, a user id, or a prefix ending in *"),
-                ));
-            }
-        }
+    fn import_users(&self, users: &[ImportUser]) -> StoreResult<Vec<CreatedKey>> {
         let now = self.now();
-        if let Some(expires_at) = new.expires_at
-            && expires_at <= now
-        {
-            return Err(StoreError::invalid("expires_at", "must be in the future"));
+        // Everything is validated and generated before the transaction: a bad row writes nothing.
+        let mut rows = Vec::with_capacity(users.len());
+        for user in users {
+            check_user("id", &user.id)?;
+            let limit = limit_columns(user.rate_limit)?;
+            let mut keys = Vec::with_capacity(user.keys.len());
+            for new in &user.keys {
+                if new.user != user.id {
+                    return Err(StoreError::invalid("keys.user", format!("must be the user's own id {:?}", user.id)));
+                }
+                keys.push(prepare_key(new.clone(), now)?);
+            }
+            for cred in &user.credentials {
+                check_upstream(&cred.upstream)?;
+                check_name("credential_id", &cred.credential_id)?;
+                if cred.secret.expose().is_empty() {
+                    return Err(StoreError::invalid("secret", "empty"));
+                }
+            }
+            rows.push((user, limit, keys));
         }
-        let key = format!("mtp_{}", hex::encode(rand::random::<[u8; 32]>()));
-        let info = KeyInfo {
-            id,
-            kind: new.kind,
-            user: new.user,
-            act_as: new.act_as,
-            prefix: key[..8].to_owned(),
-            expires_at: new.expires_at,
-            created_at: now,
-            last_used_at: None,
-            revoked_at: None,
-        };
+        let mut inner = self.lock();
+        let Inner { conn, key } = &mut *inner;
+        let master = key.as_ref();
+        if master.is_none() && users.iter().any(|u| !u.credentials.is_empty()) {
+            return Err(StoreError::NoMasterKey);
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some((version, _)) = master
+            && current_version(&tx)? != Some(*version)
+        {
+            return Err(StoreError::RetiredMasterKey { version: *version });
+        }
+        let mut created = Vec::new();
+        {
+            let mut insert_user = tx.prepare(
+                "INSERT INTO users (id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            let mut insert_key = tx.prepare(
+                "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            let mut insert_credential = tx.prepare(
+                "INSERT INTO credentials
+                     (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            )?;
+            for (user, (unlimited, requests, per_ms, burst), keys) in rows {
+                insert_user
+                    .execute(params![user.id, unlimited, requests, per_ms, burst, now])
+                    .map_err(|e| conflict(e, "user", &user.id))?;
+                for (key, info) in keys {
+                    let act_as = serde_json::to_string(&info.act_as).expect("a list of strings serializes");
+                    let hash = sha256(key.expose().as_bytes());
+                    insert_key
+                        .execute(params![
+                            info.id,
+                            hash,
+                            info.kind.as_str(),
+                            info.user,
+                            act_as,
+                            info.prefix,
+                            info.expires_at,
+                            now
+                        ])
+                        .map_err(|e| conflict(e, "key", &info.id))?;
+                    created.push(CreatedKey { key, info });
+                }
+                for cred in &user.credentials {
+                    let Some((version, master)) = master else { return Err(StoreError::NoMasterKey) };
+                    let aad = RowAad { user: &user.id, upstream: &cred.upstream, credential_id: &cred.credential_id };
+                    let (nonce, ciphertext) = master.encrypt(&aad, cred.secret.expose().as_bytes());
+                    let what = format!("{}/{}/{}", user.id, cred.upstream, cred.credential_id);
+                    insert_credential
+                        .execute(params![user.id, cred.upstream, cred.credential_id, nonce, ciphertext, version, now])
+                        .map_err(|e| conflict(e, "credential", &what))?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(created)
+    }
+
+    fn create_key(&self, new: NewKey) -> StoreResult<CreatedKey> {
+        let now = self.now();
+        let (key, info) = prepare_key(new, now)?;
         let act_as = serde_json::to_string(&info.act_as).expect("a list of strings serializes");
         let mut inner = self.lock();
         let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -556,7 +597,7 @@ impl Store for SqliteStore {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 info.id,
-                sha256(key.as_bytes()),
+                sha256(key.expose().as_bytes()),
                 info.kind.as_str(),
                 info.user,
                 act_as,
@@ -570,7 +611,7 @@ impl Store for SqliteStore {
             Err(e) => return Err(e.into()),
         }
         tx.commit()?;
-        Ok(CreatedKey { key: Secret::new(key), info })
+        Ok(CreatedKey { key, info })
     }
 
     fn list_keys(&self, user: Option<&str>) -> StoreResult<Vec<KeyInfo>> {
