@@ -51,17 +51,17 @@ EOF
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-# start: runs the proxy, waits for /readyz, prints "seconds pid"
+# start ADMIN_PORT: runs the proxy and waits for /readyz; sets PID and STARTUP (seconds).
 start() {
-  local admin_port=$1 t0 pid
+  local admin_port=$1 t0
   t0=$(date +%s.%N)
   "$BIN" run --config "$WORK/proxy.toml" > "$WORK/proxy.log" 2>&1 &
-  pid=$!
+  PID=$!
   for _ in $(seq 1 6000); do
     if curl -sf "http://127.0.0.1:$admin_port/readyz" > /dev/null 2>&1; then
-      echo "$(echo "$(date +%s.%N) - $t0" | bc) $pid"; return 0
+      STARTUP=$(echo "$(date +%s.%N) - $t0" | bc); return 0
     fi
-    kill -0 "$pid" 2>/dev/null || { cat "$WORK/proxy.log" >&2; return 1; }
+    kill -0 "$PID" 2>/dev/null || { cat "$WORK/proxy.log" >&2; return 1; }
     sleep 0.01
   done
   echo "the proxy did not become ready" >&2; return 1
@@ -69,9 +69,13 @@ start() {
 
 cat > "$WORK/create.lua" <<'EOF'
 -- Each request creates a new user; ids are unique per thread and run.
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", tostring(os.time()) .. "-" .. threads)
+end
 local counter = 0
 local prefix
-function setup(thread) thread:set("tid", tostring(math.random(1, 1e9))) end
 function init() prefix = "new-" .. tid .. "-" end
 function request()
   counter = counter + 1
@@ -96,19 +100,19 @@ run_backend() {
   config "$pp" "$ap" "$store_lines"
   # Empty store: the baseline RSS and creations at 10 users.
   "$BIN" users import $import_args "$WORK/ten.jsonl" --keys-out "$WORK/ten.keys" --master-key-file "$WORK/master.key" >/dev/null
-  read -r t_empty pid < <(start "$ap")
-  local rss_empty; rss_empty=$(rss_kib "$pid")
+  start "$ap"
+  local t_empty=$STARTUP rss_empty; rss_empty=$(rss_kib "$PID")
   local rate_small; rate_small=$(creations "$ap")
-  kill -TERM "$pid"; wait "$pid" || true
+  kill -TERM "$PID"; wait "$PID" || true
   # N users.
   local t0 t1
   t0=$(date +%s.%N)
   "$BIN" users import $import_args "$WORK/users.jsonl" --keys-out "$WORK/users.keys" --master-key-file "$WORK/master.key" >/dev/null
   t1=$(date +%s.%N)
-  read -r t_full pid < <(start "$ap")
-  local rss_full; rss_full=$(rss_kib "$pid")
+  start "$ap"
+  local t_full=$STARTUP rss_full; rss_full=$(rss_kib "$PID")
   local rate_big; rate_big=$(creations "$ap")
-  kill -TERM "$pid"; wait "$pid" || true
+  kill -TERM "$PID"; wait "$PID" || true
   printf '%s: import of %d users (key + credential each): %.1f s\n' "$name" "$USERS" "$(echo "$t1 - $t0" | bc)"
   printf '%s: start-up to ready: %.2f s with %d users (%.2f s with 10)\n' "$name" "$t_full" "$USERS" "$t_empty"
   printf '%s: directory memory: %d bytes per user (RSS %d KiB -> %d KiB)\n' "$name" \

@@ -278,10 +278,10 @@ impl FileSide for Config {
     }
 
     fn render(&self, upstream: &str, secret: &Secret) -> Rendered {
-        match self.upstreams.iter().find(|u| *u.name == *upstream).map(|u| u.render_credential(secret)) {
-            None => Rendered::NotServed,
-            Some(Some(value)) => Rendered::Value(value),
-            Some(None) => Rendered::Unsendable,
+        let Some(upstream) = self.upstreams.iter().find(|u| *u.name == *upstream) else { return Rendered::NotServed };
+        match upstream.render_credential(secret) {
+            Some(value) => Rendered::Value(upstream.name.clone(), value),
+            None => Rendered::Unsendable,
         }
     }
 }

@@ -9,7 +9,6 @@
 //! A user keeps its [`UserId`] (and so its rate-limit buckets) for as long as it exists; a deleted user
 //! that comes back gets a new one.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,7 +39,8 @@ pub trait FileSide {
 }
 
 pub enum Rendered {
-    Value(HeaderValue),
+    /// The upstream's name (shared, not copied per user) and the header value.
+    Value(Arc<str>, HeaderValue),
     /// This config serves no such upstream: the credential stays in the store, unused.
     NotServed,
     /// The secret cannot go in a header.
@@ -128,54 +128,70 @@ impl LiveDirectory {
         // Every stripe, from before the read until the last user is in: no single-user apply can slip
         // a newer state in that this older snapshot would then overwrite.
         let _all: Vec<_> = self.stripes.iter().map(|stripe| lock(stripe)).collect();
+        let started = std::time::Instant::now();
         let snapshot = store.load_snapshot()?;
+        let read = started.elapsed();
         if strict {
             let problems = conflicts(side, &snapshot);
             if !problems.is_empty() {
                 return Ok(Err(problems));
             }
         }
-        Ok(Ok(self.replace_all(side, snapshot)))
+        let skipped = self.replace_all(side, snapshot);
+        tracing::info!(
+            users = self.users.len(),
+            keys = self.keys.len(),
+            read_ms = read.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "store snapshot loaded"
+        );
+        Ok(Ok(skipped))
     }
 
-    fn replace_all(&self, side: &dyn FileSide, snapshot: Snapshot) -> Vec<String> {
-        let Snapshot { users, keys, credentials, tokens, taken_at } = snapshot;
-        let mut by_user: HashMap<String, UserSnapshot> = users
-            .into_iter()
-            .map(|user| {
-                let id = user.id.clone();
-                (id, UserSnapshot { user, keys: Vec::new(), credentials: Vec::new(), tokens: Vec::new(), taken_at })
-            })
-            .collect();
-        for key in keys {
-            if let Some(user) = by_user.get_mut(&key.user) {
-                user.keys.push(key);
+    /// Replaces everything with `snapshot` (see [`LiveDirectory::refresh_all`]); the caller holds off
+    /// single-user applies meanwhile. Public for benchmarks.
+    pub fn replace_all(&self, side: &dyn FileSide, snapshot: Snapshot) -> Vec<String> {
+        let Snapshot { mut users, mut keys, mut credentials, mut tokens, taken_at } = snapshot;
+        // Users come sorted by id; with the rows sorted by user too, one walk hands each user its rows
+        // (no map of a million names on the way).
+        users.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        keys.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+        credentials.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+        tokens.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+        let (mut keys, mut credentials, mut tokens) =
+            (keys.into_iter().peekable(), credentials.into_iter().peekable(), tokens.into_iter().peekable());
+        if !self.users.is_empty() {
+            let present: std::collections::HashSet<&str> = users.iter().map(|u| u.id.as_str()).collect();
+            let gone: Vec<Arc<str>> =
+                self.users.iter().filter(|u| !present.contains(&**u.key())).map(|u| u.key().clone()).collect();
+            drop(present);
+            for name in gone {
+                self.remove(&name);
             }
         }
-        for cred in credentials {
-            if let Some(user) = by_user.get_mut(&cred.user) {
-                user.credentials.push(cred);
-            }
-        }
-        for token in tokens {
-            if let Some(user) = by_user.get_mut(&token.user) {
-                user.tokens.push(token);
-            }
-        }
-        let gone: Vec<Arc<str>> =
-            self.users.iter().filter(|u| !by_user.contains_key(&**u.key())).map(|u| u.key().clone()).collect();
         let mut problems = Vec::new();
-        for name in gone {
-            self.remove(&name);
-        }
-        for (name, user) in by_user {
-            problems.extend(self.apply(side, &name, Some(user)));
+        for user in users {
+            // Rows of users that sort before this one have no user (the store's foreign keys forbid it).
+            let mut take = |id: &str| {
+                let mine = |row_user: &str| row_user.cmp(id);
+                (
+                    drain_while(&mut keys, |k| mine(&k.user)),
+                    drain_while(&mut credentials, |c| mine(&c.user)),
+                    drain_while(&mut tokens, |t| mine(&t.user)),
+                )
+            };
+            let (user_keys, user_credentials, user_tokens) = take(&user.id);
+            let name = user.id.clone();
+            let snapshot =
+                UserSnapshot { user, keys: user_keys, credentials: user_credentials, tokens: user_tokens, taken_at };
+            problems.extend(self.apply(side, &name, Some(snapshot)));
         }
         problems
     }
 
-    /// Replaces the user's entries with `snapshot` (`None`: the user is gone).
-    fn apply(&self, side: &dyn FileSide, name: &str, snapshot: Option<UserSnapshot>) -> Vec<String> {
+    /// Replaces the user's entries with `snapshot` (`None`: the user is gone). The caller holds the
+    /// user's stripe (see [`LiveDirectory::refresh_user`]). Public for benchmarks.
+    pub fn apply(&self, side: &dyn FileSide, name: &str, snapshot: Option<UserSnapshot>) -> Vec<String> {
         let mut problems = Vec::new();
         let Some(snapshot) = snapshot else {
             self.remove(name);
@@ -187,6 +203,7 @@ impl LiveDirectory {
             return problems;
         }
         let existing = self.users.get(name).map(|u| (u.id, u.key().clone()));
+        let known = existing.is_some();
         let (id, name) = match existing {
             Some(existing) => existing,
             None => match self.next_id.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |id| id.checked_add(1)) {
@@ -224,8 +241,8 @@ impl LiveDirectory {
         }
         let mut credentials: Vec<(Arc<str>, Vec<Credential>)> = Vec::new();
         for cred in snapshot.credentials {
-            let header_value = match side.render(&cred.upstream, &cred.secret) {
-                Rendered::Value(value) => value,
+            let (upstream, header_value) = match side.render(&cred.upstream, &cred.secret) {
+                Rendered::Value(upstream, value) => (upstream, value),
                 Rendered::NotServed => continue,
                 Rendered::Unsendable => {
                     problems.push(format!(
@@ -238,10 +255,11 @@ impl LiveDirectory {
             let credential = Credential { id: cred.credential_id.into(), header_value };
             match credentials.iter_mut().find(|(upstream, _)| **upstream == *cred.upstream) {
                 Some((_, list)) => list.push(credential),
-                None => credentials.push((cred.upstream.into(), vec![credential])),
+                None => credentials.push((upstream, vec![credential])),
             }
         }
-        let (new_keys, new_tokens) = (keys.clone(), tokens.clone());
+        // Only a user seen before has old entries to compare with.
+        let (new_keys, new_tokens) = if known { (keys.clone(), tokens.clone()) } else { Default::default() };
         let entry = LiveUser {
             id,
             limit: snapshot.user.rate_limit,
@@ -270,6 +288,25 @@ impl LiveDirectory {
             self.tokens.remove_if(hash, |_, grant| grant.key.user.name == name);
         }
     }
+}
+
+/// Takes the leading rows that belong to the current user (`Equal`), skipping rows of users before it.
+fn drain_while<T>(
+    rows: &mut std::iter::Peekable<impl Iterator<Item = T>>,
+    of: impl Fn(&T) -> std::cmp::Ordering,
+) -> Vec<T> {
+    use std::cmp::Ordering;
+    let mut mine = Vec::new();
+    while let Some(row) = rows.peek() {
+        match of(row) {
+            Ordering::Less => {
+                rows.next();
+            }
+            Ordering::Equal => mine.extend(rows.next()),
+            Ordering::Greater => break,
+        }
+    }
+    mine
 }
 
 fn stripe(name: &str) -> usize {
@@ -322,7 +359,9 @@ mod tests {
         }
         fn render(&self, upstream: &str, secret: &Secret) -> Rendered {
             match upstream {
-                "gh" => Rendered::Value(HeaderValue::from_str(&format!("Bearer {}", secret.expose())).unwrap()),
+                "gh" => {
+                    Rendered::Value("gh".into(), HeaderValue::from_str(&format!("Bearer {}", secret.expose())).unwrap())
+                }
                 _ => Rendered::NotServed,
             }
         }
