@@ -911,13 +911,13 @@ impl Builder<'_> {
                 self.problem("rate_limiter.url", "is required with backend = \"redis\" (redis://host:port/db)");
                 None
             }
+            Some(url) if url.starts_with("rediss:") || url.starts_with("valkeys:") => {
+                self.problem("rate_limiter.url", "TLS to Redis is not built in: use redis:// on a private network");
+                None
+            }
             Some(url) => match redis::IntoConnectionInfo::into_connection_info(url) {
                 Err(_) => {
                     self.problem("rate_limiter.url", "is not a Redis URL such as redis://10.0.0.5:6379/0");
-                    None
-                }
-                Ok(_) if url.starts_with("rediss:") || url.starts_with("valkeys:") => {
-                    self.problem("rate_limiter.url", "TLS to Redis is not built in: use redis:// on a private network");
                     None
                 }
                 Ok(info)
