@@ -1,6 +1,11 @@
 //! Cost of the rate-limit check on the request path, and memory per tracked user.
 //!
 //!     cargo bench --bench ratelimit
+//!     MCP_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo bench --bench ratelimit   # with the Redis limiter
+//!
+//! With `MCP_TEST_REDIS_URL` (as `scripts/test` exports it), the same run also measures the Redis
+//! limiter against the local one: latency per check (`limiter_backend`), and wall time and CPU per
+//! check of this process and of `redis-server` (its `INFO cpu`), one check at a time and 32 at once.
 //!
 //! Compares the proxy's limiter (keyed by the interned `UserId`, a `u32`) with a plain keyed governor
 //! limiter on `String` user names, in the same run, at 10k and 1M distinct users. Memory is counted by a
@@ -8,6 +13,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
@@ -15,7 +21,9 @@ use criterion::{BenchmarkId, Criterion};
 use governor::clock::FakeRelativeClock;
 use governor::{Quota, RateLimiter};
 use mcp_tenant_proxy::config::Config;
+use mcp_tenant_proxy::config::runtime::{OnRedisError, RedisSettings};
 use mcp_tenant_proxy::policy::ratelimit::{Limit, LimitClock, LimitPlan, LimitRequest, RateLimits};
+use mcp_tenant_proxy::policy::ratelimit_redis::{Names, RedisLimiter};
 use mcp_tenant_proxy::store::{UpstreamId, UserId};
 
 struct Counting;
@@ -147,12 +155,152 @@ fn memory_report() {
     );
 }
 
+/// The local limiter and the Redis limiter on the same plan: one user level that never refuses.
+struct Backends {
+    runtime: tokio::runtime::Runtime,
+    local: Arc<RateLimits>,
+    redis: Arc<RedisLimiter>,
+    plan: LimitPlan,
+    names: Vec<String>,
+    url: String,
+}
+
+fn backends(url: String, users: u32) -> Backends {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (local, plan) = setup(users, &FakeRelativeClock::default());
+    let local = Arc::new(local);
+    let settings = RedisSettings {
+        url: url.clone(),
+        username: None,
+        password: None,
+        timeout: Duration::from_millis(50),
+        on_error: OnRedisError::FailClosed,
+        key_prefix: format!("bench{}", std::process::id()),
+    };
+    let redis =
+        runtime.block_on(RedisLimiter::start(&settings, local.clone(), Default::default())).expect("a Redis limiter");
+    assert!(redis.is_up(), "Redis at MCP_TEST_REDIS_URL does not answer");
+    let names = (0..users).map(|i| format!("user-{i:07}")).collect();
+    Backends { runtime, local, redis, plan, names, url }
+}
+
+impl Backends {
+    async fn redis_check(&self, user: u32) -> bool {
+        let names = Names { user: &self.names[user as usize], upstream: "gh", key: "k" };
+        self.redis.check(&self.plan, &request(user), names).await.is_ok()
+    }
+
+    /// `redis-server`'s CPU seconds so far (user + system), from `INFO cpu`.
+    fn redis_cpu(&self) -> f64 {
+        self.runtime.block_on(async {
+            let mut conn =
+                redis::Client::open(self.url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await.unwrap();
+            info.lines()
+                .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+                .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+                .sum()
+        })
+    }
+}
+
+/// This process's CPU seconds so far (user + system), from `/proc/self/stat` (clock ticks of 10 ms).
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn backend_cost(c: &mut Criterion, b: &Backends) {
+    let order = sequence(b.names.len() as u32, 1 << 16);
+    let mut group = c.benchmark_group("limiter_backend");
+    let mut i = 0;
+    group.bench_function("local", |bench| {
+        bench.iter(|| {
+            i = (i + 1) & (order.len() - 1);
+            black_box(b.local.check(&b.plan, &request(order[i])).is_ok())
+        })
+    });
+    let mut i = 0;
+    group.bench_function("redis", |bench| {
+        bench.iter(|| {
+            i = (i + 1) & (order.len() - 1);
+            black_box(b.runtime.block_on(b.redis_check(order[i])))
+        })
+    });
+    group.finish();
+}
+
+/// Wall time and CPU per check over `n` checks, `concurrency` at a time.
+fn backend_cpu_report(b: &Arc<Backends>) {
+    const N: usize = 40_000;
+    let order = Arc::new(sequence(b.names.len() as u32, N));
+    let (cpu, started) = (process_cpu(), std::time::Instant::now());
+    for &u in order.iter() {
+        black_box(b.local.check(&b.plan, &request(u)).is_ok());
+    }
+    let (wall, cpu) = (started.elapsed().as_secs_f64(), process_cpu() - cpu);
+    println!(
+        "local limiter, 1 at a time: {:.2} us wall and {:.2} us CPU per check",
+        wall * 1e6 / N as f64,
+        cpu * 1e6 / N as f64
+    );
+    for concurrency in [1usize, 32] {
+        let (cpu, redis_cpu, started) = (process_cpu(), b.redis_cpu(), std::time::Instant::now());
+        let allowed: usize = b.runtime.block_on(async {
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|t| {
+                    let (b, order) = (b.clone(), order.clone());
+                    tokio::spawn(async move {
+                        let mut allowed = 0;
+                        for &u in order.iter().skip(t).step_by(concurrency) {
+                            allowed += usize::from(b.redis_check(u).await);
+                        }
+                        allowed
+                    })
+                })
+                .collect();
+            let mut allowed = 0;
+            for task in tasks {
+                allowed += task.await.unwrap();
+            }
+            allowed
+        });
+        let (wall, cpu, redis_cpu) = (started.elapsed().as_secs_f64(), process_cpu() - cpu, b.redis_cpu() - redis_cpu);
+        assert_eq!(allowed, N, "every check allowed (none fell back)");
+        println!(
+            "redis limiter, {concurrency} at a time: {:.2} us wall per check ({:.0} checks/s), {:.2} us CPU per check \
+             in the proxy, {:.2} us in redis-server",
+            wall * 1e6 / N as f64,
+            N as f64 / wall,
+            cpu * 1e6 / N as f64,
+            redis_cpu * 1e6 / N as f64
+        );
+    }
+}
+
 fn main() {
     memory_report();
+    let backends = match std::env::var("MCP_TEST_REDIS_URL") {
+        Ok(url) => {
+            let backends = Arc::new(backends(url, 10_000));
+            backend_cpu_report(&backends);
+            Some(backends)
+        }
+        Err(_) => {
+            println!("MCP_TEST_REDIS_URL is not set: the Redis limiter is not measured (scripts/test sets it)");
+            None
+        }
+    };
     let mut c = Criterion::default()
         .configure_from_args()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     check_cost(&mut c);
+    if let Some(backends) = &backends {
+        backend_cost(&mut c, backends);
+    }
     c.final_summary();
 }

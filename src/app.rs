@@ -10,7 +10,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::admin::api::AdminApi;
 use crate::admin::{self, Health};
 use crate::config::Config;
+use crate::config::runtime::RateLimiterBackend;
 use crate::policy::ratelimit::{LimitClock, RateLimits};
+use crate::policy::ratelimit_redis::RedisLimiter;
 use crate::proxy::Proxy;
 use crate::server::listener::{self, ListenerSettings};
 use crate::store::{SqliteStore, Store};
@@ -82,7 +84,17 @@ impl App {
         let limits = Arc::new(RateLimits::with_clock(clock));
         // `mcp_proxy_audit_write_errors_total` reads the audit writer's own count at each scrape.
         let metrics = Arc::new(Metrics::new(audit_health.clone()));
-        let proxy = Arc::new(Proxy::new(config.clone(), limits.clone(), audit, metrics.clone(), proxy_addr));
+        // With Redis, limits are shared by every replica; the local limiter stays as its fallback.
+        let shared_limits = match &config.rate_limiter {
+            RateLimiterBackend::Local => None,
+            RateLimiterBackend::Redis(settings) => Some(
+                RedisLimiter::start(settings, limits.clone(), metrics.rate_limit_backend_up())
+                    .await
+                    .map_err(io::Error::other)?,
+            ),
+        };
+        let proxy =
+            Arc::new(Proxy::new(config.clone(), limits.clone(), shared_limits, audit, metrics.clone(), proxy_addr));
         // Idle users' limiter state is dropped on a schedule so memory stays bounded.
         let evictor_limits = limits.clone();
         let evictor = tokio::spawn(async move {

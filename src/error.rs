@@ -59,6 +59,8 @@ pub enum ProxyError {
     AmbiguousCredential,
     #[error("rate limit exceeded at the {} level: retry in {} s", .0.level.as_str(), ceil_secs(.0.retry_after))]
     RateLimited(ratelimit::Refusal),
+    #[error("the shared rate limiter cannot be reached: retry shortly")]
+    RateLimiterUnavailable,
     #[error("the request body is not valid JSON")]
     ParseError,
     #[error("the request body is not a valid JSON-RPC 2.0 message")]
@@ -104,6 +106,7 @@ impl ProxyError {
             UnknownCredential => (StatusCode::FORBIDDEN, "unknown_credential"),
             AmbiguousCredential => (StatusCode::BAD_REQUEST, "ambiguous_credential"),
             RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            RateLimiterUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_unavailable"),
             ParseError => return (StatusCode::BAD_REQUEST, "parse_error", -32700),
             InvalidRequest => return (StatusCode::BAD_REQUEST, "invalid_request", -32600),
             HeaderMismatch => return (StatusCode::BAD_REQUEST, "header_mismatch", -32020),
@@ -136,7 +139,7 @@ impl ProxyError {
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if matches!(self, ProxyError::KeyBodiesExhausted | ProxyError::ProxyBusy) {
+        if matches!(self, ProxyError::KeyBodiesExhausted | ProxyError::ProxyBusy | ProxyError::RateLimiterUnavailable) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let ProxyError::RateLimited(refusal) = self {
@@ -263,6 +266,7 @@ mod tests {
             (UnknownCredential, 403, "unknown_credential", JSONRPC_PROXY_ERROR),
             (AmbiguousCredential, 400, "ambiguous_credential", JSONRPC_PROXY_ERROR),
             (RateLimited(refusal()), 429, "rate_limited", JSONRPC_PROXY_ERROR),
+            (RateLimiterUnavailable, 503, "rate_limiter_unavailable", JSONRPC_PROXY_ERROR),
             (ParseError, 400, "parse_error", -32700),
             (InvalidRequest, 400, "invalid_request", -32600),
             (HeaderMismatch, 400, "header_mismatch", -32020),

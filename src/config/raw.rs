@@ -29,6 +29,8 @@ pub struct RawConfig {
     pub credentials: Vec<RawCredential>,
     /// The default per-user limit; none means unlimited.
     pub rate_limit: Option<RawLimit>,
+    /// Where rate-limit state lives: this process (default) or a Redis shared by every replica.
+    pub rate_limiter: Option<RawRateLimiter>,
     pub sessions: Option<RawSessions>,
     pub store: Option<RawStore>,
 }
@@ -40,6 +42,24 @@ pub struct RawStore {
     pub path: PathBuf,
     pub master_key_env: Option<String>,
     pub master_key_file: Option<PathBuf>,
+}
+
+/// `[rate_limiter]`: `backend = "local"` (the default) or `"redis"` with its connection settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimiter {
+    pub backend: String,
+    /// `redis://host:port/db` or `rediss://...` (TLS is not built in); no password in it.
+    pub url: Option<String>,
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The longest a request waits on Redis; default 50ms.
+    pub timeout: Option<String>,
+    /// `"fail_open"` (default: the local limiter decides) or `"fail_closed"` (503).
+    pub on_error: Option<String>,
+    /// Prefix of every key the proxy writes; default `mtp`. Deployments sharing one Redis differ here.
+    pub key_prefix: Option<String>,
 }
 
 /// The key that binds MCP sessions to users: one of the three, shared by every replica.

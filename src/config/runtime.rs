@@ -37,6 +37,40 @@ pub struct Config {
     /// The key binding MCP sessions to users; `None`: a random key of this process.
     pub session_secret: Option<Secret>,
     pub store: Option<StoreSettings>,
+    /// Where rate-limit state lives (`[rate_limiter]`).
+    pub rate_limiter: RateLimiterBackend,
+}
+
+/// Where rate-limit state lives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RateLimiterBackend {
+    /// In this process (`governor`): each replica counts alone.
+    #[default]
+    Local,
+    /// In Redis: every replica draws on one budget per user, key and upstream.
+    Redis(RedisSettings),
+}
+
+/// `[rate_limiter] backend = "redis"`. `Debug` shows the password as `***`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// The server's URL, without credentials.
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// The longest a request waits on Redis before [`RedisSettings::on_error`] applies.
+    pub timeout: Duration,
+    pub on_error: OnRedisError,
+    pub key_prefix: String,
+}
+
+/// What a request gets while Redis cannot be reached (or answers later than the timeout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnRedisError {
+    /// The replica's local limiter decides: limits hold per replica until Redis is back.
+    FailOpen,
+    /// Requests that a limit applies to are refused (503 `rate_limiter_unavailable`).
+    FailClosed,
 }
 
 /// Where the embedded store lives and the key its credentials are encrypted with.
@@ -235,6 +269,7 @@ impl Config {
             ("server.listen_backlog", a.listen_backlog != b.listen_backlog),
             ("admin.listen", self.admin_listen != next.admin_listen),
             ("audit.path", self.audit_path != next.audit_path),
+            ("rate_limiter", self.rate_limiter != next.rate_limiter),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -389,6 +424,8 @@ impl Builder<'_> {
         });
         let max_len = identity.as_ref().map_or(128, |i| i.max_user_id_len);
         let directory = self.directory(&raw, &upstreams, max_len);
+        // `None` only after a problem was reported: then no `Config` is built.
+        let rate_limiter = self.rate_limiter(raw.rate_limiter.as_ref()).unwrap_or_default();
 
         match (self.problems.is_empty(), server, identity, session_secret, admin_token) {
             (true, Some(server), Some(identity), Some(session_secret), Some(admin_token)) => Ok(Config {
@@ -402,6 +439,7 @@ impl Builder<'_> {
                 upstreams,
                 session_secret,
                 store,
+                rate_limiter,
             }),
             _ => Err(ConfigError::Invalid(self.problems)),
         }
@@ -853,6 +891,111 @@ impl Builder<'_> {
                 None
             }
         }
+    }
+
+    /// `[rate_limiter]`. The URL is never echoed in a problem: it may hold a password.
+    fn rate_limiter(&mut self, raw: Option<&super::raw::RawRateLimiter>) -> Option<RateLimiterBackend> {
+        let Some(raw) = raw else { return Some(RateLimiterBackend::Local) };
+        let redis_only = [
+            ("url", raw.url.is_some()),
+            ("username", raw.username.is_some()),
+            ("password_env", raw.password_env.is_some()),
+            ("password_file", raw.password_file.is_some()),
+            ("timeout", raw.timeout.is_some()),
+            ("on_error", raw.on_error.is_some()),
+            ("key_prefix", raw.key_prefix.is_some()),
+        ];
+        match raw.backend.as_str() {
+            "local" => {
+                for (field, _) in redis_only.iter().filter(|(_, set)| *set) {
+                    self.problem(format!("rate_limiter.{field}"), "applies to backend = \"redis\" only");
+                }
+                return Some(RateLimiterBackend::Local);
+            }
+            "redis" => {}
+            _ => {
+                self.problem("rate_limiter.backend", "must be \"local\" or \"redis\"");
+                return None;
+            }
+        }
+        let url = match raw.url.as_deref() {
+            None => {
+                self.problem("rate_limiter.url", "is required with backend = \"redis\" (redis://host:port/db)");
+                None
+            }
+            Some(url) if url.starts_with("rediss:") || url.starts_with("valkeys:") => {
+                self.problem("rate_limiter.url", "TLS to Redis is not built in: use redis:// on a private network");
+                None
+            }
+            Some(url) => match redis::IntoConnectionInfo::into_connection_info(url) {
+                Err(_) => {
+                    self.problem("rate_limiter.url", "is not a Redis URL such as redis://10.0.0.5:6379/0");
+                    None
+                }
+                Ok(info)
+                    if info.redis_settings().password().is_some() || info.redis_settings().username().is_some() =>
+                {
+                    self.problem(
+                        "rate_limiter.url",
+                        "must not contain credentials: set username, and password_env or password_file",
+                    );
+                    None
+                }
+                Ok(_) => Some(url.to_owned()),
+            },
+        };
+        let password = match (&raw.password_env, &raw.password_file) {
+            (None, None) => Some(None),
+            (Some(_), Some(_)) => {
+                self.problem("rate_limiter", "set at most one of password_env or password_file");
+                None
+            }
+            (Some(name), None) => match std::env::var(name) {
+                Ok(v) => Some(Some(Secret::new(v.trim()))),
+                Err(_) => {
+                    self.problem("rate_limiter.password_env", format!("environment variable {name} is not set"));
+                    None
+                }
+            },
+            (None, Some(file)) => {
+                let file = self.base_dir.join(file);
+                match std::fs::read_to_string(&file) {
+                    // Kubernetes Secret mounts and `echo > file` leave a trailing newline.
+                    Ok(v) => Some(Some(Secret::new(v.trim()))),
+                    Err(e) => {
+                        self.problem("rate_limiter.password_file", format!("cannot read {}: {e}", file.display()));
+                        None
+                    }
+                }
+            }
+        };
+        let timeout = self.duration("rate_limiter.timeout", raw.timeout.as_deref().unwrap_or("50ms"));
+        if timeout.is_some_and(|t| t.is_zero() || t > Duration::from_secs(10)) {
+            self.problem("rate_limiter.timeout", "must be more than 0 and at most 10s (the request waits this long)");
+        }
+        let on_error = match raw.on_error.as_deref().unwrap_or("fail_open") {
+            "fail_open" => Some(OnRedisError::FailOpen),
+            "fail_closed" => Some(OnRedisError::FailClosed),
+            _ => {
+                self.problem("rate_limiter.on_error", "must be \"fail_open\" or \"fail_closed\"");
+                None
+            }
+        };
+        let key_prefix = raw.key_prefix.clone().unwrap_or_else(|| "mtp".into());
+        if key_prefix.is_empty()
+            || key_prefix.len() > 64
+            || !key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            self.problem("rate_limiter.key_prefix", "must be 1 to 64 ASCII letters, digits or -_.:");
+        }
+        Some(RateLimiterBackend::Redis(RedisSettings {
+            url: url?,
+            username: raw.username.clone(),
+            password: password?,
+            timeout: timeout?,
+            on_error: on_error?,
+            key_prefix,
+        }))
     }
 
     fn duration(&mut self, path: &str, value: &str) -> Option<Duration> {

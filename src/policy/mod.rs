@@ -1,9 +1,11 @@
 //! The decisions of the request path: who is calling ([`auth`]), as whom ([`identity`]), and with which
-//! upstream credential ([`credential`]), and how often ([`ratelimit`]).
+//! upstream credential ([`credential`]), and how often ([`ratelimit`]; shared by replicas through
+//! [`ratelimit_redis`]).
 
 pub mod auth;
 pub mod credential;
 pub mod identity;
 pub mod mcp;
 pub mod ratelimit;
+pub mod ratelimit_redis;
 pub mod session;

@@ -61,7 +61,7 @@ impl Limit {
     }
 
     /// Time for one request's worth of quota to come back.
-    fn interval(&self) -> Duration {
+    pub fn interval(&self) -> Duration {
         self.per / self.requests.get()
     }
 }
@@ -314,6 +314,27 @@ impl RateLimits {
             statuses.push(outcome(self, Level::Key, *limit, limiter.check())?);
         }
         Ok(statuses)
+    }
+}
+
+impl LimitPlan {
+    /// The levels [`RateLimits::check`] applies to `request` and their quotas, in its order (most
+    /// specific first), without the limiters: what a shared backend needs to run the same check
+    /// elsewhere (`policy::ratelimit_redis`).
+    pub fn limits(&self, request: &LimitRequest) -> impl Iterator<Item = (Level, Limit)> {
+        let user_upstream = self.upstreams.get(request.upstream.0 as usize).and_then(|l| l.as_ref());
+        let key = self.keys.get(request.key as usize).and_then(|l| l.as_ref());
+        let levels = [
+            user_upstream.map(|(limit, _)| (Level::UserUpstream, *limit)),
+            request.user_limit.map(|limit| (Level::User, limit)),
+            key.map(|(limit, _)| (Level::Key, *limit)),
+        ];
+        levels.into_iter().flatten()
+    }
+
+    /// The quota of `tool` on `upstream`, per user, when it has one ([`RateLimits::check_tools`]).
+    pub fn tool_limit(&self, upstream: UpstreamId, tool: &str) -> Option<Limit> {
+        self.tools.get(upstream.0 as usize)?.get(tool).map(|(limit, _)| *limit)
     }
 }
 

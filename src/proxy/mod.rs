@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
+use crate::policy::ratelimit_redis::{Names, RedisLimiter};
 use crate::policy::session::{self, SessionBinder};
 use crate::policy::{auth, credential, identity};
 use crate::store::{KeyKind, UserRef};
@@ -72,6 +73,8 @@ struct Active {
 pub struct Proxy {
     active: ArcSwap<Active>,
     limits: Arc<RateLimits>,
+    /// The shared limiter (`[rate_limiter] backend = "redis"`); `None`: `limits` alone decides.
+    shared_limits: Option<Arc<RedisLimiter>>,
     audit: AuditSink,
     metrics: Arc<Metrics>,
     request_seq: AtomicU64,
@@ -90,10 +93,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// `listen` is the bound proxy address (its port, when the config said 0).
+    /// `listen` is the bound proxy address (its port, when the config said 0). With `shared_limits`, rate
+    /// limits are decided in Redis (and by `limits` only as its `fail_open` fallback).
     pub fn new(
         config: Arc<Config>,
         limits: Arc<RateLimits>,
+        shared_limits: Option<Arc<RedisLimiter>>,
         audit: AuditSink,
         metrics: Arc<Metrics>,
         listen: std::net::SocketAddr,
@@ -108,6 +113,7 @@ impl Proxy {
         Proxy {
             active: ArcSwap::from_pointee(active),
             limits,
+            shared_limits,
             audit,
             metrics,
             own_origins,
@@ -190,7 +196,10 @@ impl Proxy {
                     ctx.limited_at = Some(refusal.level);
                 }
                 let decision = match error {
-                    ProxyError::UpstreamUnavailable | ProxyError::UpstreamTimeout | ProxyError::Internal => "error",
+                    ProxyError::UpstreamUnavailable
+                    | ProxyError::UpstreamTimeout
+                    | ProxyError::RateLimiterUnavailable
+                    | ProxyError::Internal => "error",
                     _ => "deny",
                 };
                 (response, decision, error.code())
@@ -231,11 +240,13 @@ impl Proxy {
         let budget =
             BudgetLimits { total: server.max_buffered_body_bytes, per_key: server.max_buffered_body_bytes_per_key };
         let mut share = self.bodies.share(ctx.key_id.as_ref(), budget);
-        let judged = admitted.and_then(|(upstream, key)| {
-            let judged = self.judge(active, ctx, &mut parts, upstream, &key)?;
-            Ok((upstream, judged))
-        });
-        let (upstream, Judged { user, public_prefix, mut statuses }) = match judged {
+        let judged = match admitted {
+            Ok((upstream, key)) => {
+                self.judge(active, ctx, &mut parts, upstream, &key).await.map(|j| (upstream, key, j))
+            }
+            Err(error) => Err(error),
+        };
+        let (upstream, key, Judged { user, public_prefix, mut statuses }) = match judged {
             Ok(judged) => judged,
             Err(error) => {
                 if ctx.json_post {
@@ -263,8 +274,17 @@ impl Proxy {
             {
                 return Err(ProxyError::ToolNotAllowed.into());
             }
-            let tools = self.limits.check_tools(&active.limits, user.id, upstream.id, rpc, &mut statuses);
-            tools.map_err(ProxyError::RateLimited)?;
+            let tools = match &self.shared_limits {
+                None => {
+                    let tools = self.limits.check_tools(&active.limits, user.id, upstream.id, rpc, &mut statuses);
+                    tools.map_err(ProxyError::RateLimited)
+                }
+                Some(shared) => {
+                    let names = Names { user: acting_user, upstream: &upstream.name, key: &key.id };
+                    shared.check_tools(&active.limits, user.id, upstream.id, names, rpc, &mut statuses).await
+                }
+            };
+            tools?;
         }
         // The acting user's own credential for this upstream: never the caller's key, never another user's.
         let credentials = config.credentials(&user, upstream);
@@ -401,8 +421,9 @@ struct Judged<'c> {
 
 impl Proxy {
     /// The steps after the key that need no body: the acting user, the session, the user rule and the
-    /// rate limits. Pure header work, so a refused caller costs no body buffering.
-    fn judge<'c>(
+    /// rate limits. Header work (and, with the shared limiter, one Redis round trip), so a refused caller
+    /// costs no body buffering.
+    async fn judge<'c>(
         &self,
         active: &'c Active,
         ctx: &mut RequestCtx,
@@ -440,14 +461,21 @@ impl Proxy {
         }
         // Rate limit by the resolved user: only now, so that bad keys and unknown users never create
         // limiter state, and before any work is done on the user's behalf. (Per-tool limits wait for the
-        // body that names the tool.)
+        // body that names the tool.) The local limiter needs no await; the shared one is a round trip to
+        // Redis, bounded by its timeout, keyed by names that mean the same on every replica.
         let check = LimitRequest {
             key: key.index,
             user: who.user.id,
             user_limit: config.user_limit(&who.user),
             upstream: upstream.id,
         };
-        let statuses = self.limits.check(&active.limits, &check).map_err(ProxyError::RateLimited)?;
+        let statuses = match &self.shared_limits {
+            None => self.limits.check(&active.limits, &check).map_err(ProxyError::RateLimited)?,
+            Some(shared) => {
+                let names = Names { user: acting_user, upstream: &upstream.name, key: &key.id };
+                shared.check(&active.limits, &check, names).await?
+            }
+        };
         Ok(Judged { user: who.user, public_prefix, statuses })
     }
 }

@@ -13,6 +13,7 @@
 //! | `mcp_proxy_upstream_latency_seconds` | `upstream` (histogram: time to the upstream's response head) |
 //! | `mcp_proxy_open_streams` | (gauge: forwarded response bodies still being sent to clients) |
 //! | `mcp_proxy_connections` | `listener` (`proxy`, `admin`; gauge: open client connections) |
+//! | `mcp_proxy_rate_limit_backend_up` | (gauge: 1 while the rate-limit backend answers; 0 while Redis does not and `on_error` decides) |
 //! | `mcp_proxy_audit_write_errors_total` | (failed audit writes, from [`AuditHealth`]) |
 
 use std::collections::HashMap;
@@ -108,6 +109,7 @@ pub struct Metrics {
     latency: Family<UpstreamLabels, Histogram>,
     open_streams: Gauge,
     connections: Family<ListenerLabels, Gauge>,
+    rate_limit_backend_up: Gauge,
     /// The label of requests that matched no upstream.
     no_upstream: Arc<str>,
 }
@@ -147,6 +149,14 @@ impl Metrics {
         );
         let connections = Family::default();
         registry.register("mcp_proxy_connections", "Open client connections, by listener", connections.clone());
+        // The local limiter is always up; the Redis limiter sets it from its connection state.
+        let rate_limit_backend_up = Gauge::default();
+        rate_limit_backend_up.set(1);
+        registry.register(
+            "mcp_proxy_rate_limit_backend_up",
+            "1 while the rate-limit backend answers in time; 0 while Redis does not (on_error decides meanwhile)",
+            rate_limit_backend_up.clone(),
+        );
         registry.register_collector(Box::new(AuditErrors(audit)));
         Metrics {
             registry,
@@ -158,6 +168,7 @@ impl Metrics {
             latency,
             open_streams,
             connections,
+            rate_limit_backend_up,
             no_upstream: Arc::from(""),
         }
     }
@@ -225,6 +236,11 @@ impl Metrics {
     /// The open connections gauge of `listener` (`proxy` or `admin`), for its accept loop to set.
     pub fn connections(&self, listener: &'static str) -> Gauge {
         self.connections.get_or_create_owned(&ListenerLabels { listener })
+    }
+
+    /// The `mcp_proxy_rate_limit_backend_up` gauge, for the shared limiter to set.
+    pub fn rate_limit_backend_up(&self) -> Gauge {
+        self.rate_limit_backend_up.clone()
     }
 
     /// The OpenMetrics text exposition ([`CONTENT_TYPE`]) of every series.
