@@ -29,7 +29,7 @@ pub const STORE_USER_BIT: u32 = 1 << 31;
 const STRIPES: usize = 64;
 
 /// What the directory needs of the config in force to take in a store user.
-pub trait FileSide {
+pub trait FileSide: Sync {
     /// The config file declares this user: the file wins, the store's user is not served.
     fn has_user(&self, name: &str) -> bool;
     /// The config file declares a key with this hash or id.
@@ -169,24 +169,40 @@ impl LiveDirectory {
                 self.remove(&name);
             }
         }
-        let mut problems = Vec::new();
-        for user in users {
-            // Rows of users that sort before this one have no user (the store's foreign keys forbid it).
-            let mut take = |id: &str| {
-                let mine = |row_user: &str| row_user.cmp(id);
-                (
-                    drain_while(&mut keys, |k| mine(&k.user)),
-                    drain_while(&mut credentials, |c| mine(&c.user)),
-                    drain_while(&mut tokens, |t| mine(&t.user)),
-                )
-            };
-            let (user_keys, user_credentials, user_tokens) = take(&user.id);
-            let name = user.id.clone();
-            let snapshot =
-                UserSnapshot { user, keys: user_keys, credentials: user_credentials, tokens: user_tokens, taken_at };
-            problems.extend(self.apply(side, &name, Some(snapshot)));
-        }
-        problems
+        let grouped: Vec<UserSnapshot> = users
+            .into_iter()
+            .map(|user| {
+                // Rows of users that sort before this one have no user (the store's foreign keys forbid it).
+                let mine = |row_user: &str| row_user.cmp(&user.id);
+                let keys = drain_while(&mut keys, |k| mine(&k.user));
+                let credentials = drain_while(&mut credentials, |c| mine(&c.user));
+                let tokens = drain_while(&mut tokens, |t| mine(&t.user));
+                UserSnapshot { user, keys, credentials, tokens, taken_at }
+            })
+            .collect();
+        // Users are independent and the maps concurrent: a start-up with a million users uses every core.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let chunk = grouped.len().div_ceil(workers).max(1);
+        let mut grouped = grouped.into_iter();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    let part: Vec<UserSnapshot> = grouped.by_ref().take(chunk).collect();
+                    scope.spawn(move || {
+                        let mut problems = Vec::new();
+                        for snapshot in part {
+                            let name = snapshot.user.id.clone();
+                            problems.extend(self.apply(side, &name, Some(snapshot)));
+                        }
+                        problems
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        })
     }
 
     /// Replaces the user's entries with `snapshot` (`None`: the user is gone). The caller holds the
