@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::proxy::Proxy;
 use crate::server::listener::{self, ListenerSettings};
-use crate::store::{SqliteStore, Store};
+use crate::store::Store;
 use crate::telemetry::audit::{AuditHealth, AuditSink, AuditWriter};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage::UsageCounters;
@@ -26,7 +26,7 @@ const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from
 const USAGE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Writes the usage counted so far to the store; on failure the counts go back, to be written next time.
-async fn flush_usage(usage: &Arc<UsageCounters>, store: &Arc<SqliteStore>) {
+async fn flush_usage(usage: &Arc<UsageCounters>, store: &Arc<dyn Store>) {
     let flush = usage.take();
     if flush.usage.is_empty() && flush.keys.is_empty() {
         return;
@@ -52,7 +52,7 @@ pub struct App {
     admin_listener: Option<(JoinHandle<()>, DropGuard)>,
     evictor: JoinHandle<()>,
     /// Flushes usage to the store, when there is one.
-    usage: Option<(JoinHandle<()>, Arc<SqliteStore>)>,
+    usage: Option<(JoinHandle<()>, Arc<dyn Store>)>,
     limits: Arc<RateLimits>,
     proxy: Arc<Proxy>,
     audit_health: Arc<AuditHealth>,
@@ -110,9 +110,7 @@ impl App {
         // One store handle, shared by the usage flusher and the admin API (SqliteStore serializes its
         // connection behind a mutex). Usage is written on a schedule, never per request.
         let usage_store = match &config.store {
-            Some(st) => Some(Arc::new(
-                SqliteStore::open(&st.path, st.master_key.as_ref()).map_err(|e| io::Error::other(e.to_string()))?,
-            )),
+            Some(st) => Some(crate::store::open(st).map_err(|e| io::Error::other(e.to_string()))?),
             None => None,
         };
         let flusher = usage_store.clone().map(|store| {

@@ -29,7 +29,7 @@ use crate::proxy::body::{ProxyBody, full};
 use crate::secret::{Secret, sha256};
 use crate::store::json::{cred_json, key_json, token_json, user_json};
 use crate::store::model::{MAX_PAGE, NewKey, PutOutcome, UserLimit};
-use crate::store::{KeyKind, SqliteStore, Store, StoreError};
+use crate::store::{KeyKind, Store, StoreError};
 
 /// The API's path prefix.
 pub const PREFIX: &str = "/admin/v1/";
@@ -116,7 +116,7 @@ fn route(method: &Method, path: &str) -> Matched {
 
 /// The admin API's state: the store opened at start, the proxy whose config it updates.
 pub struct AdminApi {
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
     proxy: Arc<Proxy>,
     config_path: PathBuf,
     /// One rebuild of the running config at a time (shared with SIGHUP), so the last write's snapshot is the
@@ -194,7 +194,7 @@ pub fn off() -> Response<ProxyBody> {
 
 impl AdminApi {
     pub fn new(
-        store: Arc<SqliteStore>,
+        store: Arc<dyn Store>,
         proxy: Arc<Proxy>,
         config_path: PathBuf,
         reload: Arc<tokio::sync::Mutex<()>>,
@@ -410,10 +410,10 @@ impl AdminApi {
     async fn blocking<T, F>(&self, call: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || call(&store))
+        tokio::task::spawn_blocking(move || call(&*store))
             .await
             .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store call panicked"))?
             .map_err(ApiError::from)

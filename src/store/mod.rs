@@ -4,11 +4,15 @@
 //! Users are interned to a small [`UserId`] so per-user state elsewhere (limiters, usage) can key on a `u32`.
 
 pub mod crypto;
+pub mod health;
 pub mod json;
 pub mod model;
+pub mod open;
+pub mod postgres;
 pub mod sqlite;
 
 pub use model::{Store, StoreError};
+pub use open::open;
 pub use sqlite::SqliteStore;
 
 use std::collections::HashMap;

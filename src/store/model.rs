@@ -1,7 +1,7 @@
 //! The persistent store's interface: the [`Store`] trait, its records and its errors.
 //!
-//! [`super::sqlite::SqliteStore`] is the embedded implementation; a PostgreSQL backend for several
-//! replicas would implement the same trait. Nothing here is on the request path: the proxy reads an
+//! [`super::sqlite::SqliteStore`] is the embedded implementation; [`super::postgres::PgStore`] the shared
+//! one for several replicas. Nothing here is on the request path: the proxy reads an
 //! in-memory [`Snapshot`] (built into a `Directory`) and writes go through the store, then update it.
 //!
 //! Times are Unix seconds (`i64`). Secrets (API keys, token URLs, credentials) are returned as
@@ -49,6 +49,13 @@ pub enum StoreError {
     Io { path: String, source: std::io::Error },
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The database cannot be reached now (connection refused or lost, timeout, server shutting down);
+    /// the same call may succeed later. Never carries a password.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// PostgreSQL refused or failed a statement (the server's message and SQLSTATE; no parameters).
+    #[error("database: {0}")]
+    Postgres(String),
 }
 
 impl StoreError {

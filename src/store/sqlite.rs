@@ -257,19 +257,19 @@ fn conversion(col: usize, ty: Type, why: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(col, ty, why.to_owned().into())
 }
 
-fn check_user(field: &'static str, id: &str) -> StoreResult<()> {
+pub(super) fn check_user(field: &'static str, id: &str) -> StoreResult<()> {
     check_user_id(id, MAX_USER_ID_LEN).map_err(|why| StoreError::invalid(field, why))
 }
 
-fn check_upstream(name: &str) -> StoreResult<()> {
+pub(super) fn check_upstream(name: &str) -> StoreResult<()> {
     check_upstream_name(name).map_err(|why| StoreError::invalid("upstream", why))
 }
 
-fn check_name(field: &'static str, name: &str) -> StoreResult<()> {
+pub(super) fn check_name(field: &'static str, name: &str) -> StoreResult<()> {
     check_user_id(name, MAX_NAME_LEN).map_err(|why| StoreError::invalid(field, why))
 }
 
-fn random_id(prefix: &str) -> String {
+pub(super) fn random_id(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
@@ -282,9 +282,9 @@ fn require_user(conn: &Connection, id: &str) -> StoreResult<()> {
 }
 
 /// The (rl_unlimited, rl_requests, rl_per_ms, rl_burst) columns of a user.
-type LimitColumns = (bool, Option<i64>, Option<i64>, Option<i64>);
+pub(super) type LimitColumns = (bool, Option<i64>, Option<i64>, Option<i64>);
 
-fn limit_columns(limit: UserLimit) -> StoreResult<LimitColumns> {
+pub(super) fn limit_columns(limit: UserLimit) -> StoreResult<LimitColumns> {
     Ok(match limit {
         UserLimit::Default => (false, None, None, None),
         UserLimit::Unlimited => (true, None, None, None),
@@ -328,7 +328,7 @@ fn user_from_row(r: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User { id: r.get(0)?, rate_limit, created_at: r.get(5)? })
 }
 
-fn kind_from_str(col: usize, kind: &str) -> rusqlite::Result<KeyKind> {
+pub(super) fn kind_from_str(col: usize, kind: &str) -> rusqlite::Result<KeyKind> {
     match kind {
         "standard" => Ok(KeyKind::Standard),
         "enterprise" => Ok(KeyKind::Enterprise),
@@ -376,7 +376,7 @@ fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<CredentialInfo> {
     })
 }
 
-fn count(v: i64) -> u64 {
+pub(super) fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 

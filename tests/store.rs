@@ -1,34 +1,125 @@
-//! The embedded SQLite store: every operation, encryption at rest, rotation, concurrency and the
-//! SIGKILL crash test (the test binary re-runs itself as the writer).
+//! The store suite: every case runs against both backends, the embedded SQLite file (`sqlite::`) and
+//! PostgreSQL (`pg::`; each test in a fresh database of its own, dropped at the end, so tests run in
+//! parallel). Plus what only one backend has: SQLite's file bytes, WAL and the SIGKILL crash test;
+//! PostgreSQL's notifications ([`watch`]) and its unavailability.
+//!
+//! PostgreSQL comes from `MCP_TEST_POSTGRES_URL` (a role that may CREATE DATABASE); `scripts/test` starts
+//! a server and sets it. Without it the PostgreSQL tests fail, they do not skip.
 
 use std::io::{BufRead, BufReader, Write};
 use std::num::NonZeroU32;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mcp_tenant_proxy::policy::ratelimit::Limit;
 use mcp_tenant_proxy::secret::{Secret, sha256};
 use mcp_tenant_proxy::store::crypto::{MasterKey, RowAad};
+use mcp_tenant_proxy::store::health::StoreHealth;
 use mcp_tenant_proxy::store::model::*;
+use mcp_tenant_proxy::store::postgres::{PgConfig, PgStore, watch};
 use mcp_tenant_proxy::store::sqlite::{Clock, MIGRATIONS};
 use mcp_tenant_proxy::store::{KeyKind, SqliteStore};
 
 const T0: i64 = 1_800_000_000;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The URL of the test server, or a failure that says how to get one.
+fn postgres_url() -> String {
+    std::env::var("MCP_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "MCP_TEST_POSTGRES_URL is not set: run the tests with scripts/test (it starts PostgreSQL and Redis), \
+             or eval \"$(scripts/services start)\" first"
+        )
+    })
+}
+
+/// A fresh database on the test server, dropped (with its connections) when this is dropped.
+struct TestDb {
+    admin: PgConfig,
+    name: String,
+    config: PgConfig,
+}
+
+impl TestDb {
+    fn create() -> TestDb {
+        let admin = PgConfig::parse(&postgres_url()).expect("MCP_TEST_POSTGRES_URL is a postgres:// URL");
+        let name = format!("mtp_test_{}", hex::encode(rand::random::<[u8; 8]>()));
+        connect(&admin).batch_execute(&format!("CREATE DATABASE {name}")).expect("CREATE DATABASE");
+        let config = admin.clone().with_dbname(&name);
+        TestDb { admin, name, config }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = connect(&self.admin).batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
+}
+
+fn connect(config: &PgConfig) -> ::postgres::Client {
+    ::postgres::Config::from(config.tokio_config().clone())
+        .connect(::postgres::NoTls)
+        .expect("connect to the test server")
+}
+
+/// Either store, used through the trait.
+enum AnyStore {
+    Sqlite(SqliteStore),
+    Pg(PgStore),
+}
+
+impl Deref for AnyStore {
+    type Target = dyn Store;
+    fn deref(&self) -> &(dyn Store + 'static) {
+        match self {
+            AnyStore::Sqlite(s) => s,
+            AnyStore::Pg(s) => s,
+        }
+    }
+}
+
+impl AnyStore {
+    fn key_version(&self) -> Option<u32> {
+        match self {
+            AnyStore::Sqlite(s) => s.key_version(),
+            AnyStore::Pg(s) => s.key_version(),
+        }
+    }
+
+    fn sqlite(&self) -> &SqliteStore {
+        match self {
+            AnyStore::Sqlite(s) => s,
+            AnyStore::Pg(_) => panic!("a SQLite-only check"),
+        }
+    }
+}
+
+/// (user, upstream, credential id, nonce, ciphertext, key version) as stored.
+type RawCredential = (String, String, String, Vec<u8>, Vec<u8>, u32);
+
 struct Fixture {
+    backend: Backend,
     _dir: tempfile::TempDir,
     path: PathBuf,
+    db: Option<TestDb>,
     now: Arc<AtomicI64>,
     master: Secret,
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    fn new(backend: Backend) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data").join("store.db");
-        Fixture { _dir: dir, path, now: Arc::new(AtomicI64::new(T0)), master: MasterKey::generate() }
+        let db = (backend == Backend::Postgres).then(TestDb::create);
+        Fixture { backend, _dir: dir, path, db, now: Arc::new(AtomicI64::new(T0)), master: MasterKey::generate() }
     }
 
     fn clock(&self) -> Clock {
@@ -36,12 +127,19 @@ impl Fixture {
         Arc::new(move || now.load(Ordering::SeqCst))
     }
 
-    fn open(&self) -> SqliteStore {
-        SqliteStore::open_with_clock(&self.path, Some(&self.master), self.clock()).unwrap()
+    fn open(&self) -> AnyStore {
+        self.open_with(Some(&self.master)).unwrap()
     }
 
-    fn open_with(&self, key: Option<&Secret>) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with_clock(&self.path, key, self.clock())
+    fn open_with(&self, key: Option<&Secret>) -> Result<AnyStore, StoreError> {
+        Ok(match &self.db {
+            None => AnyStore::Sqlite(SqliteStore::open_with_clock(&self.path, key, self.clock())?),
+            Some(db) => AnyStore::Pg(PgStore::open_with_clock(&db.config, key, self.clock())?),
+        })
+    }
+
+    fn pg(&self) -> &TestDb {
+        self.db.as_ref().expect("a PostgreSQL fixture")
     }
 
     fn advance(&self, seconds: i64) {
@@ -49,9 +147,83 @@ impl Fixture {
     }
 
     fn raw(&self) -> rusqlite::Connection {
+        assert_eq!(self.backend, Backend::Sqlite);
         rusqlite::Connection::open(&self.path).unwrap()
     }
+
+    /// Runs SQL that both dialects read alike, outside the store.
+    fn exec(&self, sql: &str) {
+        match &self.db {
+            None => {
+                self.raw().execute_batch(sql).unwrap();
+            }
+            Some(db) => connect(&db.config).batch_execute(sql).unwrap(),
+        }
+    }
+
+    /// The one integer a query returns.
+    fn count(&self, sql: &str) -> i64 {
+        match &self.db {
+            None => self.raw().query_row(sql, [], |r| r.get(0)).unwrap(),
+            Some(db) => connect(&db.config).query_one(sql, &[]).unwrap().get(0),
+        }
+    }
+
+    /// The one blob a query returns.
+    fn bytes(&self, sql: &str) -> Vec<u8> {
+        match &self.db {
+            None => self.raw().query_row(sql, [], |r| r.get(0)).unwrap(),
+            Some(db) => connect(&db.config).query_one(sql, &[]).unwrap().get(0),
+        }
+    }
+
+    fn raw_credentials(&self) -> Vec<RawCredential> {
+        let sql = "SELECT user_id, upstream, credential_id, nonce, ciphertext, key_version FROM credentials";
+        match &self.db {
+            None => {
+                let raw = self.raw();
+                let mut stmt = raw.prepare(sql).unwrap();
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap()
+            }
+            Some(db) => connect(&db.config)
+                .query(sql, &[])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get::<_, i32>(5) as u32))
+                .collect(),
+        }
+    }
 }
+
+/// Each listed case, once per backend: `sqlite::<case>` and `pg::<case>`.
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $case() { super::$case(super::Backend::Sqlite) } )*
+        }
+        mod pg {
+            $( #[test] fn $case() { super::$case(super::Backend::Postgres) } )*
+        }
+    };
+}
+
+both_backends!(
+    users_create_get_list_update_delete,
+    deleting_a_user_removes_its_keys_tokens_credentials_and_usage,
+    keys_are_returned_once_stored_hashed_listed_and_revoked,
+    credentials_need_a_master_key_and_list_without_secrets,
+    the_stored_rows_never_contain_a_secret_in_plaintext,
+    rotation_reencrypts_every_row_under_the_new_key,
+    a_ciphertext_moved_to_another_row_does_not_decrypt,
+    token_urls_expire_and_revoke,
+    usage_batches_add_up,
+    migrations_are_recorded_and_a_newer_schema_is_refused,
+    concurrent_writers_from_several_threads_and_connections,
+    load_user_reads_one_user_as_the_request_path_needs_it,
+);
 
 fn quota(requests: u32, per_ms: u64, burst: u32) -> Limit {
     Limit {
@@ -65,7 +237,7 @@ fn standard(user: &str) -> NewKey {
     NewKey { id: None, kind: KeyKind::Standard, user: user.into(), act_as: vec![], expires_at: None }
 }
 
-fn secret_of(store: &SqliteStore, user: &str, upstream: &str, id: &str) -> Option<String> {
+fn secret_of(store: &AnyStore, user: &str, upstream: &str, id: &str) -> Option<String> {
     store
         .credential_secrets(Some(user))
         .unwrap()
@@ -82,9 +254,8 @@ fn read_or_empty(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_default()
 }
 
-#[test]
-fn users_create_get_list_update_delete() {
-    let f = Fixture::new();
+fn users_create_get_list_update_delete(b: Backend) {
+    let f = Fixture::new(b);
     let store = f.open();
     for id in ["carol", "alice", "dave", "bob", "erin"] {
         store.create_user(id, UserLimit::Default).unwrap();
@@ -139,9 +310,8 @@ fn users_create_get_list_update_delete() {
     assert_eq!(store.get_user("frank").unwrap().rate_limit, UserLimit::Quota(quota(5, 1000, 5)));
 }
 
-#[test]
-fn deleting_a_user_removes_its_keys_tokens_credentials_and_usage() {
-    let f = Fixture::new();
+fn deleting_a_user_removes_its_keys_tokens_credentials_and_usage(b: Backend) {
+    let f = Fixture::new(b);
     let store = f.open();
     for user in ["alice", "bob"] {
         store.create_user(user, UserLimit::Default).unwrap();
@@ -176,19 +346,15 @@ fn deleting_a_user_removes_its_keys_tokens_credentials_and_usage() {
     assert!(snap.keys.iter().all(|k| k.user == "bob"));
     assert!(snap.tokens.iter().all(|t| t.user == "bob"));
     // The rows are gone from the file, not just hidden.
-    let raw = f.raw();
     for table in ["api_keys", "token_urls", "credentials", "usage"] {
-        let n: i64 =
-            raw.query_row(&format!("SELECT count(*) FROM {table} WHERE user_id = 'alice'"), [], |r| r.get(0)).unwrap();
-        assert_eq!(n, 0, "{table}");
+        assert_eq!(f.count(&format!("SELECT count(*) FROM {table} WHERE user_id = 'alice'")), 0, "{table}");
     }
     assert!(matches!(store.list_keys(Some("alice")), Err(StoreError::NotFound { .. })));
     assert!(matches!(store.list_credentials("alice"), Err(StoreError::NotFound { .. })));
 }
 
-#[test]
-fn keys_are_returned_once_stored_hashed_listed_and_revoked() {
-    let f = Fixture::new();
+fn keys_are_returned_once_stored_hashed_listed_and_revoked(b: Backend) {
+    let f = Fixture::new(b);
     let store = f.open();
     store.create_user("alice", UserLimit::Default).unwrap();
     store.create_user("ops", UserLimit::Default).unwrap();
@@ -203,8 +369,7 @@ fn keys_are_returned_once_stored_hashed_listed_and_revoked() {
     let listed = store.list_keys(Some("alice")).unwrap();
     assert_eq!(listed, vec![created.info.clone()]);
     assert!(!format!("{listed:?}").contains(&key[8..]));
-    let stored: Vec<u8> =
-        f.raw().query_row("SELECT sha256 FROM api_keys WHERE id = ?1", [&created.info.id], |r| r.get(0)).unwrap();
+    let stored = f.bytes(&format!("SELECT sha256 FROM api_keys WHERE id = '{}'", created.info.id));
     assert_eq!(stored, sha256(key.as_bytes()));
     let snap = store.load_snapshot().unwrap();
     assert_eq!(snap.keys.len(), 1);
@@ -262,9 +427,8 @@ fn keys_are_returned_once_stored_hashed_listed_and_revoked() {
     assert!(matches!(store.revoke_key("k_nope"), Err(StoreError::NotFound { what: "key", .. })));
 }
 
-#[test]
-fn credentials_need_a_master_key_and_list_without_secrets() {
-    let f = Fixture::new();
+fn credentials_need_a_master_key_and_list_without_secrets(b: Backend) {
+    let f = Fixture::new(b);
     // No master key: users work, credentials are refused both ways, never stored in the clear.
     let keyless = f.open_with(None).unwrap();
     keyless.create_user("alice", UserLimit::Default).unwrap();
@@ -274,8 +438,7 @@ fn credentials_need_a_master_key_and_list_without_secrets() {
     ));
     assert!(matches!(keyless.credential_secrets(None), Err(StoreError::NoMasterKey)));
     assert!(keyless.load_snapshot().unwrap().credentials.is_empty(), "no credentials, no key needed");
-    let n: i64 = f.raw().query_row("SELECT count(*) FROM credentials", [], |r| r.get(0)).unwrap();
-    assert_eq!(n, 0);
+    assert_eq!(f.count("SELECT count(*) FROM credentials"), 0);
     drop(keyless);
 
     let store = f.open();
@@ -330,9 +493,67 @@ fn credentials_need_a_master_key_and_list_without_secrets() {
     assert_eq!(secret_of(&store, "alice", "slack", "default").as_deref(), Some("xoxb-1"));
 }
 
+fn the_stored_rows_never_contain_a_secret_in_plaintext(b: Backend) {
+    let f = Fixture::new(b);
+    let store = f.open();
+    let canary = "ghp_CANARY_5e4d3c2b1a0f9e8d7c6b";
+    store.create_user("canary-user-9b1c", UserLimit::Default).unwrap();
+    store.put_credential("canary-user-9b1c", "github", "default", &Secret::new(canary)).unwrap();
+    let key = store.create_key(standard("canary-user-9b1c")).unwrap().key;
+    let token = store.create_token("canary-user-9b1c", "github", 30).unwrap().token;
+    // Every column of every row, as text (blobs as hex): the search works on the user id.
+    let dump: String = ["users", "api_keys", "credentials", "token_urls", "master_keys"]
+        .iter()
+        .map(|table| match b {
+            Backend::Sqlite => {
+                let raw = f.raw();
+                let mut stmt = raw.prepare(&format!("SELECT * FROM {table}")).unwrap();
+                let n = stmt.column_count();
+                let rows = stmt
+                    .query_map([], |r| {
+                        (0..n)
+                            .map(|i| {
+                                Ok(match r.get_ref(i)? {
+                                    rusqlite::types::ValueRef::Blob(b) => {
+                                        format!("{} {}", hex::encode(b), String::from_utf8_lossy(b))
+                                    }
+                                    rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                                    other => format!("{other:?}"),
+                                })
+                            })
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .unwrap();
+                rows.map(|r| r.unwrap().join("|")).collect::<Vec<_>>().join("\n")
+            }
+            Backend::Postgres => connect(&f.pg().config)
+                .query(&format!("SELECT t::text, encode(convert_to(t::text, 'UTF8'), 'escape') FROM {table} t"), &[])
+                .unwrap()
+                .iter()
+                .map(|r| format!("{}|{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(dump.contains("canary-user-9b1c"), "the dump holds the rows");
+    assert!(!dump.contains(canary), "credential in plaintext");
+    assert!(!dump.contains(&hex::encode(canary)), "credential in plaintext (hex)");
+    assert!(!dump.contains(key.expose()), "API key in plaintext");
+    assert!(!dump.contains(token.expose()), "token URL in plaintext");
+    assert!(!dump.contains(&f.master.expose()[..20]), "the master key is stored");
+    let master = hex::encode(base64_decode(f.master.expose()));
+    assert!(!dump.contains(&master), "the master key is stored (hex)");
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text.trim()).unwrap()
+}
+
 #[test]
 fn the_database_files_never_contain_a_credential_in_plaintext() {
-    let f = Fixture::new();
+    let f = Fixture::new(Backend::Sqlite);
     let store = f.open();
     let canary = "ghp_CANARY_0f9e8d7c6b5a4f3e2d1c0b9a";
     store.create_user("canary-user-7f3a", UserLimit::Default).unwrap();
@@ -353,7 +574,7 @@ fn the_database_files_never_contain_a_credential_in_plaintext() {
 
     // Update it (the old ciphertext may linger in free pages: still no plaintext), then checkpoint.
     store.put_credential("canary-user-7f3a", "github", "default", &Secret::new(format!("{canary}-v2"))).unwrap();
-    store.checkpoint().unwrap();
+    store.sqlite().checkpoint().unwrap();
     let db = read_or_empty(&f.path);
     assert!(contains(&db, b"canary-user-7f3a"), "checkpointed pages are in the database file");
     let wal_bytes = read_or_empty(&wal);
@@ -365,9 +586,8 @@ fn the_database_files_never_contain_a_credential_in_plaintext() {
     assert_eq!(secret_of(&store, "canary-user-7f3a", "github", "default"), Some(format!("{canary}-v2")));
 }
 
-#[test]
-fn rotation_reencrypts_every_row_under_the_new_key() {
-    let f = Fixture::new();
+fn rotation_reencrypts_every_row_under_the_new_key(b: Backend) {
+    let f = Fixture::new(b);
     let store = f.open();
     let values = [("alice", "github", "ghp_a"), ("alice", "slack", "xoxb-a"), ("bob", "github", "ghp_b")];
     for (user, upstream, value) in values {
@@ -391,24 +611,7 @@ fn rotation_reencrypts_every_row_under_the_new_key() {
     // On disk: every row opens with the new key and none with the old one.
     let old_key = MasterKey::parse(&f.master).unwrap();
     let new_key = MasterKey::parse(&new).unwrap();
-    let raw = f.raw();
-    let mut stmt = raw
-        .prepare("SELECT user_id, upstream, credential_id, nonce, ciphertext, key_version FROM credentials")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-                r.get::<_, Vec<u8>>(4)?,
-                r.get::<_, u32>(5)?,
-            ))
-        })
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
+    let rows = f.raw_credentials();
     assert_eq!(rows.len(), 4);
     for (user, upstream, id, nonce, ct, version) in &rows {
         let aad = RowAad { user, upstream, credential_id: id };
@@ -416,8 +619,6 @@ fn rotation_reencrypts_every_row_under_the_new_key() {
         assert!(old_key.decrypt(&aad, nonce, ct).is_none(), "old key still opens {user}/{upstream}");
         assert!(new_key.decrypt(&aad, nonce, ct).is_some(), "new key cannot open {user}/{upstream}");
     }
-    drop(stmt);
-    drop(raw);
     drop(store);
 
     assert!(matches!(f.open_with(Some(&f.master)), Err(StoreError::RetiredMasterKey { version: 1 })));
@@ -430,23 +631,19 @@ fn rotation_reencrypts_every_row_under_the_new_key() {
     assert_eq!(secret_of(&reopened, "bob", "slack", "default").as_deref(), Some("xoxb-b"));
 }
 
-#[test]
-fn a_ciphertext_moved_to_another_row_does_not_decrypt() {
-    let f = Fixture::new();
+fn a_ciphertext_moved_to_another_row_does_not_decrypt(b: Backend) {
+    let f = Fixture::new(b);
     let store = f.open();
     for user in ["alice", "mallory"] {
         store.create_user(user, UserLimit::Default).unwrap();
         store.put_credential(user, "github", "default", &Secret::new(format!("ghp_{user}"))).unwrap();
     }
     // Someone with write access to the file copies alice's ciphertext into mallory's row.
-    f.raw()
-        .execute(
-            "UPDATE credentials SET (nonce, ciphertext) =
-                 (SELECT nonce, ciphertext FROM credentials WHERE user_id = 'alice')
-             WHERE user_id = 'mallory'",
-            [],
-        )
-        .unwrap();
+    f.exec(
+        "UPDATE credentials SET (nonce, ciphertext) =
+             (SELECT nonce, ciphertext FROM credentials WHERE user_id = 'alice')
+         WHERE user_id = 'mallory'",
+    );
     match store.credential_secrets(Some("mallory")) {
         Err(StoreError::Undecryptable { user, upstream, credential_id }) => {
             assert_eq!((user.as_str(), upstream.as_str(), credential_id.as_str()), ("mallory", "github", "default"));
@@ -457,9 +654,8 @@ fn a_ciphertext_moved_to_another_row_does_not_decrypt() {
     assert_eq!(secret_of(&store, "alice", "github", "default").as_deref(), Some("ghp_alice"));
 }
 
-#[test]
-fn token_urls_expire_and_revoke() {
-    let f = Fixture::new();
+fn token_urls_expire_and_revoke(b: Backend) {
+    let f = Fixture::new(b);
     let store = f.open();
     store.create_user("alice", UserLimit::Default).unwrap();
     for days in [0, 366] {
@@ -500,9 +696,8 @@ fn token_urls_expire_and_revoke() {
     assert_eq!(store.list_tokens(None).unwrap().len(), 2, "revoked and expired tokens stay listed");
 }
 
-#[test]
-fn usage_batches_add_up() {
-    let f = Fixture::new();
+fn usage_batches_add_up(b: Backend) {
+    let f = Fixture::new(b);
     let store = f.open();
     let delta = |user: &str, upstream: &str, requests, denials, last_seen| UsageDelta {
         user: user.into(),
@@ -534,32 +729,60 @@ fn usage_batches_add_up() {
 
 #[test]
 fn the_file_is_created_with_wal_migrations_and_private_mode() {
-    let f = Fixture::new();
+    let f = Fixture::new(Backend::Sqlite);
     assert!(!f.path.exists());
     let store = f.open();
     assert!(f.path.exists(), "created on first open, directory included");
-    assert_eq!(store.integrity_check().unwrap(), "ok");
+    assert_eq!(store.sqlite().integrity_check().unwrap(), "ok");
     let raw = f.raw();
     let mode: String = raw.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");
-    let version: u32 = raw.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version as usize, MIGRATIONS.len());
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&f.path).unwrap().permissions().mode() & 0o777, 0o600);
     }
+}
+
+fn migrations_are_recorded_and_a_newer_schema_is_refused(b: Backend) {
+    let f = Fixture::new(b);
+    let (applied, known, newer) = match b {
+        Backend::Sqlite => ("PRAGMA user_version", MIGRATIONS.len(), "PRAGMA user_version = 99"),
+        Backend::Postgres => (
+            "SELECT max(version)::int8 FROM mcp_schema_migrations",
+            mcp_tenant_proxy::store::postgres::MIGRATIONS.len(),
+            "INSERT INTO mcp_schema_migrations (version) VALUES (99)",
+        ),
+    };
+    let store = f.open();
+    assert_eq!(f.count(applied) as usize, known);
     drop(store);
     // A second open does not re-run migrations (they would fail: the tables exist).
-    f.open();
-    // A file from a newer release is refused rather than misread.
-    raw.pragma_update(None, "user_version", 99).unwrap();
+    let store = f.open();
+    store.create_user("alice", UserLimit::Default).unwrap();
+    drop(store);
+    assert_eq!(f.count(applied) as usize, known);
+    if b == Backend::Postgres {
+        // Replicas starting together: one migrates, the others find it done.
+        let db = TestDb::create();
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                let config = db.config.clone();
+                std::thread::spawn(move || PgStore::open(&config, None).map(drop))
+            })
+            .collect();
+        for o in opened {
+            o.join().unwrap().unwrap();
+        }
+        assert_eq!(connect(&db.config).query_one(applied, &[]).unwrap().get::<_, i64>(0) as usize, known);
+    }
+    // A store from a newer release is refused rather than misread.
+    f.exec(newer);
     assert!(matches!(f.open_with(None), Err(StoreError::SchemaTooNew { found: 99, .. })));
 }
 
-#[test]
-fn concurrent_writers_from_several_threads_and_connections() {
-    let f = Fixture::new();
+fn concurrent_writers_from_several_threads_and_connections(b: Backend) {
+    let f = Fixture::new(b);
     let shared = Arc::new(f.open());
     let threads: Vec<_> = (0..6)
         .map(|t| {
@@ -599,7 +822,9 @@ fn concurrent_writers_from_several_threads_and_connections() {
     assert_eq!(snap.credentials.len(), 6 * 15);
     assert!(snap.credentials.iter().all(|c| c.secret.expose() == format!("ghp_{}", c.user)));
     assert_eq!(shared.usage(Some("hot")).unwrap()[0].requests, 6 * 15);
-    assert_eq!(shared.integrity_check().unwrap(), "ok");
+    if b == Backend::Sqlite {
+        assert_eq!(shared.sqlite().integrity_check().unwrap(), "ok");
+    }
 }
 
 const WRITER_ENV: &str = "MTP_STORE_CRASH_WRITER";
@@ -633,7 +858,7 @@ fn sigkill_during_a_stream_of_writes_loses_no_acknowledged_write() {
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
 
-    let f = Fixture::new();
+    let f = Fixture::new(Backend::Sqlite);
     drop(f.open()); // create the file and register the key
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "crash_writer_child", "--nocapture", "--test-threads=1"])
@@ -660,7 +885,7 @@ fn sigkill_during_a_stream_of_writes_loses_no_acknowledged_write() {
     assert!(acked.windows(2).all(|w| w[1] == w[0] + 1), "acks in order");
 
     let store = f.open();
-    assert_eq!(store.integrity_check().unwrap(), "ok");
+    assert_eq!(store.sqlite().integrity_check().unwrap(), "ok");
     let fk: Vec<String> = {
         let raw = f.raw();
         let mut stmt = raw.prepare("PRAGMA foreign_key_check").unwrap();
@@ -682,4 +907,307 @@ fn sigkill_during_a_stream_of_writes_loses_no_acknowledged_write() {
     }
     // At most the write in flight is there without its acknowledgement.
     assert!(users.len() <= acked.len() + 1, "{} users, {} acked", users.len(), acked.len());
+}
+
+fn load_user_reads_one_user_as_the_request_path_needs_it(b: Backend) {
+    let f = Fixture::new(b);
+    let store = f.open();
+    assert!(store.load_user("nobody").unwrap().is_none(), "an absent user is None, not an error");
+    assert!(matches!(store.load_user("bad user"), Err(StoreError::Invalid { field: "id", .. })));
+    let limit = UserLimit::Quota(quota(10, 60_000, 2));
+    for user in ["alice", "bob"] {
+        store.create_user(user, limit).unwrap();
+        store.put_credential(user, "github", "default", &Secret::new(format!("ghp_{user}"))).unwrap();
+    }
+    store.put_credential("alice", "slack", "work", &Secret::new("xoxb-alice")).unwrap();
+    let live = store.create_key(standard("alice")).unwrap();
+    let revoked = store.create_key(standard("alice")).unwrap();
+    store.revoke_key(&revoked.info.id).unwrap();
+    let expiring = store.create_key(NewKey { expires_at: Some(T0 + 10), ..standard("alice") }).unwrap();
+    let bobs = store.create_key(standard("bob")).unwrap();
+    let token = store.create_token("alice", "github", 1).unwrap();
+    let gone = store.create_token("alice", "github", 30).unwrap();
+    store.revoke_token(&gone.info.id).unwrap();
+
+    let alice = store.load_user("alice").unwrap().expect("alice exists");
+    assert_eq!(alice.user.id, "alice");
+    assert_eq!(alice.user.rate_limit, limit);
+    assert_eq!(alice.taken_at, T0);
+    let mut ids: Vec<_> = alice.keys.iter().map(|k| k.id.as_str()).collect();
+    ids.sort();
+    let mut expected = vec![live.info.id.as_str(), expiring.info.id.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected, "revoked keys are left out, other users' keys too");
+    let k = alice.keys.iter().find(|k| k.id == live.info.id).unwrap();
+    assert_eq!(k.sha256, sha256(live.key.expose().as_bytes()));
+    assert!(alice.keys.iter().all(|k| k.id != bobs.info.id));
+    let creds: Vec<_> =
+        alice.credentials.iter().map(|c| (c.upstream.as_str(), c.credential_id.as_str(), c.secret.expose())).collect();
+    assert_eq!(creds, [("github", "default", "ghp_alice"), ("slack", "work", "xoxb-alice")], "decrypted, alice's only");
+    assert_eq!(alice.tokens.len(), 1, "revoked tokens are left out");
+    assert_eq!(alice.tokens[0].sha256, sha256(token.token.expose().as_bytes()));
+
+    // Expiry is judged at the store's clock.
+    f.advance(10);
+    let alice = store.load_user("alice").unwrap().unwrap();
+    assert_eq!(alice.keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), [live.info.id.as_str()]);
+    assert_eq!(alice.taken_at, T0 + 10);
+    f.advance(86_400);
+    assert!(store.load_user("alice").unwrap().unwrap().tokens.is_empty(), "expired tokens are left out");
+
+    store.delete_user("alice").unwrap();
+    assert!(store.load_user("alice").unwrap().is_none(), "a deleted user is None");
+    assert_eq!(store.load_user("bob").unwrap().unwrap().credentials[0].secret.expose(), "ghp_bob");
+    // Without the master key, a user with credentials cannot be loaded; one without can.
+    drop(store);
+    let keyless = f.open_with(None).unwrap();
+    assert!(matches!(keyless.load_user("bob"), Err(StoreError::NoMasterKey)));
+    keyless.create_user("carol", UserLimit::Default).unwrap();
+    assert!(keyless.load_user("carol").unwrap().unwrap().credentials.is_empty());
+}
+
+/// The next change `watch` reports, within `within`.
+async fn next_change(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Change>, within: Duration) -> Change {
+    tokio::time::timeout(within, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no change reported within {within:?}"))
+        .expect("watch ended")
+}
+
+/// Runs a store call on the blocking pool, as the admin API does.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn pg_watch_reports_every_write_that_the_request_path_sees_and_resyncs_after_a_lost_connection() {
+    // The fixture creates and drops its database with the sync client: outside the runtime.
+    let f = Fixture::new(Backend::Postgres);
+    runtime().block_on(watch_scenario(&f));
+}
+
+async fn watch_scenario(f: &Fixture) {
+    let store = Arc::new(f.open());
+    let health = Arc::new(StoreHealth::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, health.clone()));
+    assert_eq!(next_change(&mut rx, Duration::from_secs(5)).await, Change::Resync, "a resync comes first");
+    assert!(health.is_up());
+
+    // Each write, seen within a second, as the user it changed.
+    let s = store.clone();
+    let key = blocking(move || {
+        s.create_user("alice", UserLimit::Default).unwrap();
+        s.create_key(standard("alice")).unwrap()
+    })
+    .await;
+    let started = Instant::now();
+    assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::User("alice".into()));
+    assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::User("alice".into()));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    type Write = Box<dyn FnOnce(&AnyStore) + Send>;
+    let id = key.info.id.clone();
+    let writes: Vec<(&str, Write)> = vec![
+        ("limit", Box::new(|s| drop(s.set_user_limit("alice", UserLimit::Unlimited).unwrap()))),
+        (
+            "credential",
+            Box::new(|s| {
+                assert_eq!(
+                    s.put_credential("alice", "github", "default", &Secret::new("x")).unwrap(),
+                    PutOutcome::Created
+                )
+            }),
+        ),
+        ("credential delete", Box::new(|s| s.delete_credential("alice", "github", "default").unwrap())),
+        ("token", Box::new(|s| drop(s.create_token("alice", "github", 1).unwrap()))),
+        (
+            "token revoke",
+            Box::new(|s| {
+                let t = s.list_tokens(Some("alice")).unwrap().remove(0);
+                drop(s.revoke_token(&t.id).unwrap())
+            }),
+        ),
+        ("key revoke", Box::new(move |s| drop(s.revoke_key(&id).unwrap()))),
+        ("delete", Box::new(|s| s.delete_user("alice").unwrap())),
+    ];
+    for (what, write) in writes {
+        // Usage, key use and a refused write tell nobody anything.
+        let s = store.clone();
+        blocking(move || {
+            s.add_usage(&[UsageDelta {
+                user: "alice".into(),
+                upstream: "github".into(),
+                requests: 1,
+                denials: 0,
+                last_seen: T0,
+            }])
+            .unwrap();
+            s.touch_keys(&[("nope".into(), T0)]).unwrap();
+            assert!(matches!(s.create_user("bad user", UserLimit::Default), Err(StoreError::Invalid { .. })));
+            write(&s);
+        })
+        .await;
+        assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::User("alice".into()), "{what}");
+    }
+    // A write that fails inside its transaction notifies nobody (delivery is on commit only).
+    let s = store.clone();
+    blocking(move || {
+        s.create_user("bob", UserLimit::Default).unwrap();
+        assert!(matches!(s.create_user("bob", UserLimit::Default), Err(StoreError::Conflict { .. })));
+        s.create_user("carol", UserLimit::Default).unwrap();
+    })
+    .await;
+    assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::User("bob".into()));
+    assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::User("carol".into()));
+    // A master key rotation changes every credential: resync.
+    let (s, old) = (store.clone(), f.master.clone());
+    blocking(move || s.rotate_master_key(&old, &MasterKey::generate()).unwrap()).await;
+    assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::Resync);
+
+    // The server ends the listening connection: watch reconnects and resyncs; later writes arrive again.
+    let db = f.pg().name.clone();
+    let admin = f.pg().admin.clone();
+    let killed = blocking(move || {
+        connect(&admin)
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name = 'mcp-tenant-proxy-listen'",
+                &[&db],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+    })
+    .await;
+    assert_eq!(killed, 1, "one listening connection");
+    // Written while no one listens: only the resync covers it.
+    let s = store.clone();
+    blocking(move || drop(s.create_user("dave", UserLimit::Default).unwrap())).await;
+    let mut seen = Vec::new();
+    loop {
+        let change = next_change(&mut rx, Duration::from_secs(5)).await;
+        let done = change == Change::Resync;
+        seen.push(change);
+        if done {
+            break;
+        }
+    }
+    assert!(seen.len() <= 2, "at most dave's change before the resync: {seen:?}");
+    assert!(health.is_up());
+    let s = store.clone();
+    blocking(move || drop(s.create_user("erin", UserLimit::Default).unwrap())).await;
+    assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::User("erin".into()));
+
+    // The receiver gone, watch ends.
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("watch ends with its receiver").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_watch_marks_the_store_down_while_the_server_is_unreachable() {
+    // A port nothing listens on: watch keeps trying, health stays down, nothing is reported.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = PgConfig::parse(&format!("postgres://mcp:hunter2-pw@127.0.0.1:{port}/x")).unwrap();
+    let health = Arc::new(StoreHealth::new(true));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(watch(config, tx, health.clone()));
+    assert!(tokio::time::timeout(Duration::from_millis(1500), rx.recv()).await.is_err(), "no change without a server");
+    assert!(!health.is_up());
+    watcher.abort();
+}
+
+#[test]
+fn pg_unreachable_fails_fast_with_unavailable_and_never_shows_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = PgConfig::parse(&format!("postgres://mcp:hunter2-pw@127.0.0.1:{port}/x")).unwrap();
+    let started = Instant::now();
+    let e = PgStore::open(&config, None).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert!(!e.to_string().contains("hunter2") && !format!("{e:?}").contains("hunter2"), "{e}");
+
+    // The right server, the wrong password: refused, and the password is not in the message.
+    let db = TestDb::create();
+    let wrong = db.config.clone().with_password(&Secret::new("hunter2-wrong"));
+    let e = PgStore::open(&wrong, None).unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert!(!e.to_string().contains("hunter2") && !format!("{e:?}").contains("hunter2"), "{e}");
+    assert!(!format!("{wrong:?}").contains("hunter2"));
+
+    // The server goes away under an open store: calls fail fast and cleanly, then work again.
+    let store = PgStore::open(&db.config, None).unwrap();
+    store.create_user("alice", UserLimit::Default).unwrap();
+    connect(&db.admin)
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name],
+        )
+        .unwrap();
+    // The pool notices the dead connections and opens new ones.
+    assert_eq!(store.get_user("alice").unwrap().id, "alice");
+    store.create_user("bob", UserLimit::Default).unwrap();
+}
+
+#[test]
+fn pg_replicas_share_one_database_and_their_usage_adds_up() {
+    let f = Fixture::new(Backend::Postgres);
+    let replicas: Vec<_> = (0..3).map(|_| Arc::new(f.open())).collect();
+    replicas[0].create_user("alice", UserLimit::Default).unwrap();
+    assert_eq!(replicas[2].get_user("alice").unwrap().id, "alice", "written on one, read on another");
+    replicas[1].put_credential("alice", "github", "default", &Secret::new("ghp_shared")).unwrap();
+    assert_eq!(secret_of(&replicas[2], "alice", "github", "default").as_deref(), Some("ghp_shared"));
+    let threads: Vec<_> = replicas
+        .iter()
+        .cloned()
+        .map(|r| {
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let batch = [
+                        UsageDelta {
+                            user: "alice".into(),
+                            upstream: "github".into(),
+                            requests: 2,
+                            denials: 1,
+                            last_seen: T0 + i,
+                        },
+                        UsageDelta {
+                            user: "bob".into(),
+                            upstream: "github".into(),
+                            requests: 1,
+                            denials: 0,
+                            last_seen: T0,
+                        },
+                        UsageDelta {
+                            user: "alice".into(),
+                            upstream: "github".into(),
+                            requests: 1,
+                            denials: 0,
+                            last_seen: T0,
+                        },
+                    ];
+                    r.add_usage(&batch).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let usage = replicas[0].usage(None).unwrap();
+    assert_eq!(
+        usage,
+        vec![
+            Usage {
+                user: "alice".into(),
+                upstream: "github".into(),
+                requests: 3 * 50 * 3,
+                denials: 50 * 3,
+                last_seen: T0 + 49
+            },
+            Usage { user: "bob".into(), upstream: "github".into(), requests: 50 * 3, denials: 0, last_seen: T0 },
+        ]
+    );
 }
