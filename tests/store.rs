@@ -31,44 +31,9 @@ enum Backend {
     Postgres,
 }
 
-/// The URL of the test server, or a failure that says how to get one.
-fn postgres_url() -> String {
-    std::env::var("MCP_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "MCP_TEST_POSTGRES_URL is not set: run the tests with scripts/test (it starts PostgreSQL and Redis), \
-             or eval \"$(scripts/services start)\" first"
-        )
-    })
-}
-
-/// A fresh database on the test server, dropped (with its connections) when this is dropped.
-struct TestDb {
-    admin: PgConfig,
-    name: String,
-    config: PgConfig,
-}
-
-impl TestDb {
-    fn create() -> TestDb {
-        let admin = PgConfig::parse(&postgres_url()).expect("MCP_TEST_POSTGRES_URL is a postgres:// URL");
-        let name = format!("mtp_test_{}", hex::encode(rand::random::<[u8; 8]>()));
-        connect(&admin).batch_execute(&format!("CREATE DATABASE {name}")).expect("CREATE DATABASE");
-        let config = admin.clone().with_dbname(&name);
-        TestDb { admin, name, config }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let _ = connect(&self.admin).batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
-    }
-}
-
-fn connect(config: &PgConfig) -> ::postgres::Client {
-    ::postgres::Config::from(config.tokio_config().clone())
-        .connect(::postgres::NoTls)
-        .expect("connect to the test server")
-}
+#[path = "common/pg.rs"]
+mod pg_db;
+use pg_db::{TestDb, connect};
 
 /// Either store, used through the trait.
 enum AnyStore {
