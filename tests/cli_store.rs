@@ -376,3 +376,150 @@ fn rotating_the_master_key_retires_the_old_one() {
     let store = SqliteStore::open(&cli.store, Some(&Secret::new(new_key))).unwrap();
     assert_eq!(store.credential_secrets(None).unwrap()[0].secret.expose(), "ghp_rotate_me");
 }
+
+#[path = "common/pg.rs"]
+mod pg_db;
+
+#[test]
+fn store_migrate_copies_everything_into_an_empty_postgres_database_and_verifies_it() {
+    use mcp_tenant_proxy::store::crypto::MasterKey;
+    use mcp_tenant_proxy::store::model::{NewKey, UserLimit};
+    use mcp_tenant_proxy::store::postgres::PgStore;
+
+    let mut cli = Cli::new();
+    let lib = cli.library();
+    for i in 0..30 {
+        let user = format!("user-{i:02}");
+        let limit = if i % 3 == 0 {
+            UserLimit::Quota(
+                mcp_tenant_proxy::policy::ratelimit::Limit::new(
+                    std::num::NonZeroU32::new(10 + i).unwrap(),
+                    std::time::Duration::from_secs(60),
+                    None,
+                )
+                .unwrap(),
+            )
+        } else {
+            UserLimit::Default
+        };
+        lib.create_user(&user, limit).unwrap();
+        let key = lib
+            .create_key(NewKey {
+                id: None,
+                kind: mcp_tenant_proxy::store::KeyKind::Standard,
+                user: user.clone(),
+                act_as: vec![],
+                expires_at: None,
+            })
+            .unwrap();
+        if i % 4 == 0 {
+            lib.revoke_key(&key.info.id).unwrap();
+        }
+        lib.put_credential(&user, "github", "default", &Secret::new(format!("ghp_{user}"))).unwrap();
+        if i % 5 == 0 {
+            lib.create_token(&user, "github", 7).unwrap();
+        }
+    }
+    lib.touch_keys(&[(lib.list_keys(Some("user-01")).unwrap()[0].id.clone(), 1_800_000_000)]).unwrap();
+    lib.add_usage(&[UsageDelta {
+        user: "user-01".into(),
+        upstream: "github".into(),
+        requests: 7,
+        denials: 2,
+        last_seen: 5,
+    }])
+    .unwrap();
+    // Credentials under key version 2: versions and check values come along.
+    let new_key = MasterKey::generate();
+    lib.rotate_master_key(&Secret::new(cli.key.clone()), &new_key).unwrap();
+    let old_key = std::mem::replace(&mut cli.key, new_key.expose().to_owned());
+    let source = lib.export_rows().unwrap();
+    drop(lib);
+
+    let db = pg_db::TestDb::create();
+    let (url, password) = db.url_and_password();
+    let password_file = cli.dir().join("pg.password");
+    std::fs::write(&password_file, format!("{}\n", password.expose())).unwrap();
+    let migrate = |key: &str, extra: &[&str]| {
+        let mut args = vec![
+            "store",
+            "migrate",
+            "--from",
+            cli.store.to_str().unwrap(),
+            "--to",
+            &url,
+            "--to-password-file",
+            password_file.to_str().unwrap(),
+            "--master-key-env",
+            "MTP_TEST_MASTER_KEY",
+        ];
+        args.extend(extra);
+        let out = run_raw(&args, &[("MTP_TEST_MASTER_KEY", key)], None);
+        let all = format!("{}{}", out.stdout_text(), out.stderr_text());
+        assert!(!all.contains(password.expose()), "the password was printed: {all}");
+        out
+    };
+    // The retired key is refused before anything is written.
+    let out = migrate(&old_key, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr_text().contains("rotated out"), "{}", out.stderr_text());
+
+    let out = migrate(&cli.key, &["--json"]);
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let report: Value = serde_json::from_str(&out.stdout_text()).unwrap();
+    assert_eq!(report["rows"]["users"], 30);
+    assert_eq!(report["rows"]["api_keys"], 30);
+    assert_eq!(report["rows"]["credentials"], 30);
+    assert_eq!(report["rows"]["token_urls"], 6);
+    assert_eq!(report["rows"]["usage"], 1);
+    assert_eq!(report["rows"]["master_keys"], 2);
+    assert_eq!(report["credentials_decrypted_and_compared"], 30, "{report}");
+    assert_eq!(report["to"], url.as_str());
+
+    // Every row, as stored, is in PostgreSQL; the new key opens it, and its credentials decrypt.
+    let pg = PgStore::open(&db.config, Some(&Secret::new(cli.key.clone()))).unwrap();
+    assert_eq!(pg.key_version(), Some(2));
+    assert_eq!(pg.export_rows().unwrap(), source);
+    let snapshot = pg.load_snapshot().unwrap();
+    assert_eq!(snapshot.credentials.len(), 30);
+    assert!(snapshot.credentials.iter().all(|c| c.secret.expose() == format!("ghp_{}", c.user)));
+    assert_eq!(snapshot.keys.len(), 30 - 8, "revoked keys stay revoked");
+    assert_eq!(pg.usage(None).unwrap()[0].requests, 7);
+    drop(pg);
+    assert!(matches!(
+        PgStore::open(&db.config, Some(&Secret::new(old_key))),
+        Err(mcp_tenant_proxy::store::StoreError::RetiredMasterKey { version: 1 })
+    ));
+
+    // A second copy into the same (now full) database is refused, and changes nothing.
+    let out = migrate(&cli.key, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr_text().contains("not empty"), "{}", out.stderr_text());
+    let pg = PgStore::open(&db.config, None).unwrap();
+    assert_eq!(pg.export_rows().unwrap(), source);
+    // The text report names the tables.
+    let db2 = pg_db::TestDb::create();
+    let (url2, _) = db2.url_and_password();
+    let out = run_raw(
+        &[
+            "store",
+            "migrate",
+            "--from",
+            cli.store.to_str().unwrap(),
+            "--to",
+            &url2,
+            "--to-password-file",
+            password_file.to_str().unwrap(),
+            "--master-key-env",
+            "MTP_TEST_MASTER_KEY",
+        ],
+        &[("MTP_TEST_MASTER_KEY", &cli.key)],
+        None,
+    );
+    assert!(out.status.success(), "{}", out.stderr_text());
+    assert!(
+        out.stdout_text().contains("credentials") && out.stdout_text().contains("verified: "),
+        "{}",
+        out.stdout_text()
+    );
+}

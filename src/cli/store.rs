@@ -82,7 +82,8 @@ pub enum StoreCommand {
         #[arg(long)]
         user: Option<String>,
     },
-    /// The master key: make one, or re-encrypt every credential under a new one.
+    /// The master key: make one, or re-encrypt every credential under a new one; or copy the store into
+    /// PostgreSQL (`store migrate`).
     Store {
         #[command(flatten)]
         opts: StoreOpts,
@@ -243,6 +244,9 @@ pub enum MasterKeyCommand {
         #[arg(long, value_name = "PATH")]
         new_key_file: Option<PathBuf>,
     },
+    /// Copy a SQLite store (`--from`) into an empty PostgreSQL database (`--to`) in one transaction,
+    /// then verify the copy (rows per table; a sample of users, credentials decrypted, on both sides).
+    Migrate(super::migrate::MigrateArgs),
 }
 
 /// Why a command failed: a store error, or something around it (a key or secret that cannot be read).
@@ -299,6 +303,12 @@ fn dispatch(command: StoreCommand) -> CmdResult {
             }
             eprintln!("Keep it in a file readable only by the proxy (or a secret manager); it is not stored anywhere.");
             Ok(())
+        }
+        StoreCommand::Store { opts, command: MasterKeyCommand::Migrate(args) } => {
+            super::migrate::run(&args, master_key(&opts)?, opts.json).map_err(|e| match e {
+                super::migrate::MigrateError::Store(e) => Failure::Store(e),
+                super::migrate::MigrateError::Other(message) => Failure::Other(message),
+            })
         }
         StoreCommand::Store { opts, command: MasterKeyCommand::RotateMasterKey { new_key_env, new_key_file } } => {
             let old = master_key(&opts)?.ok_or(StoreError::NoMasterKey)?;

@@ -238,6 +238,39 @@ pub enum Change {
     User(String),
 }
 
+/// A master key version as stored: its check value, never the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawMasterKey {
+    pub version: u32,
+    pub check_value: Vec<u8>,
+    pub created_at: UnixTime,
+    pub retired_at: Option<UnixTime>,
+}
+
+/// A credential row as stored: the ciphertext, never the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawCredential {
+    pub user: String,
+    pub upstream: String,
+    pub credential_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub key_version: u32,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+}
+
+/// Whole rows of a store, as stored: what `store migrate` copies from one backend to another. Keys and tokens with their SHA-256.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawRows {
+    pub master_keys: Vec<RawMasterKey>,
+    pub users: Vec<User>,
+    pub keys: Vec<(KeyInfo, Vec<u8>)>,
+    pub credentials: Vec<RawCredential>,
+    pub tokens: Vec<(TokenInfo, Vec<u8>)>,
+    pub usage: Vec<Usage>,
+}
+
 /// Users, API keys, upstream credentials, token URLs and usage counters.
 ///
 /// Calls block (the embedded backend does file I/O): call them from `spawn_blocking` in async code.

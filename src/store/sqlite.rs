@@ -187,6 +187,68 @@ impl SqliteStore {
         Ok(lines.join("\n"))
     }
 
+    /// Every row of every table in one read transaction, ciphertexts and hashes as stored, each table
+    /// in primary-key order (`store migrate`).
+    pub fn export_rows(&self) -> StoreResult<RawRows> {
+        let mut inner = self.lock();
+        let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let mut rows = RawRows::default();
+        {
+            let mut stmt =
+                tx.prepare("SELECT version, check_value, created_at, retired_at FROM master_keys ORDER BY version")?;
+            rows.master_keys = stmt
+                .query_map([], |r| {
+                    Ok(RawMasterKey {
+                        version: r.get(0)?,
+                        check_value: r.get(1)?,
+                        created_at: r.get(2)?,
+                        retired_at: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY id"))?;
+            rows.users = stmt.query_map([], user_from_row)?.collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(&format!("SELECT {KEY_COLS}, sha256 FROM api_keys ORDER BY id"))?;
+            rows.keys = stmt.query_map([], |r| Ok((key_from_row(r)?, r.get(9)?)))?.collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(
+                "SELECT user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at
+                 FROM credentials ORDER BY user_id, upstream, credential_id",
+            )?;
+            rows.credentials = stmt
+                .query_map([], |r| {
+                    Ok(RawCredential {
+                        user: r.get(0)?,
+                        upstream: r.get(1)?,
+                        credential_id: r.get(2)?,
+                        nonce: r.get(3)?,
+                        ciphertext: r.get(4)?,
+                        key_version: r.get(5)?,
+                        created_at: r.get(6)?,
+                        updated_at: r.get(7)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(&format!("SELECT {TOKEN_COLS}, sha256 FROM token_urls ORDER BY id"))?;
+            rows.tokens = stmt.query_map([], |r| Ok((token_from_row(r)?, r.get(6)?)))?.collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(
+                "SELECT user_id, upstream, requests, denials, last_seen FROM usage ORDER BY user_id, upstream",
+            )?;
+            rows.usage = stmt
+                .query_map([], |r| {
+                    Ok(Usage {
+                        user: r.get(0)?,
+                        upstream: r.get(1)?,
+                        requests: count(r.get(2)?),
+                        denials: count(r.get(3)?),
+                        last_seen: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        tx.commit()?;
+        Ok(rows)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock rolled its transaction back (dropping a `Transaction` does).
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
