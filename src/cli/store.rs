@@ -247,6 +247,9 @@ pub enum MasterKeyCommand {
     /// Copy a SQLite store (`--from`) into an empty PostgreSQL database (`--to`) in one transaction,
     /// then verify the copy (rows per table; a sample of users, credentials decrypted, on both sides).
     Migrate(super::migrate::MigrateArgs),
+    /// Create many users (JSON lines: id, rate_limit, keys, credentials) in one transaction per batch,
+    /// into `--store` or a PostgreSQL `--url`; the generated keys go to `--keys-out`.
+    Import(super::import::ImportArgs),
 }
 
 /// Why a command failed: a store error, or something around it (a key or secret that cannot be read).
@@ -308,6 +311,12 @@ fn dispatch(command: StoreCommand) -> CmdResult {
             super::migrate::run(&args, master_key(&opts)?, opts.json).map_err(|e| match e {
                 super::migrate::MigrateError::Store(e) => Failure::Store(e),
                 super::migrate::MigrateError::Other(message) => Failure::Other(message),
+            })
+        }
+        StoreCommand::Store { opts, command: MasterKeyCommand::Import(args) } => {
+            super::import::run(&args, opts.store.as_deref(), master_key(&opts)?, opts.json).map_err(|e| match e {
+                super::import::ImportError::Store(e) => Failure::Store(e),
+                super::import::ImportError::Other(message) => Failure::Other(message),
             })
         }
         StoreCommand::Store { opts, command: MasterKeyCommand::RotateMasterKey { new_key_env, new_key_file } } => {

@@ -5,6 +5,7 @@
 
 pub mod crypto;
 pub mod health;
+pub mod import;
 pub mod json;
 pub mod model;
 pub mod open;

@@ -321,6 +321,12 @@ pub trait Store: Send + Sync {
     fn add_usage(&self, deltas: &[UsageDelta]) -> StoreResult<()>;
     fn usage(&self, user: Option<&str>) -> StoreResult<Vec<Usage>>;
 
+    /// Creates the users with their limits, generated keys and credentials, all in one transaction (all
+    /// or nothing: `Conflict` when a user, key or credential exists or repeats; the same validation as
+    /// the one-row calls). Returns the generated keys, this once, in order. Call it with batches of
+    /// thousands of users: one round of statements per table per batch, not per row.
+    fn import_users(&self, users: &[super::import::ImportUser]) -> StoreResult<Vec<CreatedKey>>;
+
     /// Everything the request path needs. `NoMasterKey` if credentials exist and no key is set.
     fn load_snapshot(&self) -> StoreResult<Snapshot>;
     /// What the request path needs of one user; `None` when the user does not exist (deleted).

@@ -555,6 +555,83 @@ fn copy_rows(tx: &mut postgres::Transaction<'_>, rows: &RawRows) -> StoreResult<
     Ok(())
 }
 
+/// Imports up to this many users notify each of them; bigger batches notify `*`.
+const IMPORT_NOTIFY_EACH: usize = 1000;
+
+/// Names the row a unique violation of an import is about (from the server's detail: `Key (id)=(x)`).
+fn import_conflict(e: postgres::Error) -> StoreError {
+    let Some(db) = e.as_db_error().filter(|db| db.code().code() == UNIQUE_VIOLATION) else { return e.into() };
+    let what = match db.constraint() {
+        Some("users_pkey") => "user",
+        Some("credentials_pkey") => "credential",
+        _ => "key",
+    };
+    let id = db
+        .detail()
+        .and_then(|d| Some(d.split_once(")=(")?.1.rsplit_once(") already exists")?.0.replace(", ", "/")))
+        .unwrap_or_default();
+    StoreError::Conflict { what, id }
+}
+
+/// The rows of an import batch, a few thousand per statement.
+fn insert_prepared(
+    tx: &mut postgres::Transaction<'_>,
+    p: &super::import::Prepared,
+    version: Option<u32>,
+) -> Result<(), postgres::Error> {
+    const CHUNK: usize = 10_000;
+    let now = p.now;
+    for chunk in p.users.chunks(CHUNK) {
+        tx.execute(
+            "INSERT INTO users (id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at)
+             SELECT u.*, $6 FROM unnest($1::text[], $2::bool[], $3::int8[], $4::int8[], $5::int8[]) AS u",
+            &[
+                &chunk.iter().map(|u| u.0.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|u| u.1.0).collect::<Vec<_>>(),
+                &chunk.iter().map(|u| u.1.1).collect::<Vec<_>>(),
+                &chunk.iter().map(|u| u.1.2).collect::<Vec<_>>(),
+                &chunk.iter().map(|u| u.1.3).collect::<Vec<_>>(),
+                &now,
+            ],
+        )?;
+    }
+    for chunk in p.keys.chunks(CHUNK) {
+        tx.execute(
+            "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
+             SELECT k.*, $8 FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                        $7::int8[]) AS k",
+            &[
+                &chunk.iter().map(|k| k.created.info.id.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|k| &k.sha256[..]).collect::<Vec<_>>(),
+                &chunk.iter().map(|k| k.created.info.kind.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|k| k.created.info.user.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|k| k.act_as.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|k| k.created.info.prefix.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|k| k.created.info.expires_at).collect::<Vec<_>>(),
+                &now,
+            ],
+        )?;
+    }
+    let version = version.map(|v| v as i32);
+    for chunk in p.credentials.chunks(CHUNK) {
+        tx.execute(
+            "INSERT INTO credentials
+                 (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
+             SELECT c.*, $6, $7, $7 FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) AS c",
+            &[
+                &chunk.iter().map(|c| c.user.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|c| c.upstream.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|c| c.credential_id.as_str()).collect::<Vec<_>>(),
+                &chunk.iter().map(|c| &c.nonce[..]).collect::<Vec<_>>(),
+                &chunk.iter().map(|c| c.ciphertext.as_slice()).collect::<Vec<_>>(),
+                &version,
+                &now,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 fn migrate(client: &mut postgres::Client) -> StoreResult<()> {
     let known = MIGRATIONS.len() as u32;
     let mut tx = client.transaction()?;
@@ -1270,6 +1347,31 @@ impl Store for PgStore {
             .map(usage_from_row)
             .collect())
         })
+    }
+
+    fn import_users(&self, users: &[super::import::ImportUser]) -> StoreResult<Vec<CreatedKey>> {
+        let now = self.now();
+        let guard = self.key_guard();
+        let version = guard.as_ref().map(|(v, _)| *v);
+        let prepared = super::import::prepare(users, guard.as_ref().map(|(_, k)| k), now)?;
+        // Replicas re-read each user of a small batch; a big one is cheaper as one resync.
+        let notify: Vec<&str> = match prepared.users.len() {
+            0 => return Ok(Vec::new()),
+            n if n <= IMPORT_NOTIFY_EACH => prepared.users.iter().map(|(id, _)| id.as_str()).collect(),
+            _ => vec![RESYNC_ALL],
+        };
+        self.write(None, |tx| {
+            if !prepared.credentials.is_empty() {
+                tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&MASTER_KEY_LOCK])?;
+                if current_version(tx)? != version {
+                    return Err(StoreError::RetiredMasterKey { version: version.unwrap_or(0) });
+                }
+            }
+            insert_prepared(tx, &prepared, version).map_err(import_conflict)?;
+            tx.execute("SELECT pg_notify($1, u) FROM unnest($2::text[]) AS u", &[&CHANNEL, &notify])?;
+            Ok(())
+        })?;
+        Ok(prepared.keys.into_iter().map(|k| k.created).collect())
     }
 
     fn load_snapshot(&self) -> StoreResult<Snapshot> {

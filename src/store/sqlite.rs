@@ -920,6 +920,62 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn import_users(&self, users: &[super::import::ImportUser]) -> StoreResult<Vec<CreatedKey>> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let Inner { conn, key } = &mut *inner;
+        let prepared = super::import::prepare(users, key.as_ref().map(|(_, k)| k), now)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version = key.as_ref().map(|(v, _)| *v);
+        if !prepared.credentials.is_empty() && current_version(&tx)? != version {
+            return Err(StoreError::RetiredMasterKey { version: version.unwrap_or(0) });
+        }
+        fn conflict<'a>(what: &'static str, id: &'a str) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
+            move |e| if is_constraint(&e) { StoreError::Conflict { what, id: id.to_owned() } } else { e.into() }
+        }
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO users (id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (id, (unlimited, requests, per_ms, burst)) in &prepared.users {
+                insert.execute(params![id, unlimited, requests, per_ms, burst, now]).map_err(conflict("user", id))?;
+            }
+            let mut insert = tx.prepare(
+                "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for k in &prepared.keys {
+                let info = &k.created.info;
+                insert
+                    .execute(params![
+                        info.id,
+                        k.sha256,
+                        info.kind.as_str(),
+                        info.user,
+                        k.act_as,
+                        info.prefix,
+                        info.expires_at,
+                        now
+                    ])
+                    .map_err(conflict("key", &info.id))?;
+            }
+            let mut insert = tx.prepare(
+                "INSERT INTO credentials
+                     (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            )?;
+            for c in &prepared.credentials {
+                let id = format!("{}/{}/{}", c.user, c.upstream, c.credential_id);
+                insert
+                    .execute(params![c.user, c.upstream, c.credential_id, c.nonce, c.ciphertext, version, now])
+                    .map_err(conflict("credential", &id))?;
+            }
+        }
+        tx.commit()?;
+        Ok(prepared.keys.into_iter().map(|k| k.created).collect())
+    }
+
     fn load_snapshot(&self) -> StoreResult<Snapshot> {
         let now = self.now();
         let mut inner = self.lock();
