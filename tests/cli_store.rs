@@ -523,3 +523,118 @@ fn store_migrate_copies_everything_into_an_empty_postgres_database_and_verifies_
         out.stdout_text()
     );
 }
+
+#[test]
+fn store_import_creates_users_with_keys_and_credentials_and_writes_each_key_once() {
+    use mcp_tenant_proxy::store::postgres::PgStore;
+    let cli = Cli::new();
+    let lines = [
+        r#"{"id": "alice", "rate_limit": {"requests": 100, "per": "1m", "burst": 20}, "keys": [{"kind": "standard"}], "credentials": [{"upstream": "github", "secret": "ghp_alice"}]}"#,
+        r#"{"id": "ops", "rate_limit": "unlimited", "keys": [{"kind": "enterprise", "id": "ops-1", "act_as": ["tenant-*"]}]}"#,
+        "",
+        r#"{"id": "bob", "credentials": [{"upstream": "slack", "id": "work", "secret": "xoxb-bob"}]}"#,
+    ];
+    let mut text = lines.join("\n");
+    for i in 0..25 {
+        text += &format!(
+            "\n{{\"id\": \"bulk-{i:02}\", \"keys\": [{{\"kind\": \"standard\"}}], \"credentials\": [{{\"upstream\": \"github\", \"secret\": \"ghp_bulk_{i}\"}}]}}"
+        );
+    }
+    let input = cli.dir().join("users.jsonl");
+    std::fs::write(&input, &text).unwrap();
+    let keys_out = cli.dir().join("keys.jsonl");
+    let import = |target: &[&str], keys_out: &Path| {
+        let mut args =
+            vec!["store", "import", input.to_str().unwrap(), "--keys-out", keys_out.to_str().unwrap(), "--batch", "7"];
+        args.extend(target);
+        args.extend(["--master-key-env", "MTP_TEST_MASTER_KEY", "--json"]);
+        run_raw(&args, &[("MTP_TEST_MASTER_KEY", &cli.key), ("MTP_TEST_PG_PASSWORD", "unused")], None)
+    };
+    let check = |store: &dyn Store, keys_out: &Path| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(keys_out).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let keys: Vec<Value> =
+            std::fs::read_to_string(keys_out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(keys.len(), 27);
+        let snap = store.load_snapshot().unwrap();
+        assert_eq!(snap.users.len(), 28);
+        for k in &keys {
+            let found = snap.keys.iter().find(|s| s.id == k["id"].as_str().unwrap()).unwrap();
+            assert_eq!(found.sha256, sha256(k["key"].as_str().unwrap().as_bytes()));
+            assert_eq!(found.user, k["user"].as_str().unwrap());
+        }
+        assert_eq!(snap.keys.iter().find(|k| k.id == "ops-1").unwrap().act_as, ["tenant-*"]);
+        let secret =
+            |user: &str| snap.credentials.iter().find(|c| c.user == user).map(|c| c.secret.expose().to_owned());
+        assert_eq!(secret("bob").as_deref(), Some("xoxb-bob"));
+        assert_eq!(secret("bulk-24").as_deref(), Some("ghp_bulk_24"));
+        assert_eq!(snap.credentials.len(), 27);
+        assert_eq!(
+            snap.users.iter().find(|u| u.id == "alice").unwrap().rate_limit,
+            store.get_user("alice").unwrap().rate_limit
+        );
+        assert!(matches!(
+            store.get_user("ops").unwrap().rate_limit,
+            mcp_tenant_proxy::store::model::UserLimit::Unlimited
+        ));
+    };
+
+    // Into the SQLite file.
+    let store_arg = cli.store.to_str().unwrap().to_owned();
+    let out = import(&["--store", &store_arg], &keys_out);
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let report: Value = serde_json::from_str(&out.stdout_text()).unwrap();
+    assert_eq!(
+        (report["users"].as_u64(), report["keys"].as_u64(), report["credentials"].as_u64()),
+        (Some(28), Some(27), Some(27))
+    );
+    check(&cli.library(), &keys_out);
+    // The keys file is never overwritten; importing the same users again is refused.
+    let again = import(&["--store", &store_arg], &keys_out);
+    assert_eq!(again.status.code(), Some(1));
+    let other_out = cli.dir().join("keys2.jsonl");
+    let again = import(&["--store", &store_arg], &other_out);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(again.stderr_text().contains("already exists"), "{}", again.stderr_text());
+
+    // Into PostgreSQL, the password from a file.
+    let db = pg_db::TestDb::create();
+    let (url, password) = db.url_and_password();
+    let password_file = cli.dir().join("pg.password");
+    std::fs::write(&password_file, password.expose()).unwrap();
+    let pg_keys = cli.dir().join("pg-keys.jsonl");
+    let out = import(&["--url", &url, "--password-file", password_file.to_str().unwrap()], &pg_keys);
+    assert!(out.status.success(), "{}", out.stderr_text());
+    assert!(!out.stdout_text().contains(password.expose()) && !out.stderr_text().contains(password.expose()));
+    check(&PgStore::open(&db.config, Some(&Secret::new(cli.key.clone()))).unwrap(), &pg_keys);
+
+    // A bad line: its number, never its values; the batches before it stay imported.
+    let bad = cli.dir().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"id\": \"ok-1\"}\n{\"id\": \"ok-2\"}\n{\"id\": \"x\", \"credentials\": [{\"upstream\": \"github\", \"secret\": 4242424242, \"leak\": \"ghp_LEAKED\"}]}\n",
+    )
+    .unwrap();
+    let out = run_raw(
+        &[
+            "store",
+            "import",
+            bad.to_str().unwrap(),
+            "--keys-out",
+            cli.dir().join("k3").to_str().unwrap(),
+            "--batch",
+            "1",
+            "--store",
+            &store_arg,
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = out.stderr_text();
+    assert!(err.contains("line 3") && !err.contains("ghp_LEAKED") && !err.contains("4242424242"), "{err}");
+    assert!(err.contains("the 2 users before it are imported"), "{err}");
+}

@@ -18,6 +18,7 @@ use mcp_tenant_proxy::policy::ratelimit::Limit;
 use mcp_tenant_proxy::secret::{Secret, sha256};
 use mcp_tenant_proxy::store::crypto::{MasterKey, RowAad};
 use mcp_tenant_proxy::store::health::StoreHealth;
+use mcp_tenant_proxy::store::import::{ImportCredential, ImportKey, ImportUser};
 use mcp_tenant_proxy::store::model::*;
 use mcp_tenant_proxy::store::postgres::{PgConfig, PgStore, watch};
 use mcp_tenant_proxy::store::sqlite::{Clock, MIGRATIONS};
@@ -188,6 +189,7 @@ both_backends!(
     migrations_are_recorded_and_a_newer_schema_is_refused,
     concurrent_writers_from_several_threads_and_connections,
     load_user_reads_one_user_as_the_request_path_needs_it,
+    import_users_is_all_or_nothing_and_returns_each_key_once,
 );
 
 fn quota(requests: u32, per_ms: u64, burst: u32) -> Limit {
@@ -1175,4 +1177,132 @@ fn pg_replicas_share_one_database_and_their_usage_adds_up() {
             Usage { user: "bob".into(), upstream: "github".into(), requests: 50 * 3, denials: 0, last_seen: T0 },
         ]
     );
+}
+
+fn import_user(id: &str, keys: usize, credentials: &[(&str, &str)]) -> ImportUser {
+    ImportUser {
+        id: id.into(),
+        rate_limit: UserLimit::Default,
+        keys: (0..keys)
+            .map(|_| ImportKey { id: None, kind: KeyKind::Standard, act_as: vec![], expires_at: None })
+            .collect(),
+        credentials: credentials
+            .iter()
+            .map(|(upstream, secret)| ImportCredential {
+                upstream: (*upstream).into(),
+                credential_id: "default".into(),
+                secret: Secret::new(*secret),
+            })
+            .collect(),
+    }
+}
+
+fn import_users_is_all_or_nothing_and_returns_each_key_once(b: Backend) {
+    let f = Fixture::new(b);
+    let store = f.open();
+    assert!(store.import_users(&[]).unwrap().is_empty());
+    let limit = UserLimit::Quota(quota(5, 1000, 5));
+    let mut ops = import_user("ops", 0, &[]);
+    ops.keys.push(ImportKey {
+        id: Some("ops-key".into()),
+        kind: KeyKind::Enterprise,
+        act_as: vec!["tenant-*".into()],
+        expires_at: Some(T0 + 100),
+    });
+    let batch = vec![
+        ImportUser {
+            rate_limit: limit,
+            ..import_user("alice", 2, &[("github", "ghp_alice"), ("slack", "xoxb-alice")])
+        },
+        import_user("bob", 1, &[("github", "ghp_bob")]),
+        import_user("carol", 0, &[]),
+        ops,
+    ];
+    let created = store.import_users(&batch).unwrap();
+    assert_eq!(created.iter().map(|k| k.info.user.as_str()).collect::<Vec<_>>(), ["alice", "alice", "bob", "ops"]);
+    assert_eq!(created[3].info.id, "ops-key");
+    assert_eq!(created[3].info.act_as, ["tenant-*"]);
+    assert!(created.iter().all(|k| k.key.expose().starts_with("mtp_") && k.info.created_at == T0));
+    assert_eq!(store.get_user("alice").unwrap().rate_limit, limit);
+    assert_eq!(store.list_users(None, 10).unwrap().len(), 4);
+    let snap = store.load_snapshot().unwrap();
+    for k in &created {
+        let found = snap.keys.iter().find(|s| s.id == k.info.id).expect("imported key in the snapshot");
+        assert_eq!(found.sha256, sha256(k.key.expose().as_bytes()), "stored as the hash of the key returned");
+    }
+    assert_eq!(secret_of(&store, "alice", "slack", "default").as_deref(), Some("xoxb-alice"));
+    assert_eq!(store.load_user("bob").unwrap().unwrap().credentials[0].secret.expose(), "ghp_bob");
+    assert_eq!(store.list_credentials("alice").unwrap()[0].key_version, 1);
+
+    // All or nothing: one existing user refuses the batch, and nobody of it is created.
+    let refused = |batch: Vec<ImportUser>| store.import_users(&batch).unwrap_err();
+    let before = store.list_users(None, 100).unwrap().len();
+    match refused(vec![import_user("dave", 1, &[("github", "x")]), import_user("bob", 0, &[])]) {
+        StoreError::Conflict { what: "user", id } => assert_eq!(id, "bob"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        refused(vec![import_user("erin", 0, &[]), import_user("erin", 0, &[])]),
+        StoreError::Conflict { .. }
+    ));
+    let mut twice = import_user("frank", 0, &[("github", "a"), ("github", "b")]);
+    assert!(matches!(refused(vec![twice.clone()]), StoreError::Conflict { what: "credential", .. }));
+    twice.credentials.pop();
+    twice.keys.push(ImportKey {
+        id: Some("ops-key".into()),
+        kind: KeyKind::Standard,
+        act_as: vec![],
+        expires_at: None,
+    });
+    assert!(matches!(refused(vec![twice]), StoreError::Conflict { what: "key", .. }));
+    for (user, field) in [
+        (import_user("bad user", 0, &[]), "id"),
+        (import_user("gina", 0, &[("git hub", "x")]), "upstream"),
+        (import_user("gina", 0, &[("github", "")]), "secret"),
+        (
+            ImportUser {
+                keys: vec![ImportKey { id: None, kind: KeyKind::Standard, act_as: vec!["x".into()], expires_at: None }],
+                ..import_user("gina", 0, &[])
+            },
+            "act_as",
+        ),
+    ] {
+        match refused(vec![import_user("hank", 0, &[]), user]) {
+            StoreError::Invalid { field: got, .. } => assert_eq!(got, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    assert_eq!(store.list_users(None, 100).unwrap().len(), before, "refused batches left nothing behind");
+    assert!(matches!(store.get_user("dave"), Err(StoreError::NotFound { .. })));
+    drop(store);
+    // Credentials need the master key; users and keys alone do not.
+    let keyless = f.open_with(None).unwrap();
+    assert!(matches!(
+        keyless.import_users(&[import_user("ivan", 0, &[("github", "x")])]),
+        Err(StoreError::NoMasterKey)
+    ));
+    assert_eq!(keyless.import_users(&[import_user("ivan", 1, &[])]).unwrap().len(), 1);
+}
+
+#[test]
+fn pg_imports_notify_each_user_of_a_small_batch_and_resync_for_a_big_one() {
+    let f = Fixture::new(Backend::Postgres);
+    let store = f.open();
+    runtime().block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, Arc::new(StoreHealth::default())));
+        assert_eq!(next_change(&mut rx, Duration::from_secs(5)).await, Change::Resync);
+        std::thread::scope(|s| {
+            s.spawn(|| store.import_users(&[import_user("a", 1, &[]), import_user("b", 0, &[])]).unwrap());
+        });
+        assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::User("a".into()));
+        assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::User("b".into()));
+        let big: Vec<_> = (0..1001).map(|i| import_user(&format!("u{i}"), 1, &[("github", "x")])).collect();
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(store.import_users(&big).unwrap().len(), 1001));
+        });
+        assert_eq!(next_change(&mut rx, Duration::from_secs(1)).await, Change::Resync);
+        assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err(), "one resync only");
+        watcher.abort();
+    });
 }
