@@ -801,9 +801,16 @@ const WRITER_KEY_ENV: &str = "MTP_STORE_CRASH_KEY";
 /// Writes forever, printing `ack <n>` after write n has returned (committed).
 #[test]
 fn crash_writer_child() {
-    let Ok(path) = std::env::var(WRITER_ENV) else { return };
+    let Ok(target) = std::env::var(WRITER_ENV) else { return };
     let key = Secret::new(std::env::var(WRITER_KEY_ENV).unwrap());
-    let store = SqliteStore::open(Path::new(&path), Some(&key)).unwrap();
+    let store = match target.strip_prefix("pg:") {
+        // The database's name; the server is the one MCP_TEST_POSTGRES_URL names.
+        Some(db) => {
+            let config = PgConfig::parse(&pg_db::postgres_url()).unwrap().with_dbname(db);
+            AnyStore::Pg(PgStore::open(&config, Some(&key)).unwrap())
+        }
+        None => AnyStore::Sqlite(SqliteStore::open(Path::new(&target), Some(&key)).unwrap()),
+    };
     let mut out = std::io::stdout();
     for n in 0..1_000_000u32 {
         let user = format!("crash-{n}");
@@ -822,14 +829,29 @@ fn crash_writer_child() {
 #[cfg(unix)]
 #[test]
 fn sigkill_during_a_stream_of_writes_loses_no_acknowledged_write() {
+    sigkill_a_writer(Backend::Sqlite);
+}
+
+#[cfg(unix)]
+#[test]
+fn pg_sigkill_during_a_stream_of_writes_loses_no_acknowledged_write() {
+    sigkill_a_writer(Backend::Postgres);
+}
+
+#[cfg(unix)]
+fn sigkill_a_writer(b: Backend) {
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
 
-    let f = Fixture::new(Backend::Sqlite);
-    drop(f.open()); // create the file and register the key
+    let f = Fixture::new(b);
+    drop(f.open()); // create the store and register the key
+    let target = match &f.db {
+        None => f.path.display().to_string(),
+        Some(db) => format!("pg:{}", db.name),
+    };
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "crash_writer_child", "--nocapture", "--test-threads=1"])
-        .env(WRITER_ENV, &f.path)
+        .env(WRITER_ENV, target)
         .env(WRITER_KEY_ENV, f.master.expose())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -852,13 +874,15 @@ fn sigkill_during_a_stream_of_writes_loses_no_acknowledged_write() {
     assert!(acked.windows(2).all(|w| w[1] == w[0] + 1), "acks in order");
 
     let store = f.open();
-    assert_eq!(store.sqlite().integrity_check().unwrap(), "ok");
-    let fk: Vec<String> = {
-        let raw = f.raw();
-        let mut stmt = raw.prepare("PRAGMA foreign_key_check").unwrap();
-        stmt.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
-    };
-    assert!(fk.is_empty(), "foreign key violations: {fk:?}");
+    if b == Backend::Sqlite {
+        assert_eq!(store.sqlite().integrity_check().unwrap(), "ok");
+        let fk: Vec<String> = {
+            let raw = f.raw();
+            let mut stmt = raw.prepare("PRAGMA foreign_key_check").unwrap();
+            stmt.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+        };
+        assert!(fk.is_empty(), "foreign key violations: {fk:?}");
+    }
     let snap = store.load_snapshot().unwrap();
     let users: std::collections::HashSet<_> = snap.users.iter().map(|u| u.id.as_str()).collect();
     let secrets: std::collections::HashMap<_, _> =
