@@ -1330,3 +1330,56 @@ fn pg_imports_notify_each_user_of_a_small_batch_and_resync_for_a_big_one() {
         watcher.abort();
     });
 }
+
+/// Sends SIGCONT to a stopped process when dropped, whatever the test did meanwhile.
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: i32) -> Stopped {
+        let status = std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
+        assert!(status.success(), "cannot stop the server process {pid}");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+#[test]
+fn pg_watch_notices_a_server_that_stops_answering_within_seconds() {
+    let f = Fixture::new(Backend::Postgres);
+    runtime().block_on(async {
+        let health = Arc::new(StoreHealth::default());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, health.clone()));
+        assert_eq!(next_change(&mut rx, Duration::from_secs(5)).await, Change::Resync);
+        let (admin, db) = (f.pg().admin.clone(), f.pg().name.clone());
+        let pid: i32 = blocking(move || {
+            connect(&admin)
+                .query_one(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'mcp-tenant-proxy-listen'",
+                    &[&db],
+                )
+                .unwrap()
+                .get(0)
+        })
+        .await;
+        // The backend serving the listener hangs (no answer, no reset): like a server or network gone quiet.
+        let stopped = Stopped::stop(pid);
+        let started = Instant::now();
+        let mut every = tokio::time::interval(Duration::from_millis(20));
+        while health.is_up() {
+            assert!(started.elapsed() < Duration::from_secs(4), "still up after {:?}", started.elapsed());
+            every.tick().await;
+        }
+        assert!(started.elapsed() <= Duration::from_millis(2500), "noticed after {:?}", started.elapsed());
+        drop(stopped);
+        // A fresh connection, and a resync for whatever was missed.
+        assert_eq!(next_change(&mut rx, Duration::from_secs(5)).await, Change::Resync);
+        assert!(health.is_up());
+        watcher.abort();
+    });
+}

@@ -135,6 +135,12 @@ impl PgConfig {
         // tokio-postgres names the option at fault, never its value.
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| format!("is not a valid PostgreSQL URL ({e})"))?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            // Better refused here than a connection error at start.
+            return Err("asks for sslmode=require, which this build does not support yet (connections are \
+                        unencrypted: keep the database on a private network)"
+                .into());
+        }
         if config.get_user().is_none() {
             return Err("names no user (postgres://USER@HOST/DB)".into());
         }
@@ -1524,6 +1530,7 @@ mod tests {
         let with = config.with_password(&Secret::new("hunter2-secret"));
         assert!(with.has_password());
         assert!(!format!("{with:?}").contains("hunter2"));
+        assert!(PgConfig::parse("postgres://mcp@db/x?sslmode=require").unwrap_err().contains("sslmode=require"));
         for bad in [
             "mysql://mcp:hunter2-secret@db/x",
             "postgres://mcp:hunter2-secret@db:notaport/x",
