@@ -789,6 +789,21 @@ fn hash32(bytes: Vec<u8>) -> StoreResult<[u8; 32]> {
     bytes.try_into().map_err(|_| corrupt("a hash is not 32 bytes"))
 }
 
+/// Runs `f` on each row as it arrives (a snapshot of a million users is never all rows at once).
+fn for_each_row(
+    c: &mut impl GenericClient,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+    mut f: impl FnMut(&Row) -> StoreResult<()>,
+) -> StoreResult<()> {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut rows = c.query_raw(sql, params.iter().copied())?;
+    while let Some(row) = rows.next()? {
+        f(&row)?;
+    }
+    Ok(())
+}
+
 /// Decrypts the credentials (all, or one user's) with the key of version `version`.
 fn decrypt_credentials(
     c: &mut impl GenericClient,
@@ -796,27 +811,36 @@ fn decrypt_credentials(
     key: &MasterKey,
     user: Option<&str>,
 ) -> StoreResult<Vec<CredentialSecret>> {
-    let rows = c.query(
+    let mut out = Vec::new();
+    let mut failed = None;
+    for_each_row(
+        c,
         "SELECT user_id, upstream, credential_id, key_version, nonce, ciphertext FROM credentials
          WHERE ($1::text IS NULL OR user_id = $1) ORDER BY user_id, upstream, credential_id",
         &[&user],
+        |r| {
+            if failed.is_some() {
+                return Ok(());
+            }
+            let (user, upstream, credential_id): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let row_version = r.get::<_, i32>(3) as u32;
+            let aad = RowAad { user: &user, upstream: &upstream, credential_id: &credential_id };
+            let plain = (row_version == version)
+                .then(|| key.decrypt(&aad, r.get(4), r.get(5)))
+                .flatten()
+                .and_then(|bytes| String::from_utf8(bytes).ok());
+            match plain {
+                Some(plain) => out.push(CredentialSecret { user, upstream, credential_id, secret: Secret::new(plain) }),
+                None => failed = Some((user, upstream, credential_id)),
+            }
+            Ok(())
+        },
     )?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let (user, upstream, credential_id): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        let row_version = r.get::<_, i32>(3) as u32;
-        let aad = RowAad { user: &user, upstream: &upstream, credential_id: &credential_id };
-        let plain = (row_version == version)
-            .then(|| key.decrypt(&aad, r.get(4), r.get(5)))
-            .flatten()
-            .and_then(|bytes| String::from_utf8(bytes).ok());
-        let Some(plain) = plain else {
-            return Err(match current_version(c)? {
-                Some(current) if current != version => StoreError::RetiredMasterKey { version },
-                _ => StoreError::Undecryptable { user, upstream, credential_id },
-            });
-        };
-        out.push(CredentialSecret { user, upstream, credential_id, secret: Secret::new(plain) });
+    if let Some((user, upstream, credential_id)) = failed {
+        return Err(match current_version(c)? {
+            Some(current) if current != version => StoreError::RetiredMasterKey { version },
+            _ => StoreError::Undecryptable { user, upstream, credential_id },
+        });
     }
     Ok(out)
 }
@@ -828,41 +852,52 @@ fn read_snapshot(
     user: Option<&str>,
     now: UnixTime,
 ) -> StoreResult<Snapshot> {
-    let users = c
-        .query(&format!("SELECT {USER_COLS} FROM users WHERE ($1::text IS NULL OR id = $1) ORDER BY id"), &[&user])?
-        .iter()
-        .map(user_from_row)
-        .collect::<StoreResult<Vec<_>>>()?;
+    let mut users = Vec::new();
+    for_each_row(
+        c,
+        &format!("SELECT {USER_COLS} FROM users WHERE ($1::text IS NULL OR id = $1) ORDER BY id"),
+        &[&user],
+        |r| {
+            users.push(user_from_row(r)?);
+            Ok(())
+        },
+    )?;
     let mut keys = Vec::new();
-    for r in c.query(
+    for_each_row(
+        c,
         "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
          WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1) AND ($2::text IS NULL OR user_id = $2)
          ORDER BY id",
         &[&now, &user],
-    )? {
-        keys.push(SnapshotKey {
-            id: r.get(0),
-            sha256: hash32(r.get(1))?,
-            kind: kind(r.get(2))?,
-            user: r.get(3),
-            act_as: act_as(r.get(4))?,
-            expires_at: r.get(5),
-        });
-    }
+        |r| {
+            keys.push(SnapshotKey {
+                id: r.get(0),
+                sha256: hash32(r.get(1))?,
+                kind: kind(r.get(2))?,
+                user: r.get(3),
+                act_as: act_as(r.get(4))?,
+                expires_at: r.get(5),
+            });
+            Ok(())
+        },
+    )?;
     let mut tokens = Vec::new();
-    for r in c.query(
+    for_each_row(
+        c,
         "SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
          WHERE revoked_at IS NULL AND expires_at > $1 AND ($2::text IS NULL OR user_id = $2) ORDER BY id",
         &[&now, &user],
-    )? {
-        tokens.push(SnapshotToken {
-            id: r.get(0),
-            sha256: hash32(r.get(1))?,
-            user: r.get(2),
-            upstream: r.get(3),
-            expires_at: r.get(4),
-        });
-    }
+        |r| {
+            tokens.push(SnapshotToken {
+                id: r.get(0),
+                sha256: hash32(r.get(1))?,
+                user: r.get(2),
+                upstream: r.get(3),
+                expires_at: r.get(4),
+            });
+            Ok(())
+        },
+    )?;
     let credentials = match key {
         Some((version, key)) => decrypt_credentials(c, *version, key, user)?,
         None => {
