@@ -15,7 +15,11 @@ use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::policy::ratelimit_redis::RedisLimiter;
 use crate::proxy::Proxy;
 use crate::server::listener::{self, ListenerSettings};
-use crate::store::{SqliteStore, Store};
+use crate::config::runtime::StoreBackend;
+use crate::store::follow::{CurrentSide, follow};
+use crate::store::health::StoreHealth;
+use crate::store::live::FileSide;
+use crate::store::{Store, postgres};
 use crate::telemetry::audit::{AuditHealth, AuditSink, AuditWriter};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage::UsageCounters;
@@ -27,7 +31,7 @@ const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from
 const USAGE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Writes the usage counted so far to the store; on failure the counts go back, to be written next time.
-async fn flush_usage(usage: &Arc<UsageCounters>, store: &Arc<SqliteStore>) {
+async fn flush_usage(usage: &Arc<UsageCounters>, store: &Arc<dyn Store>) {
     let flush = usage.take();
     if flush.usage.is_empty() && flush.keys.is_empty() {
         return;
@@ -52,8 +56,10 @@ pub struct App {
     proxy_listener: (JoinHandle<()>, DropGuard),
     admin_listener: Option<(JoinHandle<()>, DropGuard)>,
     evictor: JoinHandle<()>,
+    /// With a shared store: the task that listens for its changes and the one that applies them.
+    follower: Option<(JoinHandle<()>, JoinHandle<()>)>,
     /// Flushes usage to the store, when there is one.
-    usage: Option<(JoinHandle<()>, Arc<SqliteStore>)>,
+    usage: Option<(JoinHandle<()>, Arc<dyn Store>)>,
     limits: Arc<RateLimits>,
     proxy: Arc<Proxy>,
     audit_health: Arc<AuditHealth>,
@@ -110,11 +116,24 @@ impl App {
         // One store handle, shared by the usage flusher and the admin API (SqliteStore serializes its
         // connection behind a mutex). Usage is written on a schedule, never per request.
         let usage_store = match &config.store {
-            Some(st) => Some(Arc::new(
-                SqliteStore::open(&st.path, st.master_key.as_ref()).map_err(|e| io::Error::other(e.to_string()))?,
-            )),
+            Some(st) => Some(crate::store::open(st).map_err(|e| io::Error::other(e.to_string()))?),
             None => None,
         };
+        // A shared store tells this replica about every write: changes are applied as they arrive, and
+        // `/readyz` and the admin API say when it cannot be reached.
+        let store_health = Arc::new(StoreHealth::default());
+        let follower = match (&usage_store, config.store.as_ref().map(|st| &st.backend)) {
+            (Some(store), Some(StoreBackend::Postgres { config: pg })) => {
+                let (changes, received) = tokio::sync::mpsc::unbounded_channel();
+                let watcher = tokio::spawn(postgres::watch(pg.clone(), changes, store_health.clone()));
+                let current = proxy.clone();
+                let side: CurrentSide = Arc::new(move || current.config() as Arc<dyn FileSide + Send + Sync>);
+                let applier = tokio::spawn(follow(received, store.clone(), config.live.clone(), side));
+                Some((watcher, applier))
+            }
+            _ => None,
+        };
+        health.set_store(store_health.clone(), follower.is_some());
         let flusher = usage_store.clone().map(|store| {
             let usage = proxy.usage().clone();
             tokio::spawn(async move {
@@ -172,6 +191,7 @@ impl App {
             proxy_listener,
             admin_listener,
             evictor,
+            follower,
             usage: flusher.zip(usage_store),
             limits,
             proxy,
@@ -233,6 +253,10 @@ impl App {
             let _ = admin_listener.await;
         }
         self.evictor.abort();
+        if let Some((watcher, applier)) = self.follower {
+            watcher.abort();
+            applier.abort();
+        }
         // The last requests' usage is written before the process goes.
         if let Some((flusher, store)) = self.usage {
             flusher.abort();

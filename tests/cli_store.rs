@@ -377,67 +377,264 @@ fn rotating_the_master_key_retires_the_old_one() {
     assert_eq!(store.credential_secrets(None).unwrap()[0].secret.expose(), "ghp_rotate_me");
 }
 
+#[path = "common/pg.rs"]
+mod pg_db;
+
 #[test]
-fn users_import_adds_users_keys_and_credentials_in_batches_and_hands_out_the_keys_once() {
+fn store_migrate_copies_everything_into_an_empty_postgres_database_and_verifies_it() {
+    use mcp_tenant_proxy::store::crypto::MasterKey;
+    use mcp_tenant_proxy::store::model::{NewKey, UserLimit};
+    use mcp_tenant_proxy::store::postgres::PgStore;
+
+    let mut cli = Cli::new();
+    let lib = cli.library();
+    for i in 0..30 {
+        let user = format!("user-{i:02}");
+        let limit = if i % 3 == 0 {
+            UserLimit::Quota(
+                mcp_tenant_proxy::policy::ratelimit::Limit::new(
+                    std::num::NonZeroU32::new(10 + i).unwrap(),
+                    std::time::Duration::from_secs(60),
+                    None,
+                )
+                .unwrap(),
+            )
+        } else {
+            UserLimit::Default
+        };
+        lib.create_user(&user, limit).unwrap();
+        let key = lib
+            .create_key(NewKey {
+                id: None,
+                kind: mcp_tenant_proxy::store::KeyKind::Standard,
+                user: user.clone(),
+                act_as: vec![],
+                expires_at: None,
+            })
+            .unwrap();
+        if i % 4 == 0 {
+            lib.revoke_key(&key.info.id).unwrap();
+        }
+        lib.put_credential(&user, "github", "default", &Secret::new(format!("ghp_{user}"))).unwrap();
+        if i % 5 == 0 {
+            lib.create_token(&user, "github", 7).unwrap();
+        }
+    }
+    lib.touch_keys(&[(lib.list_keys(Some("user-01")).unwrap()[0].id.clone(), 1_800_000_000)]).unwrap();
+    lib.add_usage(&[UsageDelta {
+        user: "user-01".into(),
+        upstream: "github".into(),
+        requests: 7,
+        denials: 2,
+        last_seen: 5,
+    }])
+    .unwrap();
+    // Credentials under key version 2: versions and check values come along.
+    let new_key = MasterKey::generate();
+    lib.rotate_master_key(&Secret::new(cli.key.clone()), &new_key).unwrap();
+    let old_key = std::mem::replace(&mut cli.key, new_key.expose().to_owned());
+    let source = lib.export_rows().unwrap();
+    drop(lib);
+
+    let db = pg_db::TestDb::create();
+    let (url, password) = db.url_and_password();
+    let password_file = cli.dir().join("pg.password");
+    std::fs::write(&password_file, format!("{}\n", password.expose())).unwrap();
+    let migrate = |key: &str, extra: &[&str]| {
+        let mut args = vec![
+            "store",
+            "migrate",
+            "--from",
+            cli.store.to_str().unwrap(),
+            "--to",
+            &url,
+            "--to-password-file",
+            password_file.to_str().unwrap(),
+            "--master-key-env",
+            "MTP_TEST_MASTER_KEY",
+        ];
+        args.extend(extra);
+        let out = run_raw(&args, &[("MTP_TEST_MASTER_KEY", key)], None);
+        let all = format!("{}{}", out.stdout_text(), out.stderr_text());
+        assert!(!all.contains(password.expose()), "the password was printed: {all}");
+        out
+    };
+    // The retired key is refused before anything is written.
+    let out = migrate(&old_key, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr_text().contains("rotated out"), "{}", out.stderr_text());
+
+    let out = migrate(&cli.key, &["--json"]);
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let report: Value = serde_json::from_str(&out.stdout_text()).unwrap();
+    assert_eq!(report["rows"]["users"], 30);
+    assert_eq!(report["rows"]["api_keys"], 30);
+    assert_eq!(report["rows"]["credentials"], 30);
+    assert_eq!(report["rows"]["token_urls"], 6);
+    assert_eq!(report["rows"]["usage"], 1);
+    assert_eq!(report["rows"]["master_keys"], 2);
+    assert_eq!(report["credentials_decrypted_and_compared"], 30, "{report}");
+    assert_eq!(report["to"], url.as_str());
+
+    // Every row, as stored, is in PostgreSQL; the new key opens it, and its credentials decrypt.
+    let pg = PgStore::open(&db.config, Some(&Secret::new(cli.key.clone()))).unwrap();
+    assert_eq!(pg.key_version(), Some(2));
+    assert_eq!(pg.export_rows().unwrap(), source);
+    let snapshot = pg.load_snapshot().unwrap();
+    assert_eq!(snapshot.credentials.len(), 30);
+    assert!(snapshot.credentials.iter().all(|c| c.secret.expose() == format!("ghp_{}", c.user)));
+    assert_eq!(snapshot.keys.len(), 30 - 8, "revoked keys stay revoked");
+    assert_eq!(pg.usage(None).unwrap()[0].requests, 7);
+    drop(pg);
+    assert!(matches!(
+        PgStore::open(&db.config, Some(&Secret::new(old_key))),
+        Err(mcp_tenant_proxy::store::StoreError::RetiredMasterKey { version: 1 })
+    ));
+
+    // A second copy into the same (now full) database is refused, and changes nothing.
+    let out = migrate(&cli.key, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr_text().contains("not empty"), "{}", out.stderr_text());
+    let pg = PgStore::open(&db.config, None).unwrap();
+    assert_eq!(pg.export_rows().unwrap(), source);
+    // The text report names the tables.
+    let db2 = pg_db::TestDb::create();
+    let (url2, _) = db2.url_and_password();
+    let out = run_raw(
+        &[
+            "store",
+            "migrate",
+            "--from",
+            cli.store.to_str().unwrap(),
+            "--to",
+            &url2,
+            "--to-password-file",
+            password_file.to_str().unwrap(),
+            "--master-key-env",
+            "MTP_TEST_MASTER_KEY",
+        ],
+        &[("MTP_TEST_MASTER_KEY", &cli.key)],
+        None,
+    );
+    assert!(out.status.success(), "{}", out.stderr_text());
+    assert!(
+        out.stdout_text().contains("credentials") && out.stdout_text().contains("verified: "),
+        "{}",
+        out.stdout_text()
+    );
+}
+
+#[test]
+fn store_import_creates_users_with_keys_and_credentials_and_writes_each_key_once() {
+    use mcp_tenant_proxy::store::postgres::PgStore;
     let cli = Cli::new();
     let lines = [
-        r#"{"id":"alice","keys":[{"kind":"standard"}],"credentials":[{"upstream":"github","id":"default","secret":"ghp_alice"}]}"#,
-        r#"{"id":"bob","rate_limit":{"requests":5,"per":"1m"},"keys":[{"kind":"enterprise","act_as":["team-*"]},{"kind":"standard"}]}"#,
+        r#"{"id": "alice", "rate_limit": {"requests": 100, "per": "1m", "burst": 20}, "keys": [{"kind": "standard"}], "credentials": [{"upstream": "github", "secret": "ghp_alice"}]}"#,
+        r#"{"id": "ops", "rate_limit": "unlimited", "keys": [{"kind": "enterprise", "id": "ops-1", "act_as": ["tenant-*"]}]}"#,
         "",
-        r#"{"id":"carol","rate_limit":"unlimited"}"#,
+        r#"{"id": "bob", "credentials": [{"upstream": "slack", "id": "work", "secret": "xoxb-bob"}]}"#,
     ];
+    let mut text = lines.join("\n");
+    for i in 0..25 {
+        text += &format!(
+            "\n{{\"id\": \"bulk-{i:02}\", \"keys\": [{{\"kind\": \"standard\"}}], \"credentials\": [{{\"upstream\": \"github\", \"secret\": \"ghp_bulk_{i}\"}}]}}"
+        );
+    }
     let input = cli.dir().join("users.jsonl");
-    std::fs::write(&input, lines.join("\n")).unwrap();
+    std::fs::write(&input, &text).unwrap();
     let keys_out = cli.dir().join("keys.jsonl");
-    let args = ["users", "import", input.to_str().unwrap(), "--keys-out", keys_out.to_str().unwrap(), "--batch", "2"];
-    let report = cli.json(&args, true);
+    let import = |target: &[&str], keys_out: &Path| {
+        let mut args =
+            vec!["store", "import", input.to_str().unwrap(), "--keys-out", keys_out.to_str().unwrap(), "--batch", "7"];
+        args.extend(target);
+        args.extend(["--master-key-env", "MTP_TEST_MASTER_KEY", "--json"]);
+        run_raw(&args, &[("MTP_TEST_MASTER_KEY", &cli.key), ("MTP_TEST_PG_PASSWORD", "unused")], None)
+    };
+    let check = |store: &dyn Store, keys_out: &Path| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(keys_out).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let keys: Vec<Value> =
+            std::fs::read_to_string(keys_out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(keys.len(), 27);
+        let snap = store.load_snapshot().unwrap();
+        assert_eq!(snap.users.len(), 28);
+        for k in &keys {
+            let found = snap.keys.iter().find(|s| s.id == k["id"].as_str().unwrap()).unwrap();
+            assert_eq!(found.sha256, sha256(k["key"].as_str().unwrap().as_bytes()));
+            assert_eq!(found.user, k["user"].as_str().unwrap());
+        }
+        assert_eq!(snap.keys.iter().find(|k| k.id == "ops-1").unwrap().act_as, ["tenant-*"]);
+        let secret =
+            |user: &str| snap.credentials.iter().find(|c| c.user == user).map(|c| c.secret.expose().to_owned());
+        assert_eq!(secret("bob").as_deref(), Some("xoxb-bob"));
+        assert_eq!(secret("bulk-24").as_deref(), Some("ghp_bulk_24"));
+        assert_eq!(snap.credentials.len(), 27);
+        assert_eq!(
+            snap.users.iter().find(|u| u.id == "alice").unwrap().rate_limit,
+            store.get_user("alice").unwrap().rate_limit
+        );
+        assert!(matches!(
+            store.get_user("ops").unwrap().rate_limit,
+            mcp_tenant_proxy::store::model::UserLimit::Unlimited
+        ));
+    };
+
+    // Into the SQLite file.
+    let store_arg = cli.store.to_str().unwrap().to_owned();
+    let out = import(&["--store", &store_arg], &keys_out);
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let report: Value = serde_json::from_str(&out.stdout_text()).unwrap();
     assert_eq!(
         (report["users"].as_u64(), report["keys"].as_u64(), report["credentials"].as_u64()),
-        (Some(3), Some(3), Some(1))
+        (Some(28), Some(27), Some(27))
     );
+    check(&cli.library(), &keys_out);
+    // The keys file is never overwritten; importing the same users again is refused.
+    let again = import(&["--store", &store_arg], &keys_out);
+    assert_eq!(again.status.code(), Some(1));
+    let other_out = cli.dir().join("keys2.jsonl");
+    let again = import(&["--store", &store_arg], &other_out);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(again.stderr_text().contains("already exists"), "{}", again.stderr_text());
 
-    // The keys file holds each generated key once, readable by its owner only; they authenticate.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&keys_out).unwrap().permissions().mode() & 0o777, 0o600);
-    }
-    let store = cli.library();
-    let snapshot = store.load_snapshot().unwrap();
-    let written: Vec<Value> =
-        std::fs::read_to_string(&keys_out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(written.len(), 3);
-    for line in &written {
-        let hash = sha256(line["key"].as_str().unwrap().as_bytes());
-        let key = snapshot.keys.iter().find(|k| k.sha256 == hash).expect("the handed-out key is stored");
-        assert_eq!(key.user, line["user"].as_str().unwrap());
-    }
-    assert_eq!(snapshot.credentials.len(), 1);
-    assert_eq!(snapshot.credentials[0].secret.expose(), "ghp_alice");
-    let bob = snapshot.users.iter().find(|u| u.id == "bob").unwrap();
-    assert!(matches!(bob.rate_limit, mcp_tenant_proxy::store::UserLimit::Quota(l) if l.requests.get() == 5));
+    // Into PostgreSQL, the password from a file.
+    let db = pg_db::TestDb::create();
+    let (url, password) = db.url_and_password();
+    let password_file = cli.dir().join("pg.password");
+    std::fs::write(&password_file, password.expose()).unwrap();
+    let pg_keys = cli.dir().join("pg-keys.jsonl");
+    let out = import(&["--url", &url, "--password-file", password_file.to_str().unwrap()], &pg_keys);
+    assert!(out.status.success(), "{}", out.stderr_text());
+    assert!(!out.stdout_text().contains(password.expose()) && !out.stderr_text().contains(password.expose()));
+    check(&PgStore::open(&db.config, Some(&Secret::new(cli.key.clone()))).unwrap(), &pg_keys);
 
-    // A second run of the same file: the first batch conflicts and nothing of it is written; the keys
-    // file is never overwritten.
-    let again = cli.run(&args, true, None);
-    assert!(!again.status.success());
-    assert!(again.stderr_text().contains("cannot create"), "{}", again.stderr_text());
-    std::fs::remove_file(&keys_out).unwrap();
-    let again = cli.run(&args, true, None);
-    assert!(
-        again.stderr_text().contains("line 2") && again.stderr_text().contains("already exists"),
-        "{}",
-        again.stderr_text()
+    // A bad line: its number, never its values; the batches before it stay imported.
+    let bad = cli.dir().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"id\": \"ok-1\"}\n{\"id\": \"ok-2\"}\n{\"id\": \"x\", \"credentials\": [{\"upstream\": \"github\", \"secret\": 4242424242, \"leak\": \"ghp_LEAKED\"}]}\n",
+    )
+    .unwrap();
+    let out = run_raw(
+        &[
+            "store",
+            "import",
+            bad.to_str().unwrap(),
+            "--keys-out",
+            cli.dir().join("k3").to_str().unwrap(),
+            "--batch",
+            "1",
+            "--store",
+            &store_arg,
+        ],
+        &[],
+        None,
     );
-    assert_eq!(store.load_snapshot().unwrap().keys.len(), 3);
-
-    // A secret in a field that wants something else is never echoed.
-    std::fs::write(&input, r#"{"id":"dave","keys":[{"kind":"ghp_leak"}]}"#).unwrap();
-    std::fs::remove_file(&keys_out).unwrap();
-    let bad = cli.run(&args, true, None);
-    assert!(bad.stderr_text().contains("line 1") && !bad.stderr_text().contains("ghp_leak"), "{}", bad.stderr_text());
-    // Keys asked for without --keys-out: refused before anything is written.
-    std::fs::write(&input, r#"{"id":"erin","keys":[{"kind":"standard"}]}"#).unwrap();
-    let no_out = cli.run(&["users", "import", input.to_str().unwrap()], true, None);
-    assert!(no_out.stderr_text().contains("--keys-out"), "{}", no_out.stderr_text());
+    assert_eq!(out.status.code(), Some(1));
+    let err = out.stderr_text();
+    assert!(err.contains("line 3") && !err.contains("ghp_LEAKED") && !err.contains("4242424242"), "{err}");
+    assert!(err.contains("the 2 users before it are imported"), "{err}");
 }

@@ -203,3 +203,54 @@ fn syntax_errors_give_the_position_but_never_quote_the_line() {
     let err = problems("[[keys]]\nid = \"k\"\nkind = \"standard\"\nuser = \"alice\"\nsecert = \"x\"\n");
     assert!(err[0].starts_with("line 5, column 1: unknown field `secert`"), "{err:?}");
 }
+
+#[test]
+fn the_store_is_a_file_or_a_postgres_url_and_its_password_never_shows() {
+    use mcp_tenant_proxy::config::runtime::StoreBackend;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pg.password"), "hunter2-from-file\n").unwrap();
+    let load = |store: &str| Config::from_toml(&format!("[store]\n{store}\n"), dir.path());
+    let problems_of = |store: &str| match load(store) {
+        Err(ConfigError::Invalid(p)) => p.into_iter().map(|p| format!("{}: {}", p.path, p.message)).collect::<Vec<_>>(),
+        Err(e) => vec![e.to_string()],
+        Ok(_) => vec![],
+    };
+    let one_of = "store: set exactly one of path (SQLite) and url (PostgreSQL)";
+    assert_eq!(problems_of("path = \"s.db\"\nurl = \"postgres://u@h/db\""), [one_of]);
+    assert_eq!(
+        problems_of("master_key_env = \"X_UNSET_\""),
+        ["store.secret_env: environment variable X_UNSET_ is not set", one_of]
+    );
+    assert_eq!(
+        problems_of("path = \"s.db\"\npassword_file = \"pg.password\""),
+        ["store: password_env and password_file go with url, not path"]
+    );
+    assert_eq!(problems_of("url = \"postgres://u@h/db\"\npassword_file = \"missing\"").len(), 1);
+    assert!(
+        problems_of("url = \"postgres://u@h/db\"\npassword_file = \"missing\"")[0]
+            .starts_with("store.password.secret_file")
+    );
+    // A password in a refused URL is never repeated.
+    for url in
+        ["mysql://u:hunter2-inline@h/db", "postgres://u:hunter2-inline@h:port/db", "postgres://:hunter2-inline@/db"]
+    {
+        let found = problems_of(&format!("url = \"{url}\""));
+        assert_eq!(found.len(), 1, "{url}: {found:?}");
+        assert!(found[0].starts_with("store.url: ") && !found[0].contains("hunter2"), "{found:?}");
+    }
+
+    let config = load("url = \"postgres://mcp@db.internal:6543/proxy\"\npassword_file = \"pg.password\"").unwrap();
+    let store = config.store.as_ref().unwrap();
+    let StoreBackend::Postgres { config: pg } = &store.backend else { panic!("a PostgreSQL store") };
+    assert!(pg.has_password());
+    assert_eq!(pg.tokio_config().get_password(), Some(&b"hunter2-from-file"[..]), "trimmed, from the file");
+    assert_eq!(
+        format!("{:?}", store.backend),
+        "Postgres { config: PgConfig(postgres://mcp@db.internal:6543/proxy, password: ***) }"
+    );
+    // Inline in the URL works too (not recommended), and is hidden the same way.
+    let config = load("url = \"postgres://mcp:hunter2-inline@db.internal/proxy\"").unwrap();
+    let backend = &config.store.as_ref().unwrap().backend;
+    assert!(!format!("{backend:?}").contains("hunter2"));
+    assert!(matches!(load("path = \"s.db\"").unwrap().store.unwrap().backend, StoreBackend::Sqlite { .. }));
+}

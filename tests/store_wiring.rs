@@ -1,4 +1,5 @@
-//! Users, keys and credentials from the embedded store serve requests next to the config file's.
+//! Users, keys and credentials from the store (the embedded SQLite file, and PostgreSQL through
+//! `[store] url`) serve requests next to the config file's.
 
 mod common;
 
@@ -7,20 +8,56 @@ use mcp_tenant_proxy::app::App;
 use mcp_tenant_proxy::config::Config;
 use mcp_tenant_proxy::secret::Secret;
 use mcp_tenant_proxy::store::model::{NewKey, UserLimit};
+use mcp_tenant_proxy::store::postgres::PgStore;
+use mcp_tenant_proxy::store::sqlite::Clock;
 use mcp_tenant_proxy::store::{KeyKind, SqliteStore, Store};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
 
 struct Setup {
     dir: tempfile::TempDir,
     config_path: std::path::PathBuf,
+    db: Option<common::pg::TestDb>,
+}
+
+impl Setup {
+    fn open(&self, master: &Secret, clock: Option<Clock>) -> Box<dyn Store> {
+        let clock = clock.unwrap_or_else(mcp_tenant_proxy::store::sqlite::system_clock);
+        match &self.db {
+            None => {
+                Box::new(SqliteStore::open_with_clock(&self.dir.path().join("store.db"), Some(master), clock).unwrap())
+            }
+            Some(db) => Box::new(PgStore::open_with_clock(&db.config, Some(master), clock).unwrap()),
+        }
+    }
 }
 
 /// A store with user dana (her own credential and a standard key), an enterprise key that may act as
 /// dana, and a key that has expired; and a config file that serves it next to `base_config`.
-fn setup(upstream: std::net::SocketAddr, extra_store_user: Option<&str>) -> (Setup, String, String, String, Tokens) {
+fn setup(
+    backend: Backend,
+    upstream: std::net::SocketAddr,
+    extra_store_user: Option<&str>,
+) -> (Setup, String, String, String, Tokens) {
     let dir = tempfile::tempdir().unwrap();
     let master = mcp_tenant_proxy::store::crypto::MasterKey::generate();
     std::fs::write(dir.path().join("master.key"), format!("{}\n", master.expose())).unwrap();
-    let store = SqliteStore::open(&dir.path().join("store.db"), Some(&master)).unwrap();
+    let db = (backend == Backend::Postgres).then(common::pg::TestDb::create);
+    let store_config = match &db {
+        None => "path = \"store.db\"".to_owned(),
+        Some(db) => {
+            // The URL without its password; the password from a file, as a deployment would.
+            let (url, password) = db.url_and_password();
+            std::fs::write(dir.path().join("pg.password"), format!("{}\n", password.expose())).unwrap();
+            format!("url = \"{url}\"\npassword_file = \"pg.password\"")
+        }
+    };
+    let setup = Setup { dir, config_path: Default::default(), db };
+    let store = setup.open(&master, None);
     store.create_user("dana", UserLimit::Default).unwrap();
     if let Some(user) = extra_store_user {
         store.create_user(user, UserLimit::Default).unwrap();
@@ -35,23 +72,19 @@ fn setup(upstream: std::net::SocketAddr, extra_store_user: Option<&str>) -> (Set
     let other = store.create_token("dana", "gitlab", 30).unwrap().token.expose().to_owned();
     drop(store);
     // A key made in 2001 that expired a day later.
-    let past = SqliteStore::open_with_clock(
-        &dir.path().join("store.db"),
-        Some(&master),
-        std::sync::Arc::new(|| 1_000_000_000),
-    )
-    .unwrap();
+    let past = setup.open(&master, Some(std::sync::Arc::new(|| 1_000_000_000)));
     let expired =
         past.create_key(new_key(KeyKind::Standard, vec![], Some(1_000_086_400))).unwrap().key.expose().to_owned();
     let expired_token = past.create_token("dana", "github", 1).unwrap().token.expose().to_owned();
     drop(past);
     let config = format!(
-        "[store]\npath = \"store.db\"\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{}",
+        "[store]\n{store_config}\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{}",
         base_config(upstream, "")
     );
-    let config_path = dir.path().join("proxy.toml");
+    let config_path = setup.dir.path().join("proxy.toml");
     std::fs::write(&config_path, config).unwrap();
-    (Setup { dir, config_path }, own, ent, expired, Tokens { github, other, expired: expired_token })
+    let setup = Setup { config_path, ..setup };
+    (setup, own, ent, expired, Tokens { github, other, expired: expired_token })
 }
 
 struct Tokens {
@@ -62,8 +95,17 @@ struct Tokens {
 
 #[tokio::test]
 async fn store_users_keys_and_credentials_serve_requests() {
+    serve_from_the_store(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_store_users_keys_and_credentials_serve_requests() {
+    serve_from_the_store(Backend::Postgres).await;
+}
+
+async fn serve_from_the_store(backend: Backend) {
     let (upstream, seen) = recording_upstream().await;
-    let (setup, own, ent, expired, tokens) = setup(upstream, None);
+    let (setup, own, ent, expired, tokens) = setup(backend, upstream, None);
     let config = Config::load(&setup.config_path, None).unwrap();
     let app = App::start(config).await.unwrap();
     let client =
@@ -113,7 +155,7 @@ async fn store_users_keys_and_credentials_serve_requests() {
 
     // Usage was counted in memory and written to the store at shutdown; keys record their last use.
     let master = Secret::new(std::fs::read_to_string(setup.dir.path().join("master.key")).unwrap().trim());
-    let store = SqliteStore::open(&setup.dir.path().join("store.db"), Some(&master)).unwrap();
+    let store = setup.open(&master, None);
     let usage = store.usage(None).unwrap();
     let row =
         |user: &str| usage.iter().find(|u| u.user == user && u.upstream == "github").map(|u| (u.requests, u.denials));
@@ -131,7 +173,7 @@ async fn store_users_keys_and_credentials_serve_requests() {
 
 #[test]
 fn a_user_declared_in_both_the_file_and_the_store_is_a_conflict() {
-    let (setup, ..) = setup("127.0.0.1:1".parse().unwrap(), Some("alice"));
+    let (setup, ..) = setup(Backend::Sqlite, "127.0.0.1:1".parse().unwrap(), Some("alice"));
     let err = Config::load(&setup.config_path, None).err().expect("a conflict").to_string();
     assert!(err.contains("store.users.alice: also declared in the config file"), "{err}");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy"))

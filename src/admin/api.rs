@@ -27,7 +27,7 @@ use crate::proxy::body::{ProxyBody, full};
 use crate::secret::{Secret, sha256};
 use crate::store::json::{cred_json, key_json, token_json, user_json};
 use crate::store::model::{MAX_PAGE, NewKey, PutOutcome, UserLimit};
-use crate::store::{KeyKind, SqliteStore, Store, StoreError};
+use crate::store::{KeyKind, Store, StoreError};
 
 /// The API's path prefix.
 pub const PREFIX: &str = "/admin/v1/";
@@ -114,7 +114,7 @@ fn route(method: &Method, path: &str) -> Matched {
 
 /// The admin API's state: the store opened at start, the proxy whose config it updates.
 pub struct AdminApi {
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
     proxy: Arc<Proxy>,
 }
 
@@ -163,6 +163,15 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             StoreError::Invalid { field, reason } => ApiError::invalid(field, reason),
             StoreError::NoMasterKey => ApiError::new(StatusCode::CONFLICT, "no_master_key", e.to_string()),
+            // The same call may succeed once the store is back.
+            StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "admin API: the store is unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store cannot be reached; try again later",
+                )
+            }
             other => {
                 tracing::error!(error = %other, "admin API: store failure");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", "the store failed; see the proxy log")
@@ -187,7 +196,7 @@ pub fn off() -> Response<ProxyBody> {
 }
 
 impl AdminApi {
-    pub fn new(store: Arc<SqliteStore>, proxy: Arc<Proxy>) -> AdminApi {
+    pub fn new(store: Arc<dyn Store>, proxy: Arc<Proxy>) -> AdminApi {
         AdminApi { store, proxy }
     }
 
@@ -399,10 +408,10 @@ impl AdminApi {
     async fn blocking<T, F>(&self, call: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || call(&store))
+        tokio::task::spawn_blocking(move || call(&*store))
             .await
             .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store call panicked"))?
             .map_err(ApiError::from)

@@ -12,18 +12,29 @@ use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::proxy::body::{ProxyBody, full};
+use crate::store::health::StoreHealth;
 use crate::telemetry::audit::AuditHealth;
 use crate::telemetry::metrics::{self, Metrics};
 
 pub struct Health {
     ready: AtomicBool,
     audit: Arc<AuditHealth>,
+    /// A shared store's reachability, once one is configured.
+    store: std::sync::OnceLock<Arc<StoreHealth>>,
 }
 
 impl Health {
     /// Not ready until [`Health::set_ready`]; never ready while `audit` reports a failing sink.
     pub fn new(audit: Arc<AuditHealth>) -> Self {
-        Self { ready: AtomicBool::new(false), audit }
+        Self { ready: AtomicBool::new(false), audit, store: std::sync::OnceLock::new() }
+    }
+
+    /// Reports a shared store's state in the `/readyz` body (`shared`: the store is PostgreSQL; the
+    /// embedded one is always there).
+    pub fn set_store(&self, store: Arc<StoreHealth>, shared: bool) {
+        if shared {
+            let _ = self.store.set(store);
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -31,14 +42,22 @@ impl Health {
     }
 
     /// The `/readyz` answer. A failing audit sink makes requests wait (audit lines are never dropped), so
-    /// traffic is better sent elsewhere until it recovers.
+    /// traffic is better sent elsewhere until it recovers. An unreachable shared store does not: requests
+    /// are served from the last snapshot (only admin writes fail), so the replica stays ready and says so.
     fn readiness(&self) -> (StatusCode, &'static str) {
         if !self.ready.load(Ordering::SeqCst) {
             (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready"}"#)
         } else if !self.audit.is_healthy() {
             (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready","reason":"audit sink failing"}"#)
         } else {
-            (StatusCode::OK, r#"{"status":"ready"}"#)
+            match self.store.get().map(|store| store.is_up()) {
+                None => (StatusCode::OK, r#"{"status":"ready"}"#),
+                Some(true) => (StatusCode::OK, r#"{"status":"ready","store":"ok"}"#),
+                Some(false) => (
+                    StatusCode::OK,
+                    r#"{"status":"ready","store":"unavailable","reason":"serving the last snapshot of the store; admin writes fail until it is back"}"#,
+                ),
+            }
         }
     }
 }
@@ -92,5 +111,13 @@ mod tests {
         );
         audit.succeeded();
         assert_eq!(health.readiness(), (StatusCode::OK, r#"{"status":"ready"}"#));
+        // A shared store that is down degrades the body, never the status.
+        let store = Arc::new(StoreHealth::default());
+        health.set_store(store.clone(), true);
+        assert_eq!(health.readiness(), (StatusCode::OK, r#"{"status":"ready","store":"ok"}"#));
+        store.set(false);
+        let (status, body) = health.readiness();
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains(r#""store":"unavailable""#), "{body}");
     }
 }

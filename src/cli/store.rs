@@ -21,9 +21,7 @@ use mcp_tenant_proxy::policy::ratelimit::Limit;
 use mcp_tenant_proxy::secret::Secret;
 use mcp_tenant_proxy::store::crypto::MasterKey;
 use mcp_tenant_proxy::store::json::{cred_json, key_json, token_json, user_json};
-use mcp_tenant_proxy::store::model::{
-    ImportCredential, ImportUser, MAX_PAGE, NewKey, PutOutcome, UnixTime, User, UserLimit,
-};
+use mcp_tenant_proxy::store::model::{MAX_PAGE, NewKey, PutOutcome, UnixTime, User, UserLimit};
 use mcp_tenant_proxy::store::{KeyKind, SqliteStore, Store, StoreError};
 use serde_json::{Value, json};
 
@@ -84,7 +82,8 @@ pub enum StoreCommand {
         #[arg(long)]
         user: Option<String>,
     },
-    /// The master key: make one, or re-encrypt every credential under a new one.
+    /// The master key: make one, or re-encrypt every credential under a new one; or copy the store into
+    /// PostgreSQL (`store migrate`).
     Store {
         #[command(flatten)]
         opts: StoreOpts,
@@ -126,25 +125,9 @@ pub enum UsersCommand {
         /// The user id.
         id: String,
     },
-    /// Add many users at once from a JSON Lines file, one user per line:
-    /// `{"id":"alice","rate_limit":"default","keys":[{"kind":"standard"}],"credentials":[{"upstream":"github","id":"default","secret":"..."}]}`
-    /// (`rate_limit`: "default", "unlimited" or {"requests":N,"per":"1m","burst":N}; `keys` and
-    /// `credentials` may be left out). Written in transactions of `--batch` users: a bad line stops the
-    /// import with its line number, after the batches before it.
-    Import {
-        /// The JSON Lines file (`-`: stdin).
-        file: PathBuf,
-        /// Where the generated keys go, one JSON line each (created, mode 0600; must not exist).
-        #[arg(long, value_name = "PATH")]
-        keys_out: Option<PathBuf>,
-        /// Users per transaction.
-        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        batch: u32,
-    },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Kind {
     Standard,
     Enterprise,
@@ -261,6 +244,12 @@ pub enum MasterKeyCommand {
         #[arg(long, value_name = "PATH")]
         new_key_file: Option<PathBuf>,
     },
+    /// Copy a SQLite store (`--from`) into an empty PostgreSQL database (`--to`) in one transaction,
+    /// then verify the copy (rows per table; a sample of users, credentials decrypted, on both sides).
+    Migrate(super::migrate::MigrateArgs),
+    /// Create many users (JSON lines: id, rate_limit, keys, credentials) in one transaction per batch,
+    /// into `--store` or a PostgreSQL `--url`; the generated keys go to `--keys-out`.
+    Import(super::import::ImportArgs),
 }
 
 /// Why a command failed: a store error, or something around it (a key or secret that cannot be read).
@@ -317,6 +306,18 @@ fn dispatch(command: StoreCommand) -> CmdResult {
             }
             eprintln!("Keep it in a file readable only by the proxy (or a secret manager); it is not stored anywhere.");
             Ok(())
+        }
+        StoreCommand::Store { opts, command: MasterKeyCommand::Migrate(args) } => {
+            super::migrate::run(&args, master_key(&opts)?, opts.json).map_err(|e| match e {
+                super::migrate::MigrateError::Store(e) => Failure::Store(e),
+                super::migrate::MigrateError::Other(message) => Failure::Other(message),
+            })
+        }
+        StoreCommand::Store { opts, command: MasterKeyCommand::Import(args) } => {
+            super::import::run(&args, opts.store.as_deref(), master_key(&opts)?, opts.json).map_err(|e| match e {
+                super::import::ImportError::Store(e) => Failure::Store(e),
+                super::import::ImportError::Other(message) => Failure::Other(message),
+            })
         }
         StoreCommand::Store { opts, command: MasterKeyCommand::RotateMasterKey { new_key_env, new_key_file } } => {
             let old = master_key(&opts)?.ok_or(StoreError::NoMasterKey)?;
@@ -399,9 +400,6 @@ fn users(opts: &StoreOpts, command: UsersCommand) -> CmdResult {
                 );
             }
         }
-        UsersCommand::Import { file, keys_out, batch } => {
-            import_users(opts, &store, &file, keys_out.as_deref(), batch)?
-        }
         UsersCommand::Rm { id } => {
             store.delete_user(&id)?;
             if opts.json {
@@ -410,170 +408,6 @@ fn users(opts: &StoreOpts, command: UsersCommand) -> CmdResult {
                 println!("user {id} deleted, with its keys, token URLs, credentials and usage counters");
             }
         }
-    }
-    Ok(())
-}
-
-/// One line of a `users import` file.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportLine {
-    id: String,
-    #[serde(default)]
-    rate_limit: Option<Value>,
-    #[serde(default)]
-    keys: Vec<ImportKeyLine>,
-    #[serde(default)]
-    credentials: Vec<ImportCredentialLine>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportKeyLine {
-    kind: Kind,
-    #[serde(default)]
-    act_as: Vec<String>,
-    #[serde(default)]
-    expires_in_days: Option<u32>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportCredentialLine {
-    upstream: String,
-    id: String,
-    secret: String,
-}
-
-fn import_limit(value: Option<&Value>) -> Result<UserLimit, String> {
-    match value {
-        None => Ok(UserLimit::Default),
-        Some(Value::String(s)) if s == "default" => Ok(UserLimit::Default),
-        Some(Value::String(s)) if s == "unlimited" => Ok(UserLimit::Unlimited),
-        Some(Value::Object(quota)) => {
-            let number = |name: &str| -> Result<Option<NonZeroU32>, String> {
-                match quota.get(name) {
-                    None => Ok(None),
-                    Some(v) => v
-                        .as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .and_then(NonZeroU32::new)
-                        .map(Some)
-                        .ok_or_else(|| format!("rate_limit.{name}: must be 1 to 4294967295")),
-                }
-            };
-            let requests = number("requests")?.ok_or("rate_limit.requests is required")?;
-            let per = quota
-                .get("per")
-                .and_then(Value::as_str)
-                .and_then(|p| humantime::parse_duration(p).ok())
-                .ok_or("rate_limit.per: a duration such as \"1m\" is required")?;
-            if quota.keys().any(|k| !matches!(k.as_str(), "requests" | "per" | "burst")) {
-                return Err("rate_limit: only requests, per and burst".into());
-            }
-            Limit::new(requests, per, number("burst")?)
-                .map(UserLimit::Quota)
-                .map_err(|why| format!("rate_limit: {why}"))
-        }
-        Some(_) => Err("rate_limit: \"default\", \"unlimited\" or {\"requests\", \"per\", \"burst\"}".into()),
-    }
-}
-
-fn import_users(opts: &StoreOpts, store: &SqliteStore, file: &Path, keys_out: Option<&Path>, batch: u32) -> CmdResult {
-    use std::io::BufRead;
-    let started = std::time::Instant::now();
-    let input: Box<dyn BufRead> = if file == Path::new("-") {
-        Box::new(std::io::stdin().lock())
-    } else {
-        let f =
-            std::fs::File::open(file).map_err(|e| Failure::Other(format!("cannot open {}: {e}", file.display())))?;
-        Box::new(std::io::BufReader::new(f))
-    };
-    let mut out = match keys_out {
-        None => None,
-        Some(path) => {
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let f = options.open(path).map_err(|e| Failure::Other(format!("cannot create {}: {e}", path.display())))?;
-            Some(std::io::BufWriter::new(f))
-        }
-    };
-    let now = now();
-    let (mut users, mut keys, mut credentials) = (0u64, 0u64, 0u64);
-    let mut pending: Vec<ImportUser> = Vec::with_capacity(batch as usize);
-    let mut flush = |pending: &mut Vec<ImportUser>, out: &mut Option<std::io::BufWriter<std::fs::File>>| -> CmdResult {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        if out.is_none() && pending.iter().any(|u| !u.keys.is_empty()) {
-            return Err(Failure::Usage("the file asks for keys: pass --keys-out PATH to receive them".into()));
-        }
-        let created = store.import_users(pending)?;
-        users += pending.len() as u64;
-        credentials += pending.iter().map(|u| u.credentials.len() as u64).sum::<u64>();
-        keys += created.len() as u64;
-        if let Some(out) = out {
-            for key in &created {
-                let line = json!({ "user": key.info.user, "id": key.info.id, "key": key.key.expose() });
-                writeln!(out, "{line}").map_err(|e| Failure::Other(format!("cannot write the keys: {e}")))?;
-            }
-        }
-        pending.clear();
-        Ok(())
-    };
-    for (number, line) in input.lines().enumerate() {
-        let at = |why: String| Failure::Other(format!("line {}: {why}", number + 1));
-        let line = line.map_err(|e| at(e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        // serde_json quotes values in its data errors ("invalid type: string \"...\""): a secret in the
-        // wrong field would be echoed, so those get a message of their own.
-        let parsed: ImportLine = serde_json::from_str(&line).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => {
-                at(format!("column {}: a field is missing, unknown, or has the wrong type or value", e.column()))
-            }
-            _ => at(e.to_string()),
-        })?;
-        let rate_limit = import_limit(parsed.rate_limit.as_ref()).map_err(at)?;
-        let user_keys = parsed
-            .keys
-            .into_iter()
-            .map(|k| NewKey {
-                id: None,
-                kind: match k.kind {
-                    Kind::Standard => KeyKind::Standard,
-                    Kind::Enterprise => KeyKind::Enterprise,
-                },
-                user: parsed.id.clone(),
-                act_as: k.act_as,
-                expires_at: k.expires_in_days.map(|days| now + i64::from(days) * 86_400),
-            })
-            .collect();
-        let user_credentials = parsed
-            .credentials
-            .into_iter()
-            .map(|c| ImportCredential { upstream: c.upstream, credential_id: c.id, secret: Secret::new(c.secret) })
-            .collect();
-        pending.push(ImportUser { id: parsed.id, rate_limit, keys: user_keys, credentials: user_credentials });
-        if pending.len() == batch as usize {
-            flush(&mut pending, &mut out).map_err(|e| match e {
-                Failure::Store(e) => at(format!("in the batch ending here: {e}")),
-                other => other,
-            })?;
-        }
-    }
-    flush(&mut pending, &mut out)?;
-    if let Some(mut out) = out {
-        out.flush().map_err(|e| Failure::Other(format!("cannot write the keys: {e}")))?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    if opts.json {
-        print_json(&json!({ "users": users, "keys": keys, "credentials": credentials, "seconds": seconds }));
-    } else {
-        println!("imported {users} users, {keys} keys and {credentials} credentials in {seconds:.1} s");
     }
     Ok(())
 }

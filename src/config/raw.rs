@@ -35,11 +35,16 @@ pub struct RawConfig {
     pub store: Option<RawStore>,
 }
 
-/// The embedded store: users, keys, credentials and token URLs managed at run time.
+/// The store: users, keys, credentials and token URLs managed at run time. Exactly one of `path` (the
+/// embedded SQLite file) and `url` (PostgreSQL, shared by replicas; its password from `password_env` or
+/// `password_file`, or, not recommended, in the URL).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
+    pub url: Option<Secret>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
     pub master_key_env: Option<String>,
     pub master_key_file: Option<PathBuf>,
 }

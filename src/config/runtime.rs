@@ -73,11 +73,23 @@ pub enum OnRedisError {
     FailClosed,
 }
 
-/// Where the embedded store lives and the key its credentials are encrypted with.
+/// Where the store lives and the key its credentials are encrypted with.
 pub struct StoreSettings {
-    pub path: PathBuf,
+    pub backend: StoreBackend,
     /// `None`: the store holds users and keys, and refuses credentials.
     pub master_key: Option<Secret>,
+}
+
+/// Which store: the embedded file, or a PostgreSQL database shared by replicas.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    Sqlite {
+        path: PathBuf,
+    },
+    /// The URL with the password applied (`Debug`/`Display` never show it).
+    Postgres {
+        config: crate::store::postgres::PgConfig,
+    },
 }
 
 pub struct ServerSettings {
@@ -202,9 +214,9 @@ impl Config {
             None => Config::from_file(path)?,
         };
         if let Some(store) = &config.store {
-            let opened = crate::store::SqliteStore::open(&store.path, store.master_key.as_ref())
+            let opened = crate::store::open(store)
                 .map_err(|e| ConfigError::Invalid(vec![Problem { path: "store".into(), message: e.to_string() }]))?;
-            config.refresh_store(&opened)?;
+            config.refresh_store(&*opened)?;
         }
         Ok(config)
     }
@@ -415,12 +427,13 @@ impl Builder<'_> {
                 key => key.map(Some),
             },
         };
-        let store = raw.store.as_ref().map(|st| {
+        let store = raw.store.as_ref().and_then(|st| {
             let master_key = match (&st.master_key_env, &st.master_key_file) {
                 (None, None) => None,
                 (env, file) => self.secret("store", None, env.as_deref(), file.as_deref(), None),
             };
-            StoreSettings { path: self.base_dir.join(&st.path), master_key }
+            let backend = self.store_backend(st)?;
+            Some(StoreSettings { backend, master_key })
         });
         let max_len = identity.as_ref().map_or(128, |i| i.max_user_id_len);
         let directory = self.directory(&raw, &upstreams, max_len);
@@ -442,6 +455,41 @@ impl Builder<'_> {
                 rate_limiter,
             }),
             _ => Err(ConfigError::Invalid(self.problems)),
+        }
+    }
+
+    fn store_backend(&mut self, st: &crate::config::raw::RawStore) -> Option<StoreBackend> {
+        use crate::store::postgres::PgConfig;
+        match (&st.path, &st.url) {
+            (Some(path), None) => {
+                if st.password_env.is_some() || st.password_file.is_some() {
+                    self.problem("store", "password_env and password_file go with url, not path");
+                    return None;
+                }
+                Some(StoreBackend::Sqlite { path: self.base_dir.join(path) })
+            }
+            (None, Some(url)) => {
+                // The URL is a `Secret`: it may hold a password, and no message repeats it.
+                let config = match PgConfig::parse(url.expose()) {
+                    Ok(config) => config,
+                    Err(why) => {
+                        self.problem("store.url", why);
+                        return None;
+                    }
+                };
+                let config = match (&st.password_env, &st.password_file) {
+                    (None, None) => config,
+                    (env, file) => {
+                        let password = self.secret("store.password", None, env.as_deref(), file.as_deref(), None)?;
+                        config.with_password(&password)
+                    }
+                };
+                Some(StoreBackend::Postgres { config })
+            }
+            _ => {
+                self.problem("store", "set exactly one of path (SQLite) and url (PostgreSQL)");
+                None
+            }
         }
     }
 

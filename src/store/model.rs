@@ -1,7 +1,7 @@
 //! The persistent store's interface: the [`Store`] trait, its records and its errors.
 //!
-//! [`super::sqlite::SqliteStore`] is the embedded implementation; a PostgreSQL backend for several
-//! replicas would implement the same trait. Nothing here is on the request path: the proxy reads an
+//! [`super::sqlite::SqliteStore`] is the embedded implementation; [`super::postgres::PgStore`] the shared
+//! one for several replicas. Nothing here is on the request path: the proxy reads an
 //! in-memory [`Snapshot`] (built into a `Directory`) and writes go through the store, then update it.
 //!
 //! Times are Unix seconds (`i64`). Secrets (API keys, token URLs, credentials) are returned as
@@ -49,6 +49,13 @@ pub enum StoreError {
     Io { path: String, source: std::io::Error },
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The database cannot be reached now (connection refused or lost, timeout, server shutting down);
+    /// the same call may succeed later. Never carries a password.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// PostgreSQL refused or failed a statement (the server's message and SQLSTATE; no parameters).
+    #[error("database: {0}")]
+    Postgres(String),
 }
 
 impl StoreError {
@@ -231,73 +238,37 @@ pub enum Change {
     User(String),
 }
 
-/// One user of a bulk import ([`Store::import_users`]): the user, the keys to generate for it and its
-/// credentials.
-#[derive(Clone, Debug)]
-pub struct ImportUser {
-    pub id: String,
-    pub rate_limit: UserLimit,
-    /// `user` must be `id`.
-    pub keys: Vec<NewKey>,
-    pub credentials: Vec<ImportCredential>,
+/// A master key version as stored: its check value, never the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawMasterKey {
+    pub version: u32,
+    pub check_value: Vec<u8>,
+    pub created_at: UnixTime,
+    pub retired_at: Option<UnixTime>,
 }
 
-#[derive(Clone, Debug)]
-pub struct ImportCredential {
+/// A credential row as stored: the ciphertext, never the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawCredential {
+    pub user: String,
     pub upstream: String,
     pub credential_id: String,
-    pub secret: Secret,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub key_version: u32,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
 }
 
-/// Validates a new key and generates it: the key (returned this once) and its listing. One rule for
-/// every backend.
-pub(crate) fn prepare_key(new: NewKey, now: UnixTime) -> StoreResult<(Secret, KeyInfo)> {
-    check_user_field("user", &new.user)?;
-    let id = match new.id {
-        Some(id) => {
-            check_name_field("id", &id)?;
-            id
-        }
-        None => format!("k_{}", hex::encode(rand::random::<[u8; 8]>())),
-    };
-    if new.kind == KeyKind::Standard && !new.act_as.is_empty() {
-        return Err(StoreError::invalid("act_as", "standard keys act as their own user only; use an enterprise key"));
-    }
-    for pattern in &new.act_as {
-        let literal = pattern.strip_suffix('*').unwrap_or(pattern);
-        if pattern != "*" && super::check_user_id(literal, MAX_USER_ID_LEN).is_err() {
-            return Err(StoreError::invalid(
-                "act_as",
-                format!("{pattern:?}: use *, a user id, or a prefix ending in *"),
-            ));
-        }
-    }
-    if let Some(expires_at) = new.expires_at
-        && expires_at <= now
-    {
-        return Err(StoreError::invalid("expires_at", "must be in the future"));
-    }
-    let key = format!("mtp_{}", hex::encode(rand::random::<[u8; 32]>()));
-    let info = KeyInfo {
-        id,
-        kind: new.kind,
-        user: new.user,
-        act_as: new.act_as,
-        prefix: key[..8].to_owned(),
-        expires_at: new.expires_at,
-        created_at: now,
-        last_used_at: None,
-        revoked_at: None,
-    };
-    Ok((Secret::new(key), info))
-}
-
-pub(crate) fn check_user_field(field: &'static str, id: &str) -> StoreResult<()> {
-    super::check_user_id(id, MAX_USER_ID_LEN).map_err(|why| StoreError::invalid(field, why))
-}
-
-pub(crate) fn check_name_field(field: &'static str, name: &str) -> StoreResult<()> {
-    super::check_user_id(name, MAX_NAME_LEN).map_err(|why| StoreError::invalid(field, why))
+/// Whole rows of a store, as stored: what `store migrate` copies from one backend to another. Keys and tokens with their SHA-256.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawRows {
+    pub master_keys: Vec<RawMasterKey>,
+    pub users: Vec<User>,
+    pub keys: Vec<(KeyInfo, Vec<u8>)>,
+    pub credentials: Vec<RawCredential>,
+    pub tokens: Vec<(TokenInfo, Vec<u8>)>,
+    pub usage: Vec<Usage>,
 }
 
 /// Users, API keys, upstream credentials, token URLs and usage counters.
@@ -313,10 +284,6 @@ pub trait Store: Send + Sync {
     fn set_user_limit(&self, id: &str, rate_limit: UserLimit) -> StoreResult<User>;
     /// Deletes the user with its keys, token URLs, credentials and usage counters.
     fn delete_user(&self, id: &str) -> StoreResult<()>;
-
-    /// Adds many users with their keys (generated, returned this once, in order) and credentials, in
-    /// one transaction: all or nothing. `Conflict` when a user exists. For provisioning at scale.
-    fn import_users(&self, users: &[ImportUser]) -> StoreResult<Vec<CreatedKey>>;
 
     /// Generates a key, stores its SHA-256 and prefix, and returns it this once.
     fn create_key(&self, new: NewKey) -> StoreResult<CreatedKey>;
@@ -353,6 +320,12 @@ pub trait Store: Send + Sync {
     /// Adds the counters, all in one transaction.
     fn add_usage(&self, deltas: &[UsageDelta]) -> StoreResult<()>;
     fn usage(&self, user: Option<&str>) -> StoreResult<Vec<Usage>>;
+
+    /// Creates the users with their limits, generated keys and credentials, all in one transaction (all
+    /// or nothing: `Conflict` when a user, key or credential exists or repeats; the same validation as
+    /// the one-row calls). Returns the generated keys, this once, in order. Call it with batches of
+    /// thousands of users: one round of statements per table per batch, not per row.
+    fn import_users(&self, users: &[super::import::ImportUser]) -> StoreResult<Vec<CreatedKey>>;
 
     /// Everything the request path needs. `NoMasterKey` if credentials exist and no key is set.
     fn load_snapshot(&self) -> StoreResult<Snapshot>;

@@ -20,8 +20,8 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::crypto::{MasterKey, RowAad};
-use super::model::{check_name_field as check_name, check_user_field as check_user, prepare_key, *};
-use super::{KeyKind, check_upstream_name};
+use super::model::*;
+use super::{KeyKind, check_upstream_name, check_user_id};
 use crate::policy::ratelimit::Limit;
 use crate::secret::{Secret, sha256};
 
@@ -187,6 +187,68 @@ impl SqliteStore {
         Ok(lines.join("\n"))
     }
 
+    /// Every row of every table in one read transaction, ciphertexts and hashes as stored, each table
+    /// in primary-key order (`store migrate`).
+    pub fn export_rows(&self) -> StoreResult<RawRows> {
+        let mut inner = self.lock();
+        let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let mut rows = RawRows::default();
+        {
+            let mut stmt =
+                tx.prepare("SELECT version, check_value, created_at, retired_at FROM master_keys ORDER BY version")?;
+            rows.master_keys = stmt
+                .query_map([], |r| {
+                    Ok(RawMasterKey {
+                        version: r.get(0)?,
+                        check_value: r.get(1)?,
+                        created_at: r.get(2)?,
+                        retired_at: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY id"))?;
+            rows.users = stmt.query_map([], user_from_row)?.collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(&format!("SELECT {KEY_COLS}, sha256 FROM api_keys ORDER BY id"))?;
+            rows.keys = stmt.query_map([], |r| Ok((key_from_row(r)?, r.get(9)?)))?.collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(
+                "SELECT user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at
+                 FROM credentials ORDER BY user_id, upstream, credential_id",
+            )?;
+            rows.credentials = stmt
+                .query_map([], |r| {
+                    Ok(RawCredential {
+                        user: r.get(0)?,
+                        upstream: r.get(1)?,
+                        credential_id: r.get(2)?,
+                        nonce: r.get(3)?,
+                        ciphertext: r.get(4)?,
+                        key_version: r.get(5)?,
+                        created_at: r.get(6)?,
+                        updated_at: r.get(7)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(&format!("SELECT {TOKEN_COLS}, sha256 FROM token_urls ORDER BY id"))?;
+            rows.tokens = stmt.query_map([], |r| Ok((token_from_row(r)?, r.get(6)?)))?.collect::<Result<_, _>>()?;
+            let mut stmt = tx.prepare(
+                "SELECT user_id, upstream, requests, denials, last_seen FROM usage ORDER BY user_id, upstream",
+            )?;
+            rows.usage = stmt
+                .query_map([], |r| {
+                    Ok(Usage {
+                        user: r.get(0)?,
+                        upstream: r.get(1)?,
+                        requests: count(r.get(2)?),
+                        denials: count(r.get(3)?),
+                        last_seen: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        tx.commit()?;
+        Ok(rows)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock rolled its transaction back (dropping a `Transaction` does).
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
@@ -257,23 +319,27 @@ fn conversion(col: usize, ty: Type, why: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(col, ty, why.to_owned().into())
 }
 
-fn check_upstream(name: &str) -> StoreResult<()> {
+pub(super) fn check_user(field: &'static str, id: &str) -> StoreResult<()> {
+    check_user_id(id, MAX_USER_ID_LEN).map_err(|why| StoreError::invalid(field, why))
+}
+
+pub(super) fn check_upstream(name: &str) -> StoreResult<()> {
     check_upstream_name(name).map_err(|why| StoreError::invalid("upstream", why))
+}
+
+pub(super) fn check_name(field: &'static str, name: &str) -> StoreResult<()> {
+    check_user_id(name, MAX_NAME_LEN).map_err(|why| StoreError::invalid(field, why))
 }
 
 /// `cond` when the optional parameter `?n` is given, else a condition that holds. SQLite plans
 /// `?1 IS NULL OR user_id = ?1` as a scan of the whole table even when `?1` is bound, so the one-user
-/// and all-users cases get SQL of their own (and the one-user case its index).
+/// and all-users cases get SQL of their own (and the one-user case its index). (PostgreSQL plans an
+/// unnamed statement with its parameters' values and needs no such help.)
 fn only_if(given: bool, cond: &str, n: u8) -> String {
     if given { cond.to_owned() } else { format!("?{n} IS NULL") }
 }
 
-/// A unique-constraint failure as `Conflict` on `what` `id`; other errors as they are.
-fn conflict(e: rusqlite::Error, what: &'static str, id: &str) -> StoreError {
-    if is_constraint(&e) { StoreError::Conflict { what, id: id.to_owned() } } else { e.into() }
-}
-
-fn random_id(prefix: &str) -> String {
+pub(super) fn random_id(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
@@ -286,9 +352,9 @@ fn require_user(conn: &Connection, id: &str) -> StoreResult<()> {
 }
 
 /// The (rl_unlimited, rl_requests, rl_per_ms, rl_burst) columns of a user.
-type LimitColumns = (bool, Option<i64>, Option<i64>, Option<i64>);
+pub(super) type LimitColumns = (bool, Option<i64>, Option<i64>, Option<i64>);
 
-fn limit_columns(limit: UserLimit) -> StoreResult<LimitColumns> {
+pub(super) fn limit_columns(limit: UserLimit) -> StoreResult<LimitColumns> {
     Ok(match limit {
         UserLimit::Default => (false, None, None, None),
         UserLimit::Unlimited => (true, None, None, None),
@@ -332,7 +398,7 @@ fn user_from_row(r: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User { id: r.get(0)?, rate_limit, created_at: r.get(5)? })
 }
 
-fn kind_from_str(col: usize, kind: &str) -> rusqlite::Result<KeyKind> {
+pub(super) fn kind_from_str(col: usize, kind: &str) -> rusqlite::Result<KeyKind> {
     match kind {
         "standard" => Ok(KeyKind::Standard),
         "enterprise" => Ok(KeyKind::Enterprise),
@@ -380,7 +446,7 @@ fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<CredentialInfo> {
     })
 }
 
-fn count(v: i64) -> u64 {
+pub(super) fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -391,11 +457,10 @@ fn decrypt_credentials(
     key: &MasterKey,
     user: Option<&str>,
 ) -> StoreResult<Vec<CredentialSecret>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT user_id, upstream, credential_id, key_version, nonce, ciphertext FROM credentials
-         WHERE {} ORDER BY user_id, upstream, credential_id",
-        only_if(user.is_some(), "user_id = ?1", 1)
-    ))?;
+    let mut stmt = conn.prepare(
+        &format!("SELECT user_id, upstream, credential_id, key_version, nonce, ciphertext FROM credentials
+         WHERE {} ORDER BY user_id, upstream, credential_id", only_if(user.is_some(), "user_id = ?1", 1)),
+    )?;
     let rows = stmt.query_map([user], |r| {
         Ok((
             r.get::<_, String>(0)?,
@@ -469,10 +534,9 @@ impl Store for SqliteStore {
             check_user("after", after)?;
         }
         let inner = self.lock();
-        let mut stmt = inner.conn.prepare(&format!(
-            "SELECT {USER_COLS} FROM users WHERE {} ORDER BY id LIMIT ?2",
-            only_if(after.is_some(), "id > ?1", 1)
-        ))?;
+        let mut stmt = inner
+            .conn
+            .prepare(&format!("SELECT {USER_COLS} FROM users WHERE {} ORDER BY id LIMIT ?2", only_if(after.is_some(), "id > ?1", 1)))?;
         let users = stmt.query_map(params![after, limit], user_from_row)?.collect::<Result<_, _>>()?;
         Ok(users)
     }
@@ -508,95 +572,51 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn import_users(&self, users: &[ImportUser]) -> StoreResult<Vec<CreatedKey>> {
-        let now = self.now();
-        // Everything is validated and generated before the transaction: a bad row writes nothing.
-        let mut rows = Vec::with_capacity(users.len());
-        for user in users {
-            check_user("id", &user.id)?;
-            let limit = limit_columns(user.rate_limit)?;
-            let mut keys = Vec::with_capacity(user.keys.len());
-            for new in &user.keys {
-                if new.user != user.id {
-                    return Err(StoreError::invalid("keys.user", format!("must be the user's own id {:?}", user.id)));
-                }
-                keys.push(prepare_key(new.clone(), now)?);
-            }
-            for cred in &user.credentials {
-                check_upstream(&cred.upstream)?;
-                check_name("credential_id", &cred.credential_id)?;
-                if cred.secret.expose().is_empty() {
-                    return Err(StoreError::invalid("secret", "empty"));
-                }
-            }
-            rows.push((user, limit, keys));
-        }
-        let mut inner = self.lock();
-        let Inner { conn, key } = &mut *inner;
-        let master = key.as_ref();
-        if master.is_none() && users.iter().any(|u| !u.credentials.is_empty()) {
-            return Err(StoreError::NoMasterKey);
-        }
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some((version, _)) = master
-            && current_version(&tx)? != Some(*version)
-        {
-            return Err(StoreError::RetiredMasterKey { version: *version });
-        }
-        let mut created = Vec::new();
-        {
-            let mut insert_user = tx.prepare(
-                "INSERT INTO users (id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            let mut insert_key = tx.prepare(
-                "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
-            let mut insert_credential = tx.prepare(
-                "INSERT INTO credentials
-                     (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-            )?;
-            for (user, (unlimited, requests, per_ms, burst), keys) in rows {
-                insert_user
-                    .execute(params![user.id, unlimited, requests, per_ms, burst, now])
-                    .map_err(|e| conflict(e, "user", &user.id))?;
-                for (key, info) in keys {
-                    let act_as = serde_json::to_string(&info.act_as).expect("a list of strings serializes");
-                    let hash = sha256(key.expose().as_bytes());
-                    insert_key
-                        .execute(params![
-                            info.id,
-                            hash,
-                            info.kind.as_str(),
-                            info.user,
-                            act_as,
-                            info.prefix,
-                            info.expires_at,
-                            now
-                        ])
-                        .map_err(|e| conflict(e, "key", &info.id))?;
-                    created.push(CreatedKey { key, info });
-                }
-                for cred in &user.credentials {
-                    let Some((version, master)) = master else { return Err(StoreError::NoMasterKey) };
-                    let aad = RowAad { user: &user.id, upstream: &cred.upstream, credential_id: &cred.credential_id };
-                    let (nonce, ciphertext) = master.encrypt(&aad, cred.secret.expose().as_bytes());
-                    let what = format!("{}/{}/{}", user.id, cred.upstream, cred.credential_id);
-                    insert_credential
-                        .execute(params![user.id, cred.upstream, cred.credential_id, nonce, ciphertext, version, now])
-                        .map_err(|e| conflict(e, "credential", &what))?;
-                }
-            }
-        }
-        tx.commit()?;
-        Ok(created)
-    }
-
     fn create_key(&self, new: NewKey) -> StoreResult<CreatedKey> {
+        check_user("user", &new.user)?;
+        let id = match new.id {
+            Some(id) => {
+                check_name("id", &id)?;
+                id
+            }
+            None => random_id("k_"),
+        };
+        match new.kind {
+            KeyKind::Standard if !new.act_as.is_empty() => {
+                return Err(StoreError::invalid(
+                    "act_as",
+                    "standard keys act as their own user only; use an enterprise key",
+                ));
+            }
+            _ => {}
+        }
+        for pattern in &new.act_as {
+            let literal = pattern.strip_suffix('*').unwrap_or(pattern);
+            if pattern != "*" && check_user_id(literal, MAX_USER_ID_LEN).is_err() {
+                return Err(StoreError::invalid(
+                    "act_as",
+                    format!("{pattern:?}: use *, a user id, or a prefix ending in *"),
+                ));
+            }
+        }
         let now = self.now();
-        let (key, info) = prepare_key(new, now)?;
+        if let Some(expires_at) = new.expires_at
+            && expires_at <= now
+        {
+            return Err(StoreError::invalid("expires_at", "must be in the future"));
+        }
+        let key = format!("mtp_{}", hex::encode(rand::random::<[u8; 32]>()));
+        let info = KeyInfo {
+            id,
+            kind: new.kind,
+            user: new.user,
+            act_as: new.act_as,
+            prefix: key[..8].to_owned(),
+            expires_at: new.expires_at,
+            created_at: now,
+            last_used_at: None,
+            revoked_at: None,
+        };
         let act_as = serde_json::to_string(&info.act_as).expect("a list of strings serializes");
         let mut inner = self.lock();
         let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -606,7 +626,7 @@ impl Store for SqliteStore {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 info.id,
-                sha256(key.expose().as_bytes()),
+                sha256(key.as_bytes()),
                 info.kind.as_str(),
                 info.user,
                 act_as,
@@ -620,7 +640,7 @@ impl Store for SqliteStore {
             Err(e) => return Err(e.into()),
         }
         tx.commit()?;
-        Ok(CreatedKey { key, info })
+        Ok(CreatedKey { key: Secret::new(key), info })
     }
 
     fn list_keys(&self, user: Option<&str>) -> StoreResult<Vec<KeyInfo>> {
@@ -629,10 +649,9 @@ impl Store for SqliteStore {
             check_user("user", user)?;
             require_user(&inner.conn, user)?;
         }
-        let mut stmt = inner.conn.prepare(&format!(
-            "SELECT {KEY_COLS} FROM api_keys WHERE {} ORDER BY id",
-            only_if(user.is_some(), "user_id = ?1", 1)
-        ))?;
+        let mut stmt = inner
+            .conn
+            .prepare(&format!("SELECT {KEY_COLS} FROM api_keys WHERE {} ORDER BY id", only_if(user.is_some(), "user_id = ?1", 1)))?;
         let keys = stmt.query_map([user], key_from_row)?.collect::<Result<_, _>>()?;
         Ok(keys)
     }
@@ -821,8 +840,7 @@ impl Store for SqliteStore {
             require_user(&inner.conn, user)?;
         }
         let mut stmt = inner.conn.prepare(&format!(
-            "SELECT {TOKEN_COLS} FROM token_urls WHERE {} ORDER BY created_at, id",
-            only_if(user.is_some(), "user_id = ?1", 1)
+            "SELECT {TOKEN_COLS} FROM token_urls WHERE {} ORDER BY created_at, id", only_if(user.is_some(), "user_id = ?1", 1)
         ))?;
         let tokens = stmt.query_map([user], token_from_row)?.collect::<Result<_, _>>()?;
         Ok(tokens)
@@ -894,11 +912,10 @@ impl Store for SqliteStore {
             check_user("user", user)?;
         }
         let inner = self.lock();
-        let mut stmt = inner.conn.prepare(&format!(
-            "SELECT user_id, upstream, requests, denials, last_seen FROM usage
-             WHERE {} ORDER BY user_id, upstream",
-            only_if(user.is_some(), "user_id = ?1", 1)
-        ))?;
+        let mut stmt = inner.conn.prepare(
+            &format!("SELECT user_id, upstream, requests, denials, last_seen FROM usage
+             WHERE {} ORDER BY user_id, upstream", only_if(user.is_some(), "user_id = ?1", 1)),
+        )?;
         let rows = stmt.query_map([user], |r| {
             Ok(Usage {
                 user: r.get(0)?,
@@ -909,6 +926,62 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn import_users(&self, users: &[super::import::ImportUser]) -> StoreResult<Vec<CreatedKey>> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let Inner { conn, key } = &mut *inner;
+        let prepared = super::import::prepare(users, key.as_ref().map(|(_, k)| k), now)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version = key.as_ref().map(|(v, _)| *v);
+        if !prepared.credentials.is_empty() && current_version(&tx)? != version {
+            return Err(StoreError::RetiredMasterKey { version: version.unwrap_or(0) });
+        }
+        fn conflict<'a>(what: &'static str, id: &'a str) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
+            move |e| if is_constraint(&e) { StoreError::Conflict { what, id: id.to_owned() } } else { e.into() }
+        }
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO users (id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (id, (unlimited, requests, per_ms, burst)) in &prepared.users {
+                insert.execute(params![id, unlimited, requests, per_ms, burst, now]).map_err(conflict("user", id))?;
+            }
+            let mut insert = tx.prepare(
+                "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for k in &prepared.keys {
+                let info = &k.created.info;
+                insert
+                    .execute(params![
+                        info.id,
+                        k.sha256,
+                        info.kind.as_str(),
+                        info.user,
+                        k.act_as,
+                        info.prefix,
+                        info.expires_at,
+                        now
+                    ])
+                    .map_err(conflict("key", &info.id))?;
+            }
+            let mut insert = tx.prepare(
+                "INSERT INTO credentials
+                     (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            )?;
+            for c in &prepared.credentials {
+                let id = format!("{}/{}/{}", c.user, c.upstream, c.credential_id);
+                insert
+                    .execute(params![c.user, c.upstream, c.credential_id, c.nonce, c.ciphertext, version, now])
+                    .map_err(conflict("credential", &id))?;
+            }
+        }
+        tx.commit()?;
+        Ok(prepared.keys.into_iter().map(|k| k.created).collect())
     }
 
     fn load_snapshot(&self) -> StoreResult<Snapshot> {
@@ -943,19 +1016,16 @@ fn read_snapshot(
     now: UnixTime,
 ) -> StoreResult<Snapshot> {
     let users = {
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {USER_COLS} FROM users WHERE {} ORDER BY id",
-            only_if(user.is_some(), "id = ?1", 1)
-        ))?;
+        let mut stmt =
+            conn.prepare(&format!("SELECT {USER_COLS} FROM users WHERE {} ORDER BY id", only_if(user.is_some(), "id = ?1", 1)))?;
         stmt.query_map([user], user_from_row)?.collect::<Result<Vec<_>, _>>()?
     };
     let keys = {
-        let mut stmt = conn.prepare(&format!(
-            "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
+        let mut stmt = conn.prepare(
+            &format!("SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
              WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) AND {}
-             ORDER BY id",
-            only_if(user.is_some(), "user_id = ?2", 2)
-        ))?;
+             ORDER BY id", only_if(user.is_some(), "user_id = ?2", 2)),
+        )?;
         stmt.query_map(params![now, user], |r| {
             Ok(SnapshotKey {
                 id: r.get(0)?,
@@ -969,11 +1039,10 @@ fn read_snapshot(
         .collect::<Result<Vec<_>, _>>()?
     };
     let tokens = {
-        let mut stmt = conn.prepare(&format!(
-            "SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
-             WHERE revoked_at IS NULL AND expires_at > ?1 AND {} ORDER BY id",
-            only_if(user.is_some(), "user_id = ?2", 2)
-        ))?;
+        let mut stmt = conn.prepare(
+            &format!("SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
+             WHERE revoked_at IS NULL AND expires_at > ?1 AND {} ORDER BY id", only_if(user.is_some(), "user_id = ?2", 2)),
+        )?;
         stmt.query_map(params![now, user], |r| {
             Ok(SnapshotToken {
                 id: r.get(0)?,
@@ -989,10 +1058,7 @@ fn read_snapshot(
         Some((version, key)) => decrypt_credentials(conn, *version, key, user)?,
         None => {
             let any: bool = conn.query_row(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM credentials WHERE {})",
-                    only_if(user.is_some(), "user_id = ?1", 1)
-                ),
+                &format!("SELECT EXISTS (SELECT 1 FROM credentials WHERE {})", only_if(user.is_some(), "user_id = ?1", 1)),
                 [user],
                 |r| r.get(0),
             )?;

@@ -1,6 +1,8 @@
 //! Test harness: the real app on 127.0.0.1:0, real upstreams on other :0 ports, a plain HTTP client.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
