@@ -113,7 +113,7 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 /// Starts the binary and reads the addresses it logs (it listens on port 0); its log goes on to `log`,
 /// which a failing test prints.
 fn spawn(config: &Path, log: &Path) -> Replica {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy"))
+    let child = Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy"))
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
@@ -121,7 +121,10 @@ fn spawn(config: &Path, log: &Path) -> Replica {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    // Killed and reaped when dropped, also when the start fails below.
+    let unbound = "0.0.0.0:0".parse().unwrap();
+    let mut replica = Replica { child, proxy: unbound, admin: unbound };
+    let mut stderr = BufReader::new(replica.child.stderr.take().unwrap());
     let mut line = String::new();
     loop {
         line.clear();
@@ -130,8 +133,9 @@ fn spawn(config: &Path, log: &Path) -> Replica {
         if let (Some(proxy), Some(admin)) = (field("proxy_addr="), field("admin_addr=Some(")) {
             let mut file = std::fs::File::create(log).unwrap();
             std::thread::spawn(move || std::io::copy(&mut stderr, &mut file));
-            let admin = admin.trim_end_matches(')').parse().unwrap();
-            return Replica { child, proxy: proxy.parse().unwrap(), admin };
+            replica.admin = admin.trim_end_matches(')').parse().unwrap();
+            replica.proxy = proxy.parse().unwrap();
+            return replica;
         }
     }
 }
@@ -290,7 +294,11 @@ impl Services {
                 .unwrap_or_else(|| panic!("{name} not in {text}"))
                 .to_owned()
         };
-        Services { dir: var("MCP_TEST_SERVICES_DIR"), postgres: var("MCP_TEST_POSTGRES_URL"), redis: var("MCP_TEST_REDIS_URL") }
+        Services {
+            dir: var("MCP_TEST_SERVICES_DIR"),
+            postgres: var("MCP_TEST_POSTGRES_URL"),
+            redis: var("MCP_TEST_REDIS_URL"),
+        }
     }
 
     fn run(&self, what: &str) {
@@ -358,8 +366,9 @@ async fn outages_of_postgres_and_redis_degrade_as_configured_and_recover_by_them
     let path = "/admin/v1/users/erin/credentials/github/default";
     let (status, _) = admin(&open, Method::PUT, path, Some(json!({ "secret": "cred-erin" }))).await;
     assert_eq!(status, StatusCode::CREATED);
-    let (_, key) = admin(&open, Method::POST, "/admin/v1/keys", Some(json!({ "user": "erin", "kind": "standard" }))).await;
-    let erin = key["key"].as_str().unwrap().to_owned();
+    let (_, created) =
+        admin(&open, Method::POST, "/admin/v1/keys", Some(json!({ "user": "erin", "kind": "standard" }))).await;
+    let erin = created["key"].as_str().unwrap().to_owned();
     let started = Instant::now();
     loop {
         let status = call(&closed, &erin).await;
@@ -377,7 +386,13 @@ async fn outages_of_postgres_and_redis_degrade_as_configured_and_recover_by_them
     // Redis down: fail_open serves under its local limiter, fail_closed answers 503; both recover.
     services.run("redis-stop");
     assert_eq!(call(&open, &key).await, StatusCode::OK);
-    let refused = client().request(mcp_post(&format!("http://{}/mcp/github", closed.proxy), &[("authorization", &format!("Bearer {key}"))])).await.unwrap();
+    let refused = client()
+        .request(mcp_post(
+            &format!("http://{}/mcp/github", closed.proxy),
+            &[("authorization", &format!("Bearer {key}"))],
+        ))
+        .await
+        .unwrap();
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(json(refused).await.to_string().contains("rate_limiter_unavailable"));
     services.run("redis-start");

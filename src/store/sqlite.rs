@@ -457,10 +457,11 @@ fn decrypt_credentials(
     key: &MasterKey,
     user: Option<&str>,
 ) -> StoreResult<Vec<CredentialSecret>> {
-    let mut stmt = conn.prepare(
-        &format!("SELECT user_id, upstream, credential_id, key_version, nonce, ciphertext FROM credentials
-         WHERE {} ORDER BY user_id, upstream, credential_id", only_if(user.is_some(), "user_id = ?1", 1)),
-    )?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT user_id, upstream, credential_id, key_version, nonce, ciphertext FROM credentials
+         WHERE {} ORDER BY user_id, upstream, credential_id",
+        only_if(user.is_some(), "user_id = ?1", 1)
+    ))?;
     let rows = stmt.query_map([user], |r| {
         Ok((
             r.get::<_, String>(0)?,
@@ -534,9 +535,10 @@ impl Store for SqliteStore {
             check_user("after", after)?;
         }
         let inner = self.lock();
-        let mut stmt = inner
-            .conn
-            .prepare(&format!("SELECT {USER_COLS} FROM users WHERE {} ORDER BY id LIMIT ?2", only_if(after.is_some(), "id > ?1", 1)))?;
+        let mut stmt = inner.conn.prepare(&format!(
+            "SELECT {USER_COLS} FROM users WHERE {} ORDER BY id LIMIT ?2",
+            only_if(after.is_some(), "id > ?1", 1)
+        ))?;
         let users = stmt.query_map(params![after, limit], user_from_row)?.collect::<Result<_, _>>()?;
         Ok(users)
     }
@@ -649,9 +651,10 @@ impl Store for SqliteStore {
             check_user("user", user)?;
             require_user(&inner.conn, user)?;
         }
-        let mut stmt = inner
-            .conn
-            .prepare(&format!("SELECT {KEY_COLS} FROM api_keys WHERE {} ORDER BY id", only_if(user.is_some(), "user_id = ?1", 1)))?;
+        let mut stmt = inner.conn.prepare(&format!(
+            "SELECT {KEY_COLS} FROM api_keys WHERE {} ORDER BY id",
+            only_if(user.is_some(), "user_id = ?1", 1)
+        ))?;
         let keys = stmt.query_map([user], key_from_row)?.collect::<Result<_, _>>()?;
         Ok(keys)
     }
@@ -840,7 +843,8 @@ impl Store for SqliteStore {
             require_user(&inner.conn, user)?;
         }
         let mut stmt = inner.conn.prepare(&format!(
-            "SELECT {TOKEN_COLS} FROM token_urls WHERE {} ORDER BY created_at, id", only_if(user.is_some(), "user_id = ?1", 1)
+            "SELECT {TOKEN_COLS} FROM token_urls WHERE {} ORDER BY created_at, id",
+            only_if(user.is_some(), "user_id = ?1", 1)
         ))?;
         let tokens = stmt.query_map([user], token_from_row)?.collect::<Result<_, _>>()?;
         Ok(tokens)
@@ -912,10 +916,11 @@ impl Store for SqliteStore {
             check_user("user", user)?;
         }
         let inner = self.lock();
-        let mut stmt = inner.conn.prepare(
-            &format!("SELECT user_id, upstream, requests, denials, last_seen FROM usage
-             WHERE {} ORDER BY user_id, upstream", only_if(user.is_some(), "user_id = ?1", 1)),
-        )?;
+        let mut stmt = inner.conn.prepare(&format!(
+            "SELECT user_id, upstream, requests, denials, last_seen FROM usage
+             WHERE {} ORDER BY user_id, upstream",
+            only_if(user.is_some(), "user_id = ?1", 1)
+        ))?;
         let rows = stmt.query_map([user], |r| {
             Ok(Usage {
                 user: r.get(0)?,
@@ -1016,16 +1021,19 @@ fn read_snapshot(
     now: UnixTime,
 ) -> StoreResult<Snapshot> {
     let users = {
-        let mut stmt =
-            conn.prepare(&format!("SELECT {USER_COLS} FROM users WHERE {} ORDER BY id", only_if(user.is_some(), "id = ?1", 1)))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {USER_COLS} FROM users WHERE {} ORDER BY id",
+            only_if(user.is_some(), "id = ?1", 1)
+        ))?;
         stmt.query_map([user], user_from_row)?.collect::<Result<Vec<_>, _>>()?
     };
     let keys = {
-        let mut stmt = conn.prepare(
-            &format!("SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
              WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) AND {}
-             ORDER BY id", only_if(user.is_some(), "user_id = ?2", 2)),
-        )?;
+             ORDER BY id",
+            only_if(user.is_some(), "user_id = ?2", 2)
+        ))?;
         stmt.query_map(params![now, user], |r| {
             Ok(SnapshotKey {
                 id: r.get(0)?,
@@ -1039,10 +1047,11 @@ fn read_snapshot(
         .collect::<Result<Vec<_>, _>>()?
     };
     let tokens = {
-        let mut stmt = conn.prepare(
-            &format!("SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
-             WHERE revoked_at IS NULL AND expires_at > ?1 AND {} ORDER BY id", only_if(user.is_some(), "user_id = ?2", 2)),
-        )?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
+             WHERE revoked_at IS NULL AND expires_at > ?1 AND {} ORDER BY id",
+            only_if(user.is_some(), "user_id = ?2", 2)
+        ))?;
         stmt.query_map(params![now, user], |r| {
             Ok(SnapshotToken {
                 id: r.get(0)?,
@@ -1058,7 +1067,10 @@ fn read_snapshot(
         Some((version, key)) => decrypt_credentials(conn, *version, key, user)?,
         None => {
             let any: bool = conn.query_row(
-                &format!("SELECT EXISTS (SELECT 1 FROM credentials WHERE {})", only_if(user.is_some(), "user_id = ?1", 1)),
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM credentials WHERE {})",
+                    only_if(user.is_some(), "user_id = ?1", 1)
+                ),
                 [user],
                 |r| r.get(0),
             )?;
