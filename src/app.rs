@@ -116,7 +116,7 @@ impl App {
         // One store handle, shared by the usage flusher and the admin API (SqliteStore serializes its
         // connection behind a mutex). Usage is written on a schedule, never per request.
         let usage_store = match &config.store {
-            Some(st) => Some(crate::store::open(st).map_err(|e| io::Error::other(e.to_string()))?),
+            Some(st) => Some(st.open().map_err(|e| io::Error::other(e.to_string()))?),
             None => None,
         };
         // A shared store tells this replica about every write: changes are applied as they arrive, and

@@ -80,6 +80,17 @@ pub struct StoreSettings {
     pub master_key: Option<Secret>,
 }
 
+impl StoreSettings {
+    /// Opens (creating or migrating it) the store these settings name, with its master key.
+    pub fn open(&self) -> crate::store::model::StoreResult<Arc<dyn crate::store::Store>> {
+        let key = self.master_key.as_ref();
+        Ok(match &self.backend {
+            StoreBackend::Sqlite { path } => Arc::new(crate::store::SqliteStore::open(path, key)?),
+            StoreBackend::Postgres { config } => Arc::new(crate::store::postgres::PgStore::open(config, key)?),
+        })
+    }
+}
+
 /// Which store: the embedded file, or a PostgreSQL database shared by replicas.
 #[derive(Debug, Clone)]
 pub enum StoreBackend {
@@ -214,7 +225,8 @@ impl Config {
             None => Config::from_file(path)?,
         };
         if let Some(store) = &config.store {
-            let opened = crate::store::open(store)
+            let opened = store
+                .open()
                 .map_err(|e| ConfigError::Invalid(vec![Problem { path: "store".into(), message: e.to_string() }]))?;
             config.refresh_store(&*opened)?;
         }

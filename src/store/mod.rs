@@ -12,13 +12,11 @@ pub mod import;
 pub mod json;
 pub mod live;
 pub mod model;
-pub mod open;
 pub mod postgres;
 pub mod sqlite;
 
 pub use live::{LiveDirectory, STORE_USER_BIT};
 pub use model::{Store, StoreError, UserLimit};
-pub use open::open;
 pub use sqlite::SqliteStore;
 
 use std::collections::HashMap;
