@@ -124,7 +124,10 @@ run_backend() {
 python3 -c 'import json
 for i in range(10): print(json.dumps({"id": "ten-%d" % i, "keys": [{"kind": "standard"}]}))' > "$WORK/ten.jsonl"
 
-run_backend sqlite "path = \"$WORK/store.db\"" "--store $WORK/store.db"
+# SCALE_BACKENDS=postgres skips the SQLite run.
+if [[ ${SCALE_BACKENDS:-sqlite,postgres} == *sqlite* ]]; then
+  run_backend sqlite "path = \"$WORK/store.db\"" "--store $WORK/store.db"
+fi
 if [ -n "$PG_URL" ]; then
   run_backend postgres "url = \"$PG_URL\"
 password_env = \"MCP_BENCH_PG_PASSWORD\"" "--url $PG_URL --password-env MCP_BENCH_PG_PASSWORD"

@@ -431,3 +431,28 @@ impl Drop for PrivateRedis {
         self.kill();
     }
 }
+
+/// A review finding: one batch of many calls to a limited tool made one huge script call, which ran
+/// past the timeout and marked Redis down for every request of the replica. A batch that calls a tool
+/// more often than its burst is refused before anything is counted, locally and in Redis alike.
+#[tokio::test]
+async fn a_batch_of_more_limited_calls_than_the_burst_is_refused_without_a_round_trip() {
+    let url = redis_url();
+    let prefix = prefix("batch");
+    let tool_limit = "[upstreams.github.tool_limits]\nwhoami = { requests = 1000, per = \"1h\" }";
+    let h = proxy(&limiter_toml(&url, &prefix, "fail_closed"), "", tool_limit, |c| c).await;
+    let item = r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"whoami"}}"#;
+    let batch = format!("[{}]", vec![item; 20_000].join(","));
+    let request = http::Request::post(h.url("/mcp/github"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("authorization", format!("Bearer {ENTERPRISE_KEY}"))
+        .header("x-alloy-userid", "alice")
+        .body(body(batch))
+        .unwrap();
+    assert_eq!(h.send(request).await.status(), 429, "20,000 calls of a tool whose burst is 1,000");
+    // Nothing was counted for alice, and Redis is still up for everyone.
+    assert!(keys_under(&url, &format!("{prefix}:t:")).await.is_empty());
+    assert_eq!(statuses(&h, "bob", 1).await, [200]);
+    assert_eq!(statuses(&h, "alice", 1).await, [200]);
+}

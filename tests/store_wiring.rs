@@ -185,3 +185,26 @@ fn a_user_declared_in_both_the_file_and_the_store_is_a_conflict() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("store.users.alice"));
     let _ = setup.dir.path();
 }
+
+/// On a shared store another replica (with another config file) may make such a user: this replica
+/// still starts, serving the file's user and skipping the store's.
+#[test]
+fn on_postgres_the_same_conflict_is_skipped_so_the_replica_still_starts() {
+    let (setup, ..) = setup(Backend::Postgres, "127.0.0.1:1".parse().unwrap(), Some("alice"));
+    let config = Config::load(&setup.config_path, None).expect("starts");
+    assert!(config.directory.user("alice").is_some(), "the file's alice");
+    assert!(config.live.user("alice").is_none() && config.live.user("dana").is_some());
+}
+
+#[test]
+fn a_reload_that_changes_the_store_is_refused() {
+    let (setup, ..) = setup(Backend::Sqlite, "127.0.0.1:1".parse().unwrap(), None);
+    let running = Config::load(&setup.config_path, None).unwrap();
+    let text = std::fs::read_to_string(&setup.config_path).unwrap();
+    std::fs::write(&setup.config_path, text.replace("path = \"store.db\"", "path = \"other.db\"")).unwrap();
+    let err = Config::load(&setup.config_path, Some(&running)).err().expect("refused").to_string();
+    assert!(err.contains("store: changing [store]") && err.contains("needs a restart"), "{err}");
+    assert!(!setup.dir.path().join("other.db").exists(), "the other store was never opened");
+    std::fs::write(&setup.config_path, text).unwrap();
+    Config::load(&setup.config_path, Some(&running)).expect("the same store reloads");
+}

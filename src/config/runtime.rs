@@ -81,6 +81,25 @@ pub struct StoreSettings {
 }
 
 impl StoreSettings {
+    /// Whether two configs name the same store with the same master key.
+    fn same(a: Option<&StoreSettings>, b: Option<&StoreSettings>) -> bool {
+        let key = |s: &StoreSettings| s.master_key.as_ref().map(|k| sha256(k.expose().as_bytes()));
+        match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                let backend = match (&a.backend, &b.backend) {
+                    (StoreBackend::Sqlite { path: x }, StoreBackend::Sqlite { path: y }) => x == y,
+                    (StoreBackend::Postgres { config: x }, StoreBackend::Postgres { config: y }) => {
+                        x.to_string() == y.to_string()
+                    }
+                    _ => false,
+                };
+                backend && key(a) == key(b)
+            }
+            _ => false,
+        }
+    }
+
     /// Opens (creating or migrating it) the store these settings name, with its master key.
     pub fn open(&self) -> crate::store::model::StoreResult<Arc<dyn crate::store::Store>> {
         let key = self.master_key.as_ref();
@@ -224,6 +243,14 @@ impl Config {
             Some(running) => running.reload_from_file(path)?,
             None => Config::from_file(path)?,
         };
+        // The app opened its store once, at start (admin API, usage, the change listener): a reload that
+        // pointed elsewhere would fill the directory from one store and write to another.
+        if let Some(running) = previous
+            && !StoreSettings::same(running.store.as_ref(), config.store.as_ref())
+        {
+            let message = "changing [store] (its backend, path or URL, or the master key) needs a restart";
+            return Err(ConfigError::Invalid(vec![Problem { path: "store".into(), message: message.into() }]));
+        }
         if let Some(store) = &config.store {
             let opened = store
                 .open()
@@ -236,12 +263,22 @@ impl Config {
     /// Reloads every store user into the live directory, with this config's upstreams. The config file
     /// stays a read-only source next to the store: the same user or key declared in both is a conflict,
     /// reported (every one of them, with its path) and nothing changes.
+    ///
+    /// With a shared store (PostgreSQL) a conflict is skipped with a warning instead: another replica,
+    /// with another config file, may have made the store user, and refusing would keep this replica
+    /// from starting at all.
     pub fn refresh_store(&self, store: &dyn crate::store::Store) -> Result<(), ConfigError> {
         let store_problem = |e: crate::store::StoreError| Problem { path: "store".into(), message: e.to_string() };
-        match self.live.refresh_all(store, self, true) {
+        let shared = matches!(self.store.as_ref().map(|s| &s.backend), Some(StoreBackend::Postgres { .. }));
+        match self.live.refresh_all(store, self, !shared) {
             Err(e) => Err(ConfigError::Invalid(vec![store_problem(e)])),
             Ok(Err(problems)) => Err(ConfigError::Invalid(problems.into_iter().map(Problem::from_line).collect())),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(skipped)) => {
+                for problem in skipped {
+                    tracing::warn!(%problem, "store entry not served");
+                }
+                Ok(())
+            }
         }
     }
 

@@ -187,6 +187,7 @@ impl RedisLimiter {
         rpc: &Rpc,
         statuses: &mut Statuses,
     ) -> Result<(), ProxyError> {
+        plan.within_bursts(upstream, rpc).map_err(ProxyError::RateLimited)?;
         let levels: Vec<SharedLevel> = rpc
             .tool_calls()
             .filter_map(|tool| Some(self.level(Level::Tool, plan.tool_limit(upstream, tool)?, names, Some(tool))))
