@@ -99,7 +99,7 @@ run_backend() {
   pp=$(free_port); ap=$(free_port)
   config "$pp" "$ap" "$store_lines"
   # Empty store: the baseline RSS and creations at 10 users.
-  "$BIN" store import $import_args "$WORK/ten.jsonl" --keys-out "$WORK/ten.keys" --master-key-file "$WORK/master.key" >/dev/null
+  "$BIN" store import $import_args "$WORK/ten.jsonl" --keys-out "$WORK/$name-ten.keys" --master-key-file "$WORK/master.key" >/dev/null
   start "$ap"
   local t_empty=$STARTUP rss_empty; rss_empty=$(rss_kib "$PID")
   local rate_small; rate_small=$(creations "$ap")
@@ -107,7 +107,7 @@ run_backend() {
   # N users.
   local t0 t1
   t0=$(date +%s.%N)
-  "$BIN" store import $import_args "$WORK/users.jsonl" --keys-out "$WORK/users.keys" --master-key-file "$WORK/master.key" >/dev/null
+  "$BIN" store import $import_args "$WORK/users.jsonl" --keys-out "$WORK/$name-users.keys" --master-key-file "$WORK/master.key" >/dev/null
   t1=$(date +%s.%N)
   start "$ap"
   local t_full=$STARTUP rss_full; rss_full=$(rss_kib "$PID")

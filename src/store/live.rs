@@ -9,6 +9,7 @@
 //! A user keeps its [`UserId`] (and so its rate-limit buckets) for as long as it exists; a deleted user
 //! that comes back gets a new one.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -68,6 +69,11 @@ pub struct LiveDirectory {
     tokens: DashMap<[u8; 32], Arc<TokenGrant>>,
     next_id: AtomicU32,
     stripes: Box<[Mutex<()>]>,
+    /// One whole reload at a time.
+    reloading: Mutex<()>,
+    /// While a whole reload runs: the users a single-user apply touched meanwhile, re-read once the
+    /// reload is in (its snapshot may be older than what they applied).
+    touched: Mutex<Option<HashSet<String>>>,
 }
 
 impl Default for LiveDirectory {
@@ -78,6 +84,8 @@ impl Default for LiveDirectory {
             tokens: DashMap::new(),
             next_id: AtomicU32::new(STORE_USER_BIT),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            reloading: Mutex::new(()),
+            touched: Mutex::new(None),
         }
     }
 }
@@ -111,23 +119,47 @@ impl LiveDirectory {
     /// Blocking (a store call): run it off the async threads.
     pub fn refresh_user(&self, store: &dyn Store, side: &dyn FileSide, name: &str) -> StoreResult<Vec<String>> {
         let _one_at_a_time = lock(&self.stripes[stripe(name)]);
+        if let Some(touched) = lock(&self.touched).as_mut() {
+            touched.insert(name.to_owned());
+        }
         let snapshot = store.load_user(name)?;
         Ok(self.apply(side, name, snapshot))
     }
 
     /// Reloads every user from one store snapshot: new and changed users are replaced, users the store
-    /// no longer has are removed. With `strict`, any user or key that the config file also declares, or
-    /// credential that no header can carry, is an error and nothing changes (start and SIGHUP report
-    /// them); otherwise they are skipped and returned (a resync must not stop serving). Blocking.
+    /// no longer has are removed. With `strict`, any user or key that the config file also declares is
+    /// an error and nothing changes (start and SIGHUP report them; a credential no header can carry is
+    /// an error too, found while applying); otherwise they are skipped and returned (a resync must not
+    /// stop serving). Blocking.
     pub fn refresh_all(
         &self,
         store: &dyn Store,
         side: &dyn FileSide,
         strict: bool,
     ) -> StoreResult<Result<Vec<String>, Vec<String>>> {
-        // Every stripe, from before the read until the last user is in: no single-user apply can slip
-        // a newer state in that this older snapshot would then overwrite.
-        let _all: Vec<_> = self.stripes.iter().map(|stripe| lock(stripe)).collect();
+        // Single-user applies go on meanwhile (admin writes are not held up for the seconds a million
+        // users take); the users they touch are re-read at the end, so this older snapshot never has
+        // the last word over them.
+        let _one_reload = lock(&self.reloading);
+        *lock(&self.touched) = Some(HashSet::new());
+        let result = self.reload_whole(store, side, strict);
+        let touched = lock(&self.touched).take().unwrap_or_default();
+        let mut result = result?;
+        for name in touched {
+            let problems = self.refresh_user(store, side, &name)?;
+            match &mut result {
+                Ok(skipped) | Err(skipped) => skipped.extend(problems),
+            }
+        }
+        Ok(result)
+    }
+
+    fn reload_whole(
+        &self,
+        store: &dyn Store,
+        side: &dyn FileSide,
+        strict: bool,
+    ) -> StoreResult<Result<Vec<String>, Vec<String>>> {
         let started = std::time::Instant::now();
         let snapshot = store.load_snapshot()?;
         let read = started.elapsed();
@@ -138,6 +170,9 @@ impl LiveDirectory {
             }
         }
         let skipped = self.replace_all(side, snapshot);
+        if strict && !skipped.is_empty() {
+            return Ok(Err(skipped));
+        }
         tracing::info!(
             users = self.users.len(),
             keys = self.keys.len(),
@@ -148,8 +183,8 @@ impl LiveDirectory {
         Ok(Ok(skipped))
     }
 
-    /// Replaces everything with `snapshot` (see [`LiveDirectory::refresh_all`]); the caller holds off
-    /// single-user applies meanwhile. Public for benchmarks.
+    /// Replaces everything with `snapshot` (see [`LiveDirectory::refresh_all`]), each user under its
+    /// stripe. Public for benchmarks.
     pub fn replace_all(&self, side: &dyn FileSide, snapshot: Snapshot) -> Vec<String> {
         let Snapshot { mut users, mut keys, mut credentials, mut tokens, taken_at } = snapshot;
         // Users come sorted by id; with the rows sorted by user too, one walk hands each user its rows
@@ -166,6 +201,7 @@ impl LiveDirectory {
                 self.users.iter().filter(|u| !present.contains(&**u.key())).map(|u| u.key().clone()).collect();
             drop(present);
             for name in gone {
+                let _user = lock(&self.stripes[stripe(&name)]);
                 self.remove(&name);
             }
         }
@@ -192,6 +228,7 @@ impl LiveDirectory {
                         let mut problems = Vec::new();
                         for snapshot in part {
                             let name = snapshot.user.id.clone();
+                            let _user = lock(&self.stripes[stripe(&name)]);
                             problems.extend(self.apply(side, &name, Some(snapshot)));
                         }
                         problems
@@ -332,8 +369,10 @@ fn stripe(name: &str) -> usize {
     SEED.get_or_init(RandomState::new).hash_one(name) as usize % STRIPES
 }
 
-/// What a strict reload refuses: users and keys the config file declares too, credentials no header
-/// can carry.
+/// What a strict reload refuses before it changes anything: users and keys the config file declares
+/// too. (Credentials are rendered once, while they are applied: one that no header can carry is skipped
+/// then and reported, and a strict reload is refused after the rest was taken in. The store refuses
+/// such secrets when they are written; only a changed `inject.value` can make one.)
 fn conflicts(side: &dyn FileSide, snapshot: &Snapshot) -> Vec<String> {
     let mut problems = Vec::new();
     for user in &snapshot.users {
@@ -344,14 +383,6 @@ fn conflicts(side: &dyn FileSide, snapshot: &Snapshot) -> Vec<String> {
     for key in &snapshot.keys {
         if side.has_key(&key.sha256, &key.id) {
             problems.push(format!("store.keys.{}: also declared in the config file", key.id));
-        }
-    }
-    for cred in &snapshot.credentials {
-        if let Rendered::Unsendable = side.render(&cred.upstream, &cred.secret) {
-            problems.push(format!(
-                "store.credentials.{}/{}/{}: the secret cannot be sent in a header",
-                cred.user, cred.upstream, cred.credential_id
-            ));
         }
     }
     problems
