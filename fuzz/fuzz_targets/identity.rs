@@ -26,30 +26,34 @@ use mcp_tenant_proxy::policy::identity::requested_user;
 use mcp_tenant_proxy::policy::session::{SESSION_HEADER, SessionBinder, unbind_request};
 use mcp_tenant_proxy::proxy::headers::check_path;
 use mcp_tenant_proxy::secret::{Secret, sha256};
-use mcp_tenant_proxy::store::{ApiKey, Directory, KeyKind, check_user_id};
+use mcp_tenant_proxy::config::Config;
+use mcp_tenant_proxy::store::{ApiKey, KeyKind, check_user_id};
 
 const USER_HEADER: &str = "x-alloy-userid";
 const LIVE_KEY: &[u8] = b"mtp_live_key_0123456789";
 const EXPIRED_KEY: &[u8] = b"mtp_expired_key_0123456789";
 
-static DIRECTORY: std::sync::LazyLock<Directory> = std::sync::LazyLock::new(directory);
+static DIRECTORY: std::sync::LazyLock<Config> = std::sync::LazyLock::new(directory);
 
-fn directory() -> Directory {
-    let mut dir = Directory::default();
-    let user = dir.add_user("alice");
+/// A config (no upstreams) whose file directory holds alice and her live and expired keys.
+fn directory() -> Config {
+    let mut config = Config::from_toml("", std::path::Path::new(".")).unwrap();
+    let dir = &mut config.directory;
+    dir.add_user("alice");
+    let user = dir.user_ref("alice").unwrap();
     for (index, (token, expires_at)) in [(LIVE_KEY, None), (EXPIRED_KEY, Some(1))].into_iter().enumerate() {
         let key = ApiKey {
             index: index as u32,
             id: std::str::from_utf8(token).unwrap().into(),
             kind: KeyKind::Enterprise,
-            user,
+            user: user.clone(),
             act_as: vec![],
             rate_limit: None,
             expires_at,
         };
         assert!(dir.add_key(sha256(token), key));
     }
-    dir
+    config
 }
 
 fn grammar_ok(id: &str, max: usize) -> bool {
@@ -94,7 +98,7 @@ fn bearer_of(value: &[u8]) -> Option<&[u8]> {
     (!token.is_empty() && token.iter().all(u8::is_ascii_graphic)).then_some(token)
 }
 
-fn check_auth(directory: &Directory, headers: &HeaderMap) {
+fn check_auth(directory: &Config, headers: &HeaderMap) {
     let values: Vec<&HeaderValue> = headers.get_all(http::header::AUTHORIZATION).iter().collect();
     let result = authenticate(directory, headers);
     let expected_live = values.len() == 1 && bearer_of(values[0].as_bytes()) == Some(LIVE_KEY);

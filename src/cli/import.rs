@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+
+use super::migrate::read_password;
 use mcp_tenant_proxy::policy::ratelimit::Limit;
 use mcp_tenant_proxy::secret::Secret;
 use mcp_tenant_proxy::store::import::{ImportCredential, ImportKey, ImportUser};
@@ -137,19 +139,6 @@ fn parse(text: &str) -> Result<ImportUser, String> {
         .map(|c| ImportCredential { upstream: c.upstream, credential_id: c.id, secret: c.secret })
         .collect();
     Ok(ImportUser { id: line.id, rate_limit, keys, credentials })
-}
-
-fn read_password(env: Option<&str>, file: Option<&Path>) -> Result<Option<Secret>, String> {
-    let text = match (env, file) {
-        (Some(name), _) => std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?,
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?,
-        (None, None) => return Ok(None),
-    };
-    match text.trim() {
-        "" => Err("the PostgreSQL password is empty".into()),
-        password => Ok(Some(Secret::new(password))),
-    }
 }
 
 pub fn run(

@@ -192,7 +192,7 @@ fn fingerprint(s: &UserSnapshot) -> (String, usize) {
 }
 
 /// A password from an environment variable or a file (trimmed); `None` when neither is named.
-fn read_password(env: Option<&str>, file: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
+pub(super) fn read_password(env: Option<&str>, file: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
     let text = match (env, file) {
         (Some(name), _) => std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?,
         (None, Some(path)) => std::fs::read_to_string(path)

@@ -338,18 +338,15 @@ impl LimitPlan {
     /// levels of one request are at most the sum of the limited tools' bursts.
     pub fn within_bursts(&self, upstream: UpstreamId, rpc: &Rpc) -> Result<(), Refusal> {
         let Some(tools) = self.tools.get(upstream.0 as usize).filter(|t| !t.is_empty()) else { return Ok(()) };
-        let mut counts: Vec<(&str, Limit, u32)> = Vec::new();
+        let mut counts: Vec<(&str, u32)> = Vec::new();
         for tool in rpc.tool_calls() {
             let Some((limit, _)) = tools.get(tool) else { continue };
-            let count = match counts.iter_mut().find(|(name, _, _)| *name == tool) {
-                Some((_, _, count)) => count,
-                None => {
-                    counts.push((tool, *limit, 0));
-                    &mut counts.last_mut().expect("just pushed").2
-                }
-            };
-            *count += 1;
-            if *count > limit.burst.get() {
+            let i = counts.iter().position(|(name, _)| *name == tool).unwrap_or_else(|| {
+                counts.push((tool, 0));
+                counts.len() - 1
+            });
+            counts[i].1 += 1;
+            if counts[i].1 > limit.burst.get() {
                 let retry_after = limit.interval() * limit.burst.get();
                 return Err(Refusal { level: Level::Tool, limit: *limit, retry_after });
             }
