@@ -103,7 +103,7 @@ fn updates(dir: &LiveDirectory, config: &Config, n: usize) -> f64 {
             }
             let name = u.id.clone();
             let snap = UserSnapshot { user: u, keys: vec![k], credentials: vec![c], tokens: vec![], taken_at: 0 };
-            dir.apply(config, &name, Some(snap));
+            dir.apply(config, &name, Some((&snap).into()));
         }
     }
     started.elapsed().as_nanos() as f64 / (2 * n) as f64

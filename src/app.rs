@@ -75,6 +75,17 @@ impl App {
 
     /// As [`App::start`], with the clock the rate limiters read (tests pass a fake one).
     pub async fn start_with_clock(config: Config, clock: LimitClock) -> io::Result<App> {
+        Self::start_with(config, clock, None).await
+    }
+
+    /// As [`App::start`]; with a shared store, `listening` is the change listener that was connected
+    /// before `config` read its snapshot (see [`postgres::watch`]): without one, the app connects its
+    /// own and reloads every user once it listens.
+    pub async fn start_with(
+        config: Config,
+        clock: LimitClock,
+        listening: Option<postgres::Listening>,
+    ) -> io::Result<App> {
         let config = Arc::new(config);
         let reload_lock = Arc::new(tokio::sync::Mutex::new(()));
         let backlog = config.server.listen_backlog;
@@ -125,7 +136,7 @@ impl App {
         let follower = match (&usage_store, config.store.as_ref().map(|st| &st.backend)) {
             (Some(store), Some(StoreBackend::Postgres { config: pg })) => {
                 let (changes, received) = tokio::sync::mpsc::unbounded_channel();
-                let watcher = tokio::spawn(postgres::watch(pg.clone(), changes, store_health.clone()));
+                let watcher = tokio::spawn(postgres::watch(pg.clone(), changes, store_health.clone(), listening));
                 let current = proxy.clone();
                 let side: CurrentSide = Arc::new(move || current.config() as Arc<dyn FileSide + Send + Sync>);
                 let applier = tokio::spawn(follow(received, store.clone(), config.live.clone(), side));

@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mcp_tenant_proxy::app::App;
+use mcp_tenant_proxy::config::runtime::StoreBackend;
 use mcp_tenant_proxy::config::{Config, ConfigError};
+use mcp_tenant_proxy::policy::ratelimit::LimitClock;
+use mcp_tenant_proxy::store::postgres;
 
 mod cli;
 
@@ -91,7 +94,26 @@ fn main() -> ExitCode {
 }
 
 async fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path, None) {
+    let config = match Config::from_file(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{}: {}", path.display(), indent(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    // A shared store: listen for changes before its snapshot is read, so that no change falls between
+    // the two (and the snapshot is read once, not again when the listener connects).
+    let listening = match config.store.as_ref().map(|s| &s.backend) {
+        Some(StoreBackend::Postgres { config: pg }) => match postgres::Listening::connect(pg).await {
+            Ok(listening) => Some(listening),
+            Err(e) => {
+                eprintln!("{}: store: PostgreSQL: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let config = match config.with_store() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{}: {}", path.display(), indent(&e));
@@ -108,7 +130,7 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = match App::start(config).await {
+    let app = match App::start_with(config, LimitClock::default(), listening).await {
         Ok(app) => app,
         Err(e) => {
             eprintln!("cannot start: {e}");

@@ -985,7 +985,7 @@ async fn watch_scenario(f: &Fixture) {
     let store = Arc::new(f.open());
     let health = Arc::new(StoreHealth::new(false));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, health.clone()));
+    let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, health.clone(), None));
     assert_eq!(next_change(&mut rx, Duration::from_secs(5)).await, Change::Resync, "a resync comes first");
     assert!(health.is_up());
 
@@ -1104,7 +1104,7 @@ async fn pg_watch_marks_the_store_down_while_the_server_is_unreachable() {
     let config = PgConfig::parse(&format!("postgres://mcp:hunter2-pw@127.0.0.1:{port}/x")).unwrap();
     let health = Arc::new(StoreHealth::new(true));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = tokio::spawn(watch(config, tx, health.clone()));
+    let watcher = tokio::spawn(watch(config, tx, health.clone(), None));
     assert!(tokio::time::timeout(Duration::from_millis(1500), rx.recv()).await.is_err(), "no change without a server");
     assert!(!health.is_up());
     watcher.abort();
@@ -1314,7 +1314,7 @@ fn pg_imports_notify_each_user_of_a_small_batch_and_resync_for_a_big_one() {
     let store = f.open();
     runtime().block_on(async {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, Arc::new(StoreHealth::default())));
+        let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, Arc::new(StoreHealth::default()), None));
         assert_eq!(next_change(&mut rx, Duration::from_secs(5)).await, Change::Resync);
         std::thread::scope(|s| {
             s.spawn(|| store.import_users(&[import_user("a", 1, &[]), import_user("b", 0, &[])]).unwrap());
@@ -1354,7 +1354,7 @@ fn pg_watch_notices_a_server_that_stops_answering_within_seconds() {
     runtime().block_on(async {
         let health = Arc::new(StoreHealth::default());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, health.clone()));
+        let watcher = tokio::spawn(watch(f.pg().config.clone(), tx, health.clone(), None));
         assert_eq!(next_change(&mut rx, Duration::from_secs(5)).await, Change::Resync);
         let (admin, db) = (f.pg().admin.clone(), f.pg().name.clone());
         let pid: i32 = blocking(move || {

@@ -110,6 +110,16 @@ impl StoreSettings {
     }
 }
 
+fn store_problem(e: crate::store::StoreError) -> ConfigError {
+    ConfigError::Invalid(vec![Problem { path: "store".into(), message: e.to_string() }])
+}
+
+fn warn_not_served(skipped: Vec<String>) {
+    for problem in skipped {
+        tracing::warn!(%problem, "store entry not served");
+    }
+}
+
 /// Which store: the embedded file, or a PostgreSQL database shared by replicas.
 #[derive(Debug, Clone)]
 pub enum StoreBackend {
@@ -236,28 +246,40 @@ impl Config {
     }
 
     /// Loads the config file and, when it has a `[store]`, brings the store's users, keys and
-    /// credentials into the live directory (see [`Config::refresh_store`]). `previous`: the running
-    /// config, on reload.
+    /// credentials into the live directory (see [`Config::with_store`] and [`Config::refresh_store`]).
+    /// `previous`: the running config, on reload.
     pub fn load(path: &Path, previous: Option<&Config>) -> Result<Config, ConfigError> {
-        let config = match previous {
-            Some(running) => running.reload_from_file(path)?,
-            None => Config::from_file(path)?,
-        };
+        let Some(running) = previous else { return Config::from_file(path)?.with_store() };
+        let config = running.reload_from_file(path)?;
         // The app opened its store once, at start (admin API, usage, the change listener): a reload that
         // pointed elsewhere would fill the directory from one store and write to another.
-        if let Some(running) = previous
-            && !StoreSettings::same(running.store.as_ref(), config.store.as_ref())
-        {
+        if !StoreSettings::same(running.store.as_ref(), config.store.as_ref()) {
             let message = "changing [store] (its backend, path or URL, or the master key) needs a restart";
             return Err(ConfigError::Invalid(vec![Problem { path: "store".into(), message: message.into() }]));
         }
         if let Some(store) = &config.store {
-            let opened = store
-                .open()
-                .map_err(|e| ConfigError::Invalid(vec![Problem { path: "store".into(), message: e.to_string() }]))?;
-            config.refresh_store(&*opened)?;
+            config.refresh_store(&*store.open().map_err(store_problem)?)?;
         }
         Ok(config)
+    }
+
+    /// Start-up: opens `[store]`, if any, and fills a new live directory from one snapshot of it (the
+    /// same rules as [`Config::refresh_store`]).
+    pub fn with_store(mut self) -> Result<Config, ConfigError> {
+        let Some(settings) = &self.store else { return Ok(self) };
+        let store = settings.open().map_err(store_problem)?;
+        match LiveDirectory::load(&*store, &self, !self.shared_store()).map_err(store_problem)? {
+            Err(problems) => Err(ConfigError::Invalid(problems.into_iter().map(Problem::from_line).collect())),
+            Ok((live, skipped)) => {
+                warn_not_served(skipped);
+                self.live = Arc::new(live);
+                Ok(self)
+            }
+        }
+    }
+
+    fn shared_store(&self) -> bool {
+        matches!(self.store.as_ref().map(|s| &s.backend), Some(StoreBackend::Postgres { .. }))
     }
 
     /// Reloads every store user into the live directory, with this config's upstreams. The config file
@@ -268,15 +290,10 @@ impl Config {
     /// with another config file, may have made the store user, and refusing would keep this replica
     /// from starting at all.
     pub fn refresh_store(&self, store: &dyn crate::store::Store) -> Result<(), ConfigError> {
-        let store_problem = |e: crate::store::StoreError| Problem { path: "store".into(), message: e.to_string() };
-        let shared = matches!(self.store.as_ref().map(|s| &s.backend), Some(StoreBackend::Postgres { .. }));
-        match self.live.refresh_all(store, self, !shared) {
-            Err(e) => Err(ConfigError::Invalid(vec![store_problem(e)])),
-            Ok(Err(problems)) => Err(ConfigError::Invalid(problems.into_iter().map(Problem::from_line).collect())),
-            Ok(Ok(skipped)) => {
-                for problem in skipped {
-                    tracing::warn!(%problem, "store entry not served");
-                }
+        match self.live.refresh_all(store, self, !self.shared_store()).map_err(store_problem)? {
+            Err(problems) => Err(ConfigError::Invalid(problems.into_iter().map(Problem::from_line).collect())),
+            Ok(skipped) => {
+                warn_not_served(skipped);
                 Ok(())
             }
         }

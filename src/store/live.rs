@@ -16,10 +16,21 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use http::HeaderValue;
 
-use super::model::{Snapshot, Store, StoreResult, UserSnapshot};
+use super::model::{CredentialSecret, Snapshot, SnapshotKey, SnapshotToken, Store, StoreResult, User, UserSnapshot};
 use super::{ApiKey, Credential, TokenGrant, UserId, UserPattern, UserRef};
 use crate::secret::Secret;
 use crate::sync::lock;
+
+/// Hands the pages of a freed snapshot back to the system. glibc keeps freed memory for reuse, so
+/// without this a start-up with a million users would hold the snapshot's hundreds of megabytes (the
+/// rows read, since dropped) for the life of the process.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// Set in the ids of store users, clear in those of config-file users: the two never collide, and a
 /// lookup by id knows which side holds the user.
@@ -47,6 +58,9 @@ pub enum Rendered {
     /// The secret cannot go in a header.
     Unsendable,
 }
+
+/// A new directory and what it skipped.
+pub type Loaded = (LiveDirectory, Vec<String>);
 
 /// One user's credentials for one upstream, by the upstream's name.
 type UpstreamCredentials = (Arc<str>, Arc<[Credential]>);
@@ -78,19 +92,33 @@ pub struct LiveDirectory {
 
 impl Default for LiveDirectory {
     fn default() -> Self {
+        LiveDirectory::with_capacity(0, 0, 0)
+    }
+}
+
+impl LiveDirectory {
+    fn with_capacity(users: usize, keys: usize, tokens: usize) -> Self {
         LiveDirectory {
-            users: DashMap::new(),
-            keys: DashMap::new(),
-            tokens: DashMap::new(),
+            users: DashMap::with_capacity(users),
+            keys: DashMap::with_capacity(keys),
+            tokens: DashMap::with_capacity(tokens),
             next_id: AtomicU32::new(STORE_USER_BIT),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             reloading: Mutex::new(()),
             touched: Mutex::new(None),
         }
     }
-}
 
-impl LiveDirectory {
+    /// A new directory holding one store snapshot (start-up), its maps sized for the snapshot up front:
+    /// grown step by step, a map of a million keys is rehashed some twenty times. `strict` and the
+    /// result as in [`LiveDirectory::refresh_all`]. Blocking.
+    pub fn load(store: &dyn Store, side: &dyn FileSide, strict: bool) -> StoreResult<Result<Loaded, Vec<String>>> {
+        let started = std::time::Instant::now();
+        let snapshot = store.load_snapshot()?;
+        let live = LiveDirectory::with_capacity(snapshot.users.len(), snapshot.keys.len(), snapshot.tokens.len());
+        Ok(live.take_whole(side, strict, snapshot, started).map(|skipped| (live, skipped)))
+    }
+
     pub fn user(&self, name: &str) -> Option<UserRef> {
         let entry = self.users.get(name)?;
         Some(UserRef { id: entry.id, name: entry.key().clone(), limit: entry.limit })
@@ -123,7 +151,7 @@ impl LiveDirectory {
             touched.insert(name.to_owned());
         }
         let snapshot = store.load_user(name)?;
-        Ok(self.apply(side, name, snapshot))
+        Ok(self.apply(side, name, snapshot.as_ref().map(UserRows::from)))
     }
 
     /// Reloads every user from one store snapshot: new and changed users are replaced, users the store
@@ -162,16 +190,27 @@ impl LiveDirectory {
     ) -> StoreResult<Result<Vec<String>, Vec<String>>> {
         let started = std::time::Instant::now();
         let snapshot = store.load_snapshot()?;
+        Ok(self.take_whole(side, strict, snapshot, started))
+    }
+
+    fn take_whole(
+        &self,
+        side: &dyn FileSide,
+        strict: bool,
+        snapshot: Snapshot,
+        started: std::time::Instant,
+    ) -> Result<Vec<String>, Vec<String>> {
         let read = started.elapsed();
         if strict {
             let problems = conflicts(side, &snapshot);
             if !problems.is_empty() {
-                return Ok(Err(problems));
+                return Err(problems);
             }
         }
         let skipped = self.replace_all(side, snapshot);
+        release_freed_memory();
         if strict && !skipped.is_empty() {
-            return Ok(Err(skipped));
+            return Err(skipped);
         }
         tracing::info!(
             users = self.users.len(),
@@ -180,21 +219,20 @@ impl LiveDirectory {
             total_ms = started.elapsed().as_millis() as u64,
             "store snapshot loaded"
         );
-        Ok(Ok(skipped))
+        Ok(skipped)
     }
 
     /// Replaces everything with `snapshot` (see [`LiveDirectory::refresh_all`]), each user under its
     /// stripe. Public for benchmarks.
     pub fn replace_all(&self, side: &dyn FileSide, snapshot: Snapshot) -> Vec<String> {
-        let Snapshot { mut users, mut keys, mut credentials, mut tokens, taken_at } = snapshot;
-        // Users come sorted by id; with the rows sorted by user too, one walk hands each user its rows
-        // (no map of a million names on the way).
+        let Snapshot { mut users, mut keys, mut credentials, mut tokens, taken_at: _ } = snapshot;
+        // With users and rows sorted by user (the stores read them so: these sorts find them sorted),
+        // each user's rows are a run in each list, borrowed where they lie: no per-user copy of a
+        // million rows, and no map of a million names on the way.
         users.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         keys.sort_unstable_by(|a, b| a.user.cmp(&b.user));
         credentials.sort_unstable_by(|a, b| a.user.cmp(&b.user));
         tokens.sort_unstable_by(|a, b| a.user.cmp(&b.user));
-        let (mut keys, mut credentials, mut tokens) =
-            (keys.into_iter().peekable(), credentials.into_iter().peekable(), tokens.into_iter().peekable());
         if !self.users.is_empty() {
             let present: std::collections::HashSet<&str> = users.iter().map(|u| u.id.as_str()).collect();
             let gone: Vec<Arc<str>> =
@@ -205,31 +243,26 @@ impl LiveDirectory {
                 self.remove(&name);
             }
         }
-        let grouped: Vec<UserSnapshot> = users
-            .into_iter()
-            .map(|user| {
-                // Rows of users that sort before this one have no user (the store's foreign keys forbid it).
-                let mine = |row_user: &str| row_user.cmp(&user.id);
-                let keys = drain_while(&mut keys, |k| mine(&k.user));
-                let credentials = drain_while(&mut credentials, |c| mine(&c.user));
-                let tokens = drain_while(&mut tokens, |t| mine(&t.user));
-                UserSnapshot { user, keys, credentials, tokens, taken_at }
-            })
-            .collect();
         // Users are independent and the maps concurrent: a start-up with a million users uses every core.
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        let chunk = grouped.len().div_ceil(workers).max(1);
-        let mut grouped = grouped.into_iter();
+        let chunk = users.len().div_ceil(workers).max(1);
+        let (keys, credentials, tokens) = (&keys[..], &credentials[..], &tokens[..]);
         std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    let part: Vec<UserSnapshot> = grouped.by_ref().take(chunk).collect();
+            let handles: Vec<_> = users
+                .chunks(chunk)
+                .map(|part| {
                     scope.spawn(move || {
                         let mut problems = Vec::new();
-                        for snapshot in part {
-                            let name = snapshot.user.id.clone();
-                            let _user = lock(&self.stripes[stripe(&name)]);
-                            problems.extend(self.apply(side, &name, Some(snapshot)));
+                        let (mut k, mut c, mut t) = (0, 0, 0);
+                        for user in part {
+                            let rows = UserRows {
+                                user,
+                                keys: run_of(keys, &mut k, &user.id, |r| &r.user),
+                                credentials: run_of(credentials, &mut c, &user.id, |r| &r.user),
+                                tokens: run_of(tokens, &mut t, &user.id, |r| &r.user),
+                            };
+                            let _user = lock(&self.stripes[stripe(&user.id)]);
+                            problems.extend(self.apply(side, &user.id, Some(rows)));
                         }
                         problems
                     })
@@ -244,7 +277,7 @@ impl LiveDirectory {
 
     /// Replaces the user's entries with `snapshot` (`None`: the user is gone). The caller holds the
     /// user's stripe (see [`LiveDirectory::refresh_user`]). Public for benchmarks.
-    pub fn apply(&self, side: &dyn FileSide, name: &str, snapshot: Option<UserSnapshot>) -> Vec<String> {
+    pub fn apply(&self, side: &dyn FileSide, name: &str, snapshot: Option<UserRows<'_>>) -> Vec<String> {
         let mut problems = Vec::new();
         let Some(snapshot) = snapshot else {
             self.remove(name);
@@ -305,7 +338,7 @@ impl LiveDirectory {
                     continue;
                 }
             };
-            let credential = Credential { id: cred.credential_id.into(), header_value };
+            let credential = Credential { id: cred.credential_id.as_str().into(), header_value };
             match credentials.iter_mut().find(|(upstream, _)| **upstream == *cred.upstream) {
                 Some((_, list)) => list.push(credential),
                 None => credentials.push((upstream, vec![credential])),
@@ -343,23 +376,35 @@ impl LiveDirectory {
     }
 }
 
-/// Takes the leading rows that belong to the current user (`Equal`), skipping rows of users before it.
-fn drain_while<T>(
-    rows: &mut std::iter::Peekable<impl Iterator<Item = T>>,
-    of: impl Fn(&T) -> std::cmp::Ordering,
-) -> Vec<T> {
-    use std::cmp::Ordering;
-    let mut mine = Vec::new();
-    while let Some(row) = rows.peek() {
-        match of(row) {
-            Ordering::Less => {
-                rows.next();
-            }
-            Ordering::Equal => mine.extend(rows.next()),
-            Ordering::Greater => break,
-        }
+/// The run of `rows` (sorted by user) that belongs to `user`, from `*at` on; rows of users before it
+/// are skipped (a store's foreign keys leave none, but a row never lands on the wrong user). Leaves
+/// `*at` after the run.
+fn run_of<'a, T>(rows: &'a [T], at: &mut usize, user: &str, of: impl Fn(&T) -> &str) -> &'a [T] {
+    // Runs are short (a user has a key or two): a linear walk beats a binary search per user.
+    let mut start = *at;
+    while start < rows.len() && of(&rows[start]) < user {
+        start += 1;
     }
-    mine
+    let mut end = start;
+    while end < rows.len() && of(&rows[end]) == user {
+        end += 1;
+    }
+    *at = end;
+    &rows[start..end]
+}
+
+/// One user's rows of a snapshot, borrowed.
+pub struct UserRows<'a> {
+    pub user: &'a User,
+    pub keys: &'a [SnapshotKey],
+    pub credentials: &'a [CredentialSecret],
+    pub tokens: &'a [SnapshotToken],
+}
+
+impl<'a> From<&'a UserSnapshot> for UserRows<'a> {
+    fn from(s: &'a UserSnapshot) -> Self {
+        UserRows { user: &s.user, keys: &s.keys, credentials: &s.credentials, tokens: &s.tokens }
+    }
 }
 
 fn stripe(name: &str) -> usize {

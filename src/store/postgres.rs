@@ -24,6 +24,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres::types::Type;
 use postgres::{GenericClient, IsolationLevel, NoTls, Row};
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -256,6 +257,13 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// Announces a change to `user` (or [`RESYNC_ALL`]) when the transaction commits. One round trip:
+/// `execute_typed` needs no separate prepare.
+fn announce(tx: &mut postgres::Transaction<'_>, user: &str) -> StoreResult<()> {
+    tx.execute_typed("SELECT pg_notify($1, $2)", &[(&CHANNEL, Type::TEXT), (&user, Type::TEXT)])?;
+    Ok(())
+}
+
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> StoreError {
         if let Some(db) = e.as_db_error() {
@@ -347,7 +355,7 @@ impl PgStore {
             let mut tx = c.transaction()?;
             let out = f(&mut tx)?;
             if let Some(user) = notify {
-                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &user])?;
+                announce(&mut tx, user)?;
             }
             tx.commit()?;
             Ok(out)
@@ -789,24 +797,38 @@ fn hash32(bytes: Vec<u8>) -> StoreResult<[u8; 32]> {
     bytes.try_into().map_err(|_| corrupt("a hash is not 32 bytes"))
 }
 
-/// Runs `f` on each row as it arrives (a snapshot of a million users is never all rows at once).
+/// Rows fetched per round trip when reading whole tables: one runtime entry per batch, not per row,
+/// and never a million rows in memory at once.
+const BATCH_ROWS: i32 = 10_000;
+
+/// Runs `f` on each row. A whole table (no `user`) is read through a portal in batches; one user's
+/// rows come in one round trip (`query_typed`: no separate prepare). `params`: `user` (text) first.
 fn for_each_row(
-    c: &mut impl GenericClient,
+    tx: &mut postgres::Transaction<'_>,
     sql: &str,
-    params: &[&(dyn postgres::types::ToSql + Sync)],
+    user: Option<&str>,
+    params: &[(&(dyn postgres::types::ToSql + Sync), Type)],
     mut f: impl FnMut(&Row) -> StoreResult<()>,
 ) -> StoreResult<()> {
-    use postgres::fallible_iterator::FallibleIterator;
-    let mut rows = c.query_raw(sql, params.iter().copied())?;
-    while let Some(row) = rows.next()? {
-        f(&row)?;
+    let mut all: Vec<(&(dyn postgres::types::ToSql + Sync), Type)> = vec![(&user, Type::TEXT)];
+    all.extend(params.iter().cloned());
+    if user.is_some() {
+        return tx.query_typed(sql, &all)?.iter().try_for_each(f);
     }
-    Ok(())
+    let plain: Vec<_> = all.iter().map(|(value, _)| *value).collect();
+    let portal = tx.bind(sql, &plain)?;
+    loop {
+        let rows = tx.query_portal(&portal, BATCH_ROWS)?;
+        rows.iter().try_for_each(&mut f)?;
+        if rows.len() < BATCH_ROWS as usize {
+            return Ok(());
+        }
+    }
 }
 
 /// Decrypts the credentials (all, or one user's) with the key of version `version`.
 fn decrypt_credentials(
-    c: &mut impl GenericClient,
+    tx: &mut postgres::Transaction<'_>,
     version: u32,
     key: &MasterKey,
     user: Option<&str>,
@@ -814,10 +836,11 @@ fn decrypt_credentials(
     let mut out = Vec::new();
     let mut failed = None;
     for_each_row(
-        c,
+        tx,
         "SELECT user_id, upstream, credential_id, key_version, nonce, ciphertext FROM credentials
          WHERE ($1::text IS NULL OR user_id = $1) ORDER BY user_id, upstream, credential_id",
-        &[&user],
+        user,
+        &[],
         |r| {
             if failed.is_some() {
                 return Ok(());
@@ -837,7 +860,7 @@ fn decrypt_credentials(
         },
     )?;
     if let Some((user, upstream, credential_id)) = failed {
-        return Err(match current_version(c)? {
+        return Err(match current_version(tx)? {
             Some(current) if current != version => StoreError::RetiredMasterKey { version },
             _ => StoreError::Undecryptable { user, upstream, credential_id },
         });
@@ -847,16 +870,17 @@ fn decrypt_credentials(
 
 /// Users with their active keys, active token URLs and decrypted credentials: all, or one user's.
 fn read_snapshot(
-    c: &mut impl GenericClient,
+    tx: &mut postgres::Transaction<'_>,
     key: Option<&(u32, MasterKey)>,
     user: Option<&str>,
     now: UnixTime,
 ) -> StoreResult<Snapshot> {
     let mut users = Vec::new();
     for_each_row(
-        c,
+        tx,
         &format!("SELECT {USER_COLS} FROM users WHERE ($1::text IS NULL OR id = $1) ORDER BY id"),
-        &[&user],
+        user,
+        &[],
         |r| {
             users.push(user_from_row(r)?);
             Ok(())
@@ -864,11 +888,12 @@ fn read_snapshot(
     )?;
     let mut keys = Vec::new();
     for_each_row(
-        c,
+        tx,
         "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
-         WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1) AND ($2::text IS NULL OR user_id = $2)
-         ORDER BY id",
-        &[&now, &user],
+         WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) AND ($1::text IS NULL OR user_id = $1)
+         ORDER BY user_id, id",
+        user,
+        &[(&now, Type::INT8)],
         |r| {
             keys.push(SnapshotKey {
                 id: r.get(0),
@@ -883,10 +908,11 @@ fn read_snapshot(
     )?;
     let mut tokens = Vec::new();
     for_each_row(
-        c,
+        tx,
         "SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
-         WHERE revoked_at IS NULL AND expires_at > $1 AND ($2::text IS NULL OR user_id = $2) ORDER BY id",
-        &[&now, &user],
+         WHERE revoked_at IS NULL AND expires_at > $2 AND ($1::text IS NULL OR user_id = $1) ORDER BY user_id, id",
+        user,
+        &[(&now, Type::INT8)],
         |r| {
             tokens.push(SnapshotToken {
                 id: r.get(0),
@@ -899,9 +925,9 @@ fn read_snapshot(
         },
     )?;
     let credentials = match key {
-        Some((version, key)) => decrypt_credentials(c, *version, key, user)?,
+        Some((version, key)) => decrypt_credentials(tx, *version, key, user)?,
         None => {
-            let any: bool = c
+            let any: bool = tx
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM credentials WHERE ($1::text IS NULL OR user_id = $1))",
                     &[&user],
@@ -947,10 +973,17 @@ impl Store for PgStore {
         let (unlimited, requests, per_ms, burst) = limit_columns(rate_limit)?;
         let now = self.now();
         self.write(Some(id), |tx| {
-            match tx.execute(
+            match tx.execute_typed(
                 "INSERT INTO users (id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&id, &unlimited, &requests, &per_ms, &burst, &now],
+                &[
+                    (&id, Type::TEXT),
+                    (&unlimited, Type::BOOL),
+                    (&requests, Type::INT8),
+                    (&per_ms, Type::INT8),
+                    (&burst, Type::INT8),
+                    (&now, Type::INT8),
+                ],
             ) {
                 Ok(_) => Ok(User { id: id.to_owned(), rate_limit, created_at: now }),
                 Err(e) if sqlstate(&e) == Some(UNIQUE_VIOLATION) => {
@@ -1081,7 +1114,7 @@ impl Store for PgStore {
                 &[&id, &now],
             )?;
             let key = key_from_row(&row.ok_or_else(|| StoreError::not_found("key", id))?)?;
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &key.user])?;
+            announce(tx, &key.user)?;
             Ok(key)
         })
     }
@@ -1314,7 +1347,7 @@ impl Store for PgStore {
                 &[&id, &now],
             )?;
             let token = token_from_row(&row.ok_or_else(|| StoreError::not_found("token", id))?);
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &token.user])?;
+            announce(tx, &token.user)?;
             Ok(token)
         })
     }
@@ -1442,10 +1475,18 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// then one [`Change::User`] per notification (`*` as `Resync`). A lost connection (or a server that
 /// stops answering for about two seconds) marks `health` down and is retried with backoff (100 ms
 /// doubling to 2 s); every reconnect starts with a `Resync`, since notifications sent meanwhile are lost.
-pub async fn watch(config: PgConfig, sender: tokio::sync::mpsc::UnboundedSender<Change>, health: Arc<StoreHealth>) {
+///
+/// `first`: a connection that was listening before the caller read its snapshot (start-up). It needs
+/// no `Resync`: every change since is queued in it.
+pub async fn watch(
+    config: PgConfig,
+    sender: tokio::sync::mpsc::UnboundedSender<Change>,
+    health: Arc<StoreHealth>,
+    mut first: Option<Listening>,
+) {
     let mut backoff = BACKOFF.0;
     loop {
-        let why = match listen(&config, &sender, &health, &mut backoff).await {
+        let why = match listen(&config, &sender, &health, &mut backoff, first.take()).await {
             Ok(()) => return,
             Err(why) => why,
         };
@@ -1473,57 +1514,74 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A connection that `LISTEN`s on [`CHANNEL`]; notifications queue in it until [`watch`] takes them.
+pub struct Listening {
+    client: tokio_postgres::Client,
+    notified: tokio::sync::mpsc::UnboundedReceiver<Result<String, String>>,
+    _driver: AbortOnDrop,
+}
+
+impl Listening {
+    pub async fn connect(config: &PgConfig) -> Result<Listening, String> {
+        // Its own application name, so operators (and tests) can tell the listener from pooled connections.
+        let mut listener = (*config.config).clone();
+        let name = format!("{}-listen", listener.get_application_name().unwrap_or("mcp-tenant-proxy"));
+        listener.application_name(name);
+        let connect = listener.connect(tokio_postgres::NoTls);
+        let (client, mut connection) = match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(StoreError::from(e).to_string()),
+            Err(_) => return Err("connection timed out".into()),
+        };
+        let (notes, notified) = tokio::sync::mpsc::unbounded_channel::<Result<String, String>>();
+        let driver = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+                let note = match message {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => Ok(n.payload().to_owned()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => Err(StoreError::from(e).to_string()),
+                    None => Err("the server closed the connection".to_owned()),
+                };
+                let end = note.is_err();
+                if notes.send(note).is_err() || end {
+                    return;
+                }
+            }
+        }));
+        let listening = Listening { client, notified, _driver: driver };
+        // CHANNEL is a plain identifier (LISTEN takes no parameters).
+        listening.ask(&format!("LISTEN {CHANNEL}"), PING_TIMEOUT * 2).await?;
+        Ok(listening)
+    }
+
+    async fn ask(&self, sql: &str, within: Duration) -> Result<(), String> {
+        match tokio::time::timeout(within, self.client.batch_execute(sql)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::from(e).to_string()),
+            Err(_) => Err(format!("the server did not answer within {} s", within.as_secs())),
+        }
+    }
+}
+
 /// One connection's life: `Ok` when the receiver is gone, `Err` with the reason the connection ended.
 async fn listen(
     config: &PgConfig,
     sender: &tokio::sync::mpsc::UnboundedSender<Change>,
     health: &StoreHealth,
     backoff: &mut Duration,
+    first: Option<Listening>,
 ) -> Result<(), String> {
-    // Its own application name, so operators (and tests) can tell the listener from pooled connections.
-    let mut listener = (*config.config).clone();
-    let name = format!("{}-listen", listener.get_application_name().unwrap_or("mcp-tenant-proxy"));
-    listener.application_name(name);
-    let connect = listener.connect(tokio_postgres::NoTls);
-    let (client, mut connection) = match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => return Err(StoreError::from(e).to_string()),
-        Err(_) => return Err("connection timed out".into()),
+    let resync = first.is_none();
+    let mut listening = match first {
+        Some(listening) => listening,
+        None => Listening::connect(config).await?,
     };
-    let (notes, mut notified) = tokio::sync::mpsc::unbounded_channel::<Result<String, String>>();
-    let _driver = AbortOnDrop(tokio::spawn(async move {
-        loop {
-            let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
-            let note = match message {
-                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => Ok(n.payload().to_owned()),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => Err(StoreError::from(e).to_string()),
-                None => Err("the server closed the connection".to_owned()),
-            };
-            let end = note.is_err();
-            if notes.send(note).is_err() || end {
-                return;
-            }
-        }
-    }));
-    let ping = |what: &str| {
-        let what = what.to_owned();
-        let client = &client;
-        async move {
-            match tokio::time::timeout(PING_TIMEOUT * 2, client.batch_execute(&what)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(StoreError::from(e).to_string()),
-                Err(_) => Err("the server did not answer".to_owned()),
-            }
-        }
-    };
-    // CHANNEL is a plain identifier (LISTEN takes no parameters).
-    ping(&format!("LISTEN {CHANNEL}")).await?;
     if health.set(true) {
         tracing::info!(store = %config, "PostgreSQL store reachable again: resyncing");
     }
     *backoff = BACKOFF.0;
-    if sender.send(Change::Resync).is_err() {
+    if resync && sender.send(Change::Resync).is_err() {
         return Ok(());
     }
     let mut every = tokio::time::interval(PING_EVERY);
@@ -1531,20 +1589,14 @@ async fn listen(
     every.tick().await;
     loop {
         tokio::select! {
-            note = notified.recv() => {
+            note = listening.notified.recv() => {
                 let payload = note.unwrap_or_else(|| Err("the connection task ended".into()))?;
                 let change = if payload == RESYNC_ALL { Change::Resync } else { Change::User(payload) };
                 if sender.send(change).is_err() {
                     return Ok(());
                 }
             }
-            _ = every.tick() => {
-                match tokio::time::timeout(PING_TIMEOUT, client.simple_query("SELECT 1")).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(StoreError::from(e).to_string()),
-                    Err(_) => return Err("the server did not answer within 1 s".into()),
-                }
-            }
+            _ = every.tick() => listening.ask("SELECT 1", PING_TIMEOUT).await?,
             () = sender.closed() => return Ok(()),
         }
     }
