@@ -74,9 +74,22 @@ async fn inbound_tls_negotiates_h2_and_http1_by_alpn() {
 
 /// An https upstream that records the HTTP version and headers of each request.
 async fn tls_upstream(cert: &Cert) -> (std::net::SocketAddr, Arc<Mutex<Vec<(Version, http::HeaderMap)>>>) {
+    tls_upstream_requiring(cert, None).await
+}
+
+/// As [`tls_upstream`]; with `client_ca`, only clients with a certificate that CA issued get through.
+async fn tls_upstream_requiring(
+    cert: &Cert,
+    client_ca: Option<&str>,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<(Version, http::HeaderMap)>>>) {
     let certs = vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()];
     let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => builder.with_client_cert_verifier(verifier(pem)),
+    };
+    let mut config = builder.with_single_cert(certs, key).unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -129,4 +142,117 @@ async fn https_upstream_is_verified_against_ca_file_and_speaks_h2() {
     assert_eq!(response.status(), 502);
     assert_eq!(json(response).await["error"]["data"]["code"], "upstream_unavailable");
     assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+fn verifier(ca_pem: &str) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().unwrap()
+}
+
+/// A CA, and a client certificate it issued.
+struct ClientPki {
+    ca_pem: String,
+    client: Cert,
+}
+
+fn client_pki() -> ClientPki {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "test client CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["client.test".to_owned()]).unwrap();
+    params.extended_key_usages.push(rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    let cert = params.signed_by(&key, &ca).unwrap();
+    ClientPki { ca_pem: ca.pem(), client: Cert { cert_pem: cert.pem(), key_pem: key.serialize_pem() } }
+}
+
+/// A client trusting `server_pem` that presents `client` (or no certificate).
+fn client_with_identity(server_pem: &str, client: Option<&Cert>) -> TlsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(server_pem.as_bytes()).unwrap()).unwrap();
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let tls = match client {
+        None => tls.with_no_client_auth(),
+        Some(c) => tls
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap()],
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+#[tokio::test]
+async fn with_client_ca_file_only_clients_with_a_certificate_it_issued_are_served() {
+    let (upstream, seen) = recording_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, pki, stranger) = (self_signed(), client_pki(), client_pki());
+    let file = |name: &str, content: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    };
+    let tls = format!(
+        "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n[admin]",
+        file("cert.pem", &server.cert_pem),
+        file("key.pem", &server.key_pem),
+        file("client-ca.pem", &pki.ca_pem)
+    );
+    let harness = Harness::start(&base_config(upstream, "").replacen("[admin]", &tls, 1)).await;
+    let url = format!("https://localhost:{}/mcp/github", harness.addr.port());
+    let headers = [("authorization", "Bearer ent-key-0001"), ("x-alloy-userid", "alice")];
+
+    let response = client_with_identity(&server.cert_pem, Some(&pki.client)).request(mcp_post(&url, &headers)).await;
+    assert_eq!(response.unwrap().status(), 200, "a certificate from the CA is served");
+    for (who, client) in [("no certificate", None), ("another CA's certificate", Some(&stranger.client))] {
+        let response = client_with_identity(&server.cert_pem, client).request(mcp_post(&url, &headers)).await;
+        assert!(response.is_err(), "{who}: refused in the handshake, got {response:?}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1, "refused clients never reach the upstream");
+}
+
+#[tokio::test]
+async fn the_proxy_presents_its_client_certificate_to_an_https_upstream() {
+    let (server, pki) = (self_signed(), client_pki());
+    let (upstream, seen) = tls_upstream_requiring(&server, Some(&pki.ca_pem)).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in
+        [("ca.pem", &server.cert_pem), ("client.pem", &pki.client.cert_pem), ("client.key", &pki.client.key_pem)]
+    {
+        std::fs::write(dir.path().join(name), content).unwrap();
+    }
+    let https = |fields: &str| {
+        base_config(upstream, fields)
+            .replace(&format!("http://{upstream}/mcp"), &format!("https://localhost:{}/mcp", upstream.port()))
+    };
+    let d = dir.path().display();
+    let with_cert = https(&format!(
+        "ca_file = \"{d}/ca.pem\"\nclient_cert_file = \"{d}/client.pem\"\nclient_key_file = \"{d}/client.key\""
+    ));
+    let headers = [("authorization", "Bearer ent-key-0001"), ("x-alloy-userid", "bob")];
+    let harness = Harness::start(&with_cert).await;
+    let response = harness.send(mcp_post(&harness.url("/mcp/github"), &headers)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+
+    // Without it the upstream refuses the handshake: a clean 502, nothing delivered.
+    let harness = Harness::start(&https(&format!("ca_file = \"{d}/ca.pem\""))).await;
+    let response = harness.send(mcp_post(&harness.url("/mcp/github"), &headers)).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+
+    // Half a pair, or a pair for an http:// upstream, is a config error naming the field.
+    let half = https(&format!("ca_file = \"{d}/ca.pem\"\nclient_cert_file = \"{d}/client.pem\""));
+    let error =
+        mcp_tenant_proxy::config::Config::from_toml(&half, std::path::Path::new(".")).err().unwrap().to_string();
+    assert!(error.contains("upstreams.github.client_cert_file"), "{error}");
+    let plain =
+        base_config(upstream, &format!("client_cert_file = \"{d}/client.pem\"\nclient_key_file = \"{d}/client.key\""));
+    let error =
+        mcp_tenant_proxy::config::Config::from_toml(&plain, std::path::Path::new(".")).err().unwrap().to_string();
+    assert!(error.contains("only used by https"), "{error}");
 }

@@ -13,8 +13,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
 use super::body::ProxyBody;
 use super::headers::strip_hop_by_hop;
@@ -25,26 +23,29 @@ use crate::telemetry::metrics::{Metrics, OpenStream};
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// One pooled client per upstream: `http://` (HTTP/1.1, or HTTP/2 with prior knowledge) and `https://`
-/// (rustls, HTTP/2 or HTTP/1.1 by ALPN; webpki roots plus `ca_file`).
+/// (rustls, HTTP/2 or HTTP/1.1 by ALPN; webpki roots plus `ca_file`; with `client_identity` (certificate
+/// and key files) the proxy presents that certificate to the upstream: mutual TLS).
 pub fn build_client(
     connect_timeout: Duration,
     http2_prior_knowledge: bool,
     ca_file: Option<&Path>,
+    client_identity: Option<(&Path, &Path)>,
 ) -> Result<UpstreamClient, String> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("{}: no certificates found", path.display()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+        for cert in crate::server::tls::certificates(path, "ca_file")? {
+            roots.add(cert).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
         }
     }
-    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let tls = match client_identity {
+        None => tls.with_no_client_auth(),
+        Some((cert, key)) => {
+            let (certs, key) = crate::server::tls::identity(cert, key)?;
+            tls.with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate and key do not fit together: {e}"))?
+        }
+    };
 
     let mut http = HttpConnector::new();
     http.enforce_http(false);

@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -30,7 +31,9 @@ pub struct ListenerSettings {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Read at each accept: a reload swaps in a new certificate (or client CA) for new handshakes, and
+    /// connections already open go on with the one they began with.
+    pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     /// 0: no cap per client address.
@@ -63,7 +66,7 @@ where
         // Pings find dead peers; they do not keep a connection from being idle (see `conn`).
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    let tls = settings.tls.map(TlsAcceptor::from);
+    let tls = settings.tls;
     let timing = Timing { first_request: settings.header_read_timeout, idle: settings.idle_timeout };
     let per_ip = (settings.max_connections_per_ip > 0).then(|| Arc::new(PerIp::new(settings.max_connections_per_ip)));
     let gauge = settings.connections;
@@ -117,7 +120,8 @@ where
                 }
             })
         };
-        let (builder, tls, shutdown) = (builder.clone(), tls.clone(), shutdown.clone());
+        let (builder, shutdown) = (builder.clone(), shutdown.clone());
+        let tls = tls.as_ref().map(|tls| TlsAcceptor::from(tls.load_full()));
         let handshake_timeout = settings.header_read_timeout;
         connections.spawn(async move {
             let _ip_slot = ip_slot;
