@@ -82,7 +82,8 @@ fi
 URL=http://127.0.0.1:$PORT/mcp/demo
 READY_URL=http://127.0.0.1:$ADMIN_PORT/readyz
 
-"$BIN" demo --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" >"$DEMO_LOG" 2>&1 &
+AUDIT=$WORK/audit.jsonl
+"$BIN" demo --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --audit-file "$AUDIT" >"$DEMO_LOG" 2>&1 &
 DEMO_PID=$!
 echo "e2e: started demo (pid $DEMO_PID), proxy at $URL"
 
@@ -202,6 +203,20 @@ if ! kill -0 "$DEMO_PID" 2>/dev/null; then
     OUT=$(tail -n 40 "$DEMO_LOG")
     fail "the demo is still running after all client runs"
 fi
+
+# Ctrl-C ends the demo, which then checks its audit trail: one line per request, the chain intact.
+kill -INT "$DEMO_PID"
+for _ in $(seq 100); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.1; done
+wait "$DEMO_PID" 2>/dev/null
+RC=$?
+DEMO_PID=
+OUT=$(tail -n 5 "$DEMO_LOG")
+check "the demo stops on Ctrl-C" succeeded
+check "the demo verifies its audit trail at the end" has "hash chain intact"
+OUT=$("$BIN" audit verify "$AUDIT" 2>&1)
+check "audit verify agrees on the demo's trail" has "intact"
+OUT=$(grep -c '"acting_user":"alice"' "$AUDIT" || true)
+check "the trail holds the calls made as alice" test "$OUT" -gt 0
 
 if ((FAILED > 0)); then
     demo_log_tail

@@ -2,7 +2,10 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -65,6 +68,9 @@ pub struct App {
     audit_health: Arc<AuditHealth>,
     audit_writer: AuditWriter,
     reload_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The proxy listener's TLS config, swapped on reload (new handshakes take the new certificate).
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -156,11 +162,12 @@ impl App {
                 }
             })
         });
+        let tls = server.tls.clone().map(|tls| Arc::new(ArcSwap::new(tls)));
         let settings = ListenerSettings {
             header_read_timeout: server.header_read_timeout,
             idle_timeout: server.idle_timeout,
             max_header_bytes: server.max_header_bytes,
-            tls: server.tls.clone(),
+            tls: tls.clone(),
             shutdown_grace: server.shutdown_grace,
             max_connections: server.max_connections,
             max_connections_per_ip: server.max_connections_per_ip,
@@ -188,7 +195,7 @@ impl App {
                 connections: metrics.connections("admin"),
             };
             let api = usage_store.as_ref().map(|store| Arc::new(AdminApi::new(store.clone(), proxy.clone())));
-            let health = health.clone();
+            let (health, metrics) = (health.clone(), metrics.clone());
             let handler = move |request, _peer| admin::handle(health.clone(), metrics.clone(), api.clone(), request);
             let shutdown = CancellationToken::new();
             (tokio::spawn(listener::serve(admin_listener, settings, handler, shutdown.clone())), shutdown.drop_guard())
@@ -209,6 +216,8 @@ impl App {
             audit_health,
             audit_writer,
             reload_lock,
+            tls,
+            metrics,
         })
     }
 
@@ -221,8 +230,42 @@ impl App {
     /// settings need a restart: they are named in the returned list and keep their old values.
     pub fn reload(&self, config: Config) -> Vec<&'static str> {
         let restart = self.proxy.config().needs_restart(&config);
+        if let (Some(running), Some(next)) = (&self.tls, &config.server.tls) {
+            running.store(next.clone());
+        }
         self.proxy.reload(Arc::new(config));
         restart
+    }
+
+    /// Re-reads the config file at `path` (with the files it names and the store) and applies it; a
+    /// config with problems is refused and the running one stays, said in the log and in
+    /// `mcp_proxy_config_last_reload_ok`. `cause` says in the log what asked for it. True when it took.
+    pub async fn reload_from_file(&self, path: &Path, cause: &'static str) -> bool {
+        // Not while another reload is being built (an older snapshot must not replace a newer one).
+        let _serialized = self.reload_lock.lock().await;
+        let (path, running) = (path.to_owned(), self.config());
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path, Some(&running))).await;
+        let ok = match loaded {
+            Ok(Ok(config)) => {
+                let users = config.directory.user_count() + config.live.user_count();
+                let restart = self.reload(config);
+                tracing::info!(users, cause, "config reloaded");
+                if !restart.is_empty() {
+                    tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(problems = %e, cause, "config not reloaded; the running config stays in force");
+                false
+            }
+            Err(_) => {
+                tracing::error!(cause, "config not reloaded: loading it panicked; the running config stays in force");
+                false
+            }
+        };
+        self.metrics.reloaded(ok);
+        ok
     }
 
     /// Held while a new config is built from the file and the store and swapped in (SIGHUP), so a

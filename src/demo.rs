@@ -3,6 +3,7 @@
 //! The demo calls the server through the proxy as alice and as bob and prints what each was seen as.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -95,7 +96,9 @@ pub async fn spawn_whoami_server(listener: TcpListener, stateful: bool) -> std::
 pub const ENTERPRISE_KEY: &str = "demo-enterprise-key";
 pub const ALICE_KEY: &str = "demo-alice-key";
 
-fn demo_config(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr) -> String {
+fn demo_config(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr, audit: &Path) -> String {
+    // TOML basic strings escape like JSON strings.
+    let audit = serde_json::to_string(&audit.to_string_lossy()).unwrap_or_default();
     format!(
         r#"
 [server]
@@ -103,7 +106,7 @@ listen = "{listen}"
 [admin]
 listen = "{admin}"
 [audit]
-path = "-"
+path = {audit}
 
 [[keys]]
 id = "acme-backend"
@@ -141,15 +144,18 @@ secret = "ghp_demo_bob_0002"
     )
 }
 
-pub async fn run(listen: SocketAddr, admin: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs the demo until Ctrl-C; the audit trail goes to `audit` (a restart continues its chain), and
+/// is verified at the end.
+pub async fn run(listen: SocketAddr, admin: SocketAddr, audit: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let upstream = spawn_whoami_server(TcpListener::bind("127.0.0.1:0").await?, false).await?;
-    let config = Config::from_toml(&demo_config(listen, admin, upstream), std::path::Path::new("."))?;
+    let config = Config::from_toml(&demo_config(listen, admin, upstream, audit), Path::new("."))?;
     let app = App::start(config).await?;
     let url = format!("http://{}/mcp/demo", app.proxy_addr);
 
     println!("mcp-tenant-proxy demo");
     println!("  single-user MCP server (rmcp): http://{upstream}/mcp, it acts with whatever Authorization it gets");
     println!("  proxy:                         {url}");
+    println!("  audit trail:                   {}", audit.display());
     println!("  users alice and bob each own a credential for it; the proxy injects the right one\n");
     for (label, key, user) in [
         ("enterprise key acting as alice", ENTERPRISE_KEY, Some("alice")),
@@ -159,14 +165,26 @@ pub async fn run(listen: SocketAddr, admin: SocketAddr) -> Result<(), Box<dyn st
     ] {
         println!("  {label} -> {}", call_whoami(&url, key, user).await?);
     }
-    println!("\nTry it yourself (the audit trail of each call appears on stdout):\n");
+    println!("\nEach call above is one line of the audit trail (who acted as whom, allowed or why not):");
+    println!("  tail -f {}\n", audit.display());
+    println!("Try it yourself:\n");
     println!("{}\n", curl_command(&url, ENTERPRISE_KEY, Some("bob")));
     println!(
         "Point an MCP client at {url} with the headers 'Authorization: Bearer {ENTERPRISE_KEY}' and 'x-alloy-userid: alice'."
     );
-    println!("Press Ctrl-C to stop.\n");
+    println!("Press Ctrl-C to stop; the demo then checks the trail's hash chain.\n");
     crate::shutdown_signal().await;
     app.shutdown().await;
+    // Every line is written once the app has shut down.
+    let file = std::io::BufReader::new(std::fs::File::open(audit)?);
+    match crate::telemetry::audit::verify(file, false) {
+        Ok(lines) => println!(
+            "\naudit trail {}: {lines} lines, hash chain intact (mcp-tenant-proxy audit verify {})",
+            audit.display(),
+            audit.display()
+        ),
+        Err(e) => println!("\naudit trail {}: {e}", audit.display()),
+    }
     Ok(())
 }
 

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mcp_tenant_proxy::app::App;
-use mcp_tenant_proxy::config::runtime::StoreBackend;
+use mcp_tenant_proxy::config::runtime::{LogFormat, StoreBackend};
+use mcp_tenant_proxy::config::watch::FileWatch;
 use mcp_tenant_proxy::config::{Config, ConfigError};
 use mcp_tenant_proxy::policy::ratelimit::LimitClock;
 use mcp_tenant_proxy::store::postgres;
@@ -16,6 +17,10 @@ mod cli;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Operational log format on stderr: text or json (else MCP_PROXY_LOG_FORMAT, else the config's
+    /// [log] format, else text).
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -38,6 +43,10 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
+        /// Where the demo writes its audit trail (default: mcp-tenant-proxy-demo-audit.jsonl in the
+        /// system's temporary directory); a later run continues its chain.
+        #[arg(long)]
+        audit_file: Option<PathBuf>,
     },
     /// Work with an audit trail.
     Audit {
@@ -65,9 +74,23 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    mcp_tenant_proxy::telemetry::init_logging();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let command = cli.command.unwrap_or(Command::Run { config: "proxy.toml".into() });
+    let from_env = std::env::var("MCP_PROXY_LOG_FORMAT").ok().filter(|v| !v.is_empty());
+    let format = match cli.log_format.or(from_env) {
+        Some(name) => match LogFormat::parse(&name) {
+            Some(format) => format,
+            None => {
+                eprintln!("MCP_PROXY_LOG_FORMAT: {name:?} is not \"text\" or \"json\"");
+                return ExitCode::from(2);
+            }
+        },
+        None => match &command {
+            Command::Run { config } | Command::CheckConfig { config } => LogFormat::of_file(config).unwrap_or_default(),
+            _ => LogFormat::default(),
+        },
+    };
+    mcp_tenant_proxy::telemetry::init_logging(format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match command {
         Command::Run { config } => runtime.block_on(run(config)),
         Command::CheckConfig { config } => check_config(&config),
@@ -81,8 +104,9 @@ fn main() -> ExitCode {
             verify_audit(&file, allow_continuation)
         }
         Command::Store(command) => cli::store::run(command),
-        Command::Demo { listen, admin_listen } => {
-            match runtime.block_on(mcp_tenant_proxy::demo::run(listen, admin_listen)) {
+        Command::Demo { listen, admin_listen, audit_file } => {
+            let audit = audit_file.unwrap_or_else(|| std::env::temp_dir().join("mcp-tenant-proxy-demo-audit.jsonl"));
+            match runtime.block_on(mcp_tenant_proxy::demo::run(listen, admin_listen, &audit)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("demo failed: {e}");
@@ -138,13 +162,24 @@ async fn run(path: PathBuf) -> ExitCode {
         }
     };
     tokio::pin!(shutdown);
+    // The config file and every file it names are watched: a change reloads, as SIGHUP does.
+    let watched = |config: &Config| [vec![path.clone()], config.files.clone()].concat();
+    let mut files = FileWatch::new(watched(&app.config()));
+    let mut every = tokio::time::interval(WATCH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = hangup.recv() => {
-                // Not while the admin API is rebuilding the config after a write.
-                let _serialized = app.reload_lock().lock().await;
-                reload(&app, &path);
+                app.reload_from_file(&path, "SIGHUP").await;
+                files.watch(watched(&app.config()));
+            }
+            _ = every.tick() => {
+                if files.poll() {
+                    app.reload_from_file(&path, "a watched file changed").await;
+                    // After a failed reload the same files stay watched: fixing one reloads again.
+                    files.watch(watched(&app.config()));
+                }
             }
         }
     }
@@ -153,20 +188,8 @@ async fn run(path: PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// SIGHUP: re-read the config file; a config with problems is refused and the running one stays.
-fn reload(app: &App, path: &Path) {
-    match Config::load(path, Some(&app.config())) {
-        Ok(config) => {
-            let users = config.directory.user_count() + config.live.user_count();
-            let restart = app.reload(config);
-            tracing::info!(users, "config reloaded");
-            if !restart.is_empty() {
-                tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
-            }
-        }
-        Err(e) => tracing::error!(problems = %e, "config not reloaded; the running config stays in force"),
-    }
-}
+/// How often the watched files are looked at; a change is taken one period after the last write.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path, None) {

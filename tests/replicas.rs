@@ -8,12 +8,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::Running as Replica;
 use common::pg::TestDb;
 use common::*;
 use http::{Method, Request, StatusCode};
@@ -32,19 +32,6 @@ fn redis_url() -> String {
 }
 
 /// One replica: the binary on its own config file, killed when dropped.
-struct Replica {
-    child: Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What the replicas share: the store, the limiter and the files every config names.
 struct Cluster {
     dir: tempfile::TempDir,
@@ -106,37 +93,7 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
     }
 
     fn start(&self, n: usize, on_error: &str) -> Replica {
-        spawn(&self.config(n, on_error), &self.dir.path().join(format!("replica-{n}.log")))
-    }
-}
-
-/// Starts the binary and reads the addresses it logs (it listens on port 0); its log goes on to `log`,
-/// which a failing test prints.
-fn spawn(config: &Path, log: &Path) -> Replica {
-    let child = Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Killed and reaped when dropped, also when the start fails below.
-    let unbound = "0.0.0.0:0".parse().unwrap();
-    let mut replica = Replica { child, proxy: unbound, admin: unbound };
-    let mut stderr = BufReader::new(replica.child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "a replica exited before listening");
-        let field = |name: &str| Some(line.split(name).nth(1)?.split_whitespace().next()?.to_owned());
-        if let (Some(proxy), Some(admin)) = (field("proxy_addr="), field("admin_addr=Some(")) {
-            let mut file = std::fs::File::create(log).unwrap();
-            std::thread::spawn(move || std::io::copy(&mut stderr, &mut file));
-            replica.admin = admin.trim_end_matches(')').parse().unwrap();
-            replica.proxy = proxy.parse().unwrap();
-            return replica;
-        }
+        Replica::spawn(&self.config(n, on_error), &self.dir.path().join(format!("replica-{n}.log")))
     }
 }
 

@@ -54,6 +54,7 @@ fn event_for(piece: &str, i: usize) -> String {
     let rpc = inspect(piece.as_bytes()).ok();
     let jsonrpc_id = rpc.as_ref().and_then(|rpc| rpc.error_id());
     let event = AuditEvent {
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
         request_id: piece,
         method: "POST",
         path: piece,

@@ -2,5 +2,6 @@
 
 pub mod raw;
 pub mod runtime;
+pub mod watch;
 
 pub use runtime::{Config, ConfigError, Problem, UnknownUserPolicy, Upstream};

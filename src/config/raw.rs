@@ -2,7 +2,7 @@
 //! error that names the field. [`super::runtime`] turns these into validated runtime types.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -33,6 +33,41 @@ pub struct RawConfig {
     pub rate_limiter: Option<RawRateLimiter>,
     pub sessions: Option<RawSessions>,
     pub store: Option<RawStore>,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+impl RawConfig {
+    /// Every file this config reads besides itself (secrets, certificates, CAs), as written: the
+    /// files a running proxy watches to reload when one changes.
+    pub fn files(&self) -> Vec<&Path> {
+        let mut files: Vec<&Path> = Vec::new();
+        if let Some(tls) = &self.server.tls {
+            files.extend([tls.cert_file.as_path(), tls.key_file.as_path()]);
+            files.extend(tls.client_ca_file.as_deref());
+        }
+        files.extend(self.admin.token_file.as_deref());
+        files.extend(self.keys.iter().filter_map(|k| k.secret_file.as_deref()));
+        files.extend(self.credentials.iter().filter_map(|c| c.secret_file.as_deref()));
+        for u in self.upstreams.values() {
+            files
+                .extend([&u.ca_file, &u.client_cert_file, &u.client_key_file].into_iter().filter_map(|f| f.as_deref()));
+        }
+        if let Some(st) = &self.store {
+            files.extend([&st.password_file, &st.master_key_file].into_iter().filter_map(|f| f.as_deref()));
+        }
+        files.extend(self.rate_limiter.as_ref().and_then(|r| r.password_file.as_deref()));
+        files.extend(self.sessions.as_ref().and_then(|s| s.secret_file.as_deref()));
+        files
+    }
+}
+
+/// Operational logs (stderr). The audit trail is separate (`[audit]`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// "text" (default) or "json"; the `--log-format` flag and `MCP_PROXY_LOG_FORMAT` take precedence.
+    pub format: Option<String>,
 }
 
 /// The store: users, keys, credentials and token URLs managed at run time. Exactly one of `path` (the
@@ -123,6 +158,8 @@ impl Default for RawServer {
 pub struct RawTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// PEM CA certificates: clients must present a certificate they issued (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +242,9 @@ pub struct RawUpstream {
     pub http2_prior_knowledge: bool,
     /// Extra PEM CA certificates trusted for an `https://` upstream, besides the webpki roots.
     pub ca_file: Option<PathBuf>,
+    /// The certificate (PEM chain) and key the proxy presents to an `https://` upstream (mutual TLS).
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
     /// Per user, on this upstream only.
     pub rate_limit: Option<RawLimit>,
     pub restrictions: Option<RawRestrictions>,

@@ -33,12 +33,45 @@ pub struct Config {
     pub directory: Directory,
     /// The store's, updated in place (shared by every config of the process: a reload keeps it).
     pub live: Arc<LiveDirectory>,
+    /// Every file the config read besides itself (secrets, certificates): a change to one reloads it.
+    pub files: Vec<PathBuf>,
+    pub log_format: LogFormat,
     pub upstreams: Vec<Upstream>,
     /// The key binding MCP sessions to users; `None`: a random key of this process.
     pub session_secret: Option<Secret>,
     pub store: Option<StoreSettings>,
     /// Where rate-limit state lives (`[rate_limiter]`).
     pub rate_limiter: RateLimiterBackend,
+}
+
+/// How operational logs are written (`[log] format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line, with the request's id and trace id on every line of a request.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+
+    /// The `[log] format` of the config file at `path`, read before the logs start (the file is parsed
+    /// whole later, and its problems reported then).
+    pub fn of_file(path: &Path) -> Option<LogFormat> {
+        #[derive(serde::Deserialize)]
+        struct Only {
+            log: Option<crate::config::raw::RawLog>,
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        toml::from_str::<Only>(&text).ok()?.log?.format.as_deref().and_then(LogFormat::parse)
+    }
 }
 
 /// Where rate-limit state lives.
@@ -153,8 +186,6 @@ pub struct ServerSettings {
     /// loopback origins (see `headers::own_origins`).
     pub allowed_origins: Option<Vec<String>>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Certificate and key paths, to tell a reload that the TLS setup changed.
-    pub tls_files: Option<(PathBuf, PathBuf)>,
 }
 
 pub struct IdentitySettings {
@@ -337,7 +368,8 @@ impl Config {
         let (a, b) = (&self.server, &next.server);
         [
             ("server.listen", a.listen != b.listen),
-            ("server.tls", a.tls_files != b.tls_files),
+            // New certificates and client CAs are taken on reload; turning TLS on or off is not.
+            ("server.tls", a.tls.is_some() != b.tls.is_some()),
             ("server.header_read_timeout", a.header_read_timeout != b.header_read_timeout),
             ("server.max_header_bytes", a.max_header_bytes != b.max_header_bytes),
             ("server.shutdown_grace", a.shutdown_grace != b.shutdown_grace),
@@ -347,6 +379,7 @@ impl Config {
             ("server.listen_backlog", a.listen_backlog != b.listen_backlog),
             ("admin.listen", self.admin_listen != next.admin_listen),
             ("audit.path", self.audit_path != next.audit_path),
+            ("log.format", self.log_format != next.log_format),
             ("rate_limiter", self.rate_limiter != next.rate_limiter),
         ]
         .into_iter()
@@ -451,6 +484,14 @@ impl Builder<'_> {
 
     fn build(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(&raw);
+        let log_format = match raw.log.format.as_deref().map(LogFormat::parse) {
+            None => Some(LogFormat::default()),
+            Some(Some(format)) => Some(format),
+            Some(None) => {
+                self.problem("log.format", "must be \"text\" or \"json\"");
+                None
+            }
+        };
         let admin_listen = match raw.admin.listen.as_str() {
             "" => None,
             s => self.socket_addr("admin.listen", s),
@@ -508,6 +549,8 @@ impl Builder<'_> {
 
         match (self.problems.is_empty(), server, identity, session_secret, admin_token) {
             (true, Some(server), Some(identity), Some(session_secret), Some(admin_token)) => Ok(Config {
+                files: raw.files().into_iter().map(|f| self.base_dir.join(f)).collect(),
+                log_format: log_format.unwrap_or_default(),
                 server,
                 admin_listen,
                 admin_token,
@@ -608,7 +651,10 @@ impl Builder<'_> {
         let tls = s.tls.as_ref().and_then(|tls| {
             let cert = self.base_dir.join(&tls.cert_file);
             let key = self.base_dir.join(&tls.key_file);
-            crate::server::tls::server_config(&cert, &key).map_err(|e| self.problem("server.tls", e)).ok()
+            let client_ca = tls.client_ca_file.as_ref().map(|p| self.base_dir.join(p));
+            crate::server::tls::server_config(&cert, &key, client_ca.as_deref())
+                .map_err(|e| self.problem("server.tls", e))
+                .ok()
         });
         Some(ServerSettings {
             listen: listen?,
@@ -625,7 +671,6 @@ impl Builder<'_> {
             listen_backlog: s.listen_backlog,
             allowed_origins,
             tls,
-            tls_files: s.tls.as_ref().map(|t| (t.cert_file.clone(), t.key_file.clone())),
         })
     }
 
@@ -745,9 +790,29 @@ impl Builder<'_> {
         if ca_file.is_some() && !is_https {
             self.problem(format!("{path}.ca_file"), "is only used by https:// upstreams");
         }
-        let client = crate::proxy::forward::build_client(connect_timeout?, u.http2_prior_knowledge, ca_file.as_deref())
-            .map_err(|e| self.problem(format!("{path}.ca_file"), e))
-            .ok()?;
+        let client_identity = match (&u.client_cert_file, &u.client_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((self.base_dir.join(cert), self.base_dir.join(key))),
+            _ => {
+                self.problem(format!("{path}.client_cert_file"), "client_cert_file and client_key_file go together");
+                None
+            }
+        };
+        if client_identity.is_some() && !is_https {
+            self.problem(format!("{path}.client_cert_file"), "is only used by https:// upstreams");
+        }
+        let identity = client_identity.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path()));
+        let client = crate::proxy::forward::build_client(
+            connect_timeout?,
+            u.http2_prior_knowledge,
+            ca_file.as_deref(),
+            identity,
+        )
+        .map_err(|e| {
+            let field = if e.starts_with("ca_file") { "ca_file" } else { "client_cert_file" };
+            self.problem(format!("{path}.{field}"), e)
+        })
+        .ok()?;
         let authority = url.authority()?.clone();
         Some(Upstream {
             id: UpstreamId(u16::try_from(index).ok()?),

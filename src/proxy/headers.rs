@@ -150,6 +150,7 @@ pub struct Rewrite<'a> {
     pub peer: SocketAddr,
     pub tls: bool,
     pub request_id: &'a str,
+    pub trace: &'a crate::telemetry::trace::TraceContext,
 }
 
 /// Turns the client's request into the upstream's: new URI, client secrets and hop-by-hop headers
@@ -189,6 +190,7 @@ pub fn rewrite_request(parts: &mut Parts, upstream: &Upstream, rw: &Rewrite<'_>)
     if let Ok(id) = HeaderValue::from_str(rw.request_id) {
         headers.insert("x-request-id", id);
     }
+    rw.trace.apply(headers);
     Ok(())
 }
 

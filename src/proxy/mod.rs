@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -29,6 +30,7 @@ use crate::policy::{auth, credential, identity};
 use crate::store::{KeyKind, UserRef};
 use crate::telemetry::audit::{AuditEvent, AuditSink};
 use crate::telemetry::metrics::{self, Metrics};
+use crate::telemetry::trace::TraceContext;
 use crate::telemetry::usage::UsageCounters;
 use body::{BodyBudget, BudgetLimits, ProxyBody};
 use legacy::LegacyStreams;
@@ -150,6 +152,20 @@ impl Proxy {
     }
 
     pub async fn handle(&self, request: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        let trace = TraceContext::from_headers(request.headers());
+        let request_id = format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed));
+        // Every log line of the request carries both ids.
+        let span = tracing::info_span!("request", request_id = %request_id, trace_id = %trace.trace_id());
+        self.handle_traced(request, peer, request_id, trace).instrument(span).await
+    }
+
+    async fn handle_traced(
+        &self,
+        request: Request<Incoming>,
+        peer: Peer,
+        request_id: String,
+        trace: TraceContext,
+    ) -> Response<ProxyBody> {
         // One reference-count bump; the config is never cloned per request.
         let active = self.active.load_full();
         // A place in the audit queue first: a slow trail holds requests back here, before any work is done
@@ -159,7 +175,8 @@ impl Proxy {
         let permit = self.audit.reserve().await;
         let mut record = Record {
             proxy: self,
-            request_id: format!("{:08x}-{:x}", self.instance, self.request_seq.fetch_add(1, Ordering::Relaxed)),
+            request_id,
+            trace,
             path: audit_path(&active.config, request.uri().path()).into_owned(),
             started: Instant::now(),
             ctx: RequestCtx {
@@ -172,7 +189,8 @@ impl Proxy {
         };
         // A panic on the request path is a bug, but it must still end in an answer and an audit line:
         // it becomes a 500 here rather than a dropped connection and a request the trail never saw.
-        let outcome = AssertUnwindSafe(self.pipeline(&active, &mut record.ctx, request, peer, &record.request_id))
+        let ids = Ids { request: &record.request_id, trace: &record.trace };
+        let outcome = AssertUnwindSafe(self.pipeline(&active, &mut record.ctx, request, peer, ids))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| Err(Refusal { error: ProxyError::Internal, detail: Some("panic".into()) }));
@@ -185,13 +203,7 @@ impl Proxy {
                     false => error.into_response(ctx.error_id()),
                 };
                 // The one place a refusal is logged.
-                tracing::info!(
-                    request_id = record.request_id,
-                    code = error.code(),
-                    status = response.status().as_u16(),
-                    detail,
-                    "request refused"
-                );
+                tracing::info!(code = error.code(), status = response.status().as_u16(), detail, "request refused");
                 if let ProxyError::RateLimited(refusal) = &error {
                     ctx.limited_at = Some(refusal.level);
                 }
@@ -225,7 +237,7 @@ impl Proxy {
         ctx: &mut RequestCtx,
         request: Request<Incoming>,
         peer: Peer,
-        request_id: &str,
+        ids: Ids<'_>,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let (mut parts, body) = request.into_parts();
         let config = &active.config;
@@ -296,7 +308,8 @@ impl Proxy {
             acting_user,
             peer: peer.addr,
             tls: peer.tls,
-            request_id,
+            request_id: ids.request,
+            trace: ids.trace,
         };
         headers::rewrite_request(&mut parts, upstream, &rewrite)?;
         // Forward over the pooled client and stream the answer back.
@@ -343,9 +356,17 @@ impl Proxy {
 }
 
 /// One request's outcome, counted (usage, metrics) and audited exactly once.
+/// The request's own id and its trace.
+#[derive(Clone, Copy)]
+struct Ids<'a> {
+    request: &'a str,
+    trace: &'a TraceContext,
+}
+
 struct Record<'p> {
     proxy: &'p Proxy,
     request_id: String,
+    trace: TraceContext,
     path: String,
     started: Instant,
     ctx: RequestCtx,
@@ -374,6 +395,7 @@ impl Record<'_> {
         });
         let line = AuditSink::line(&AuditEvent {
             request_id: &self.request_id,
+            trace_id: self.trace.trace_id(),
             method: ctx.method.as_str(),
             path: &self.path,
             key_id: ctx.key_id.as_deref(),
@@ -405,7 +427,7 @@ impl Drop for Record<'_> {
     /// "client closed request".
     fn drop(&mut self) {
         if !self.done {
-            tracing::info!(request_id = self.request_id, "the client went away before the answer");
+            tracing::info!("the client went away before the answer");
             self.finish(499, "error", "client_gone");
         }
     }

@@ -28,6 +28,8 @@ use crate::secret::sha256;
 #[derive(Serialize)]
 pub struct AuditEvent<'a> {
     pub request_id: &'a str,
+    /// The W3C trace id the request was forwarded with (the client's, or a new one).
+    pub trace_id: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub key_id: Option<&'a str>,

@@ -70,6 +70,11 @@ struct ToolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: &'static str,
 }
@@ -110,6 +115,8 @@ pub struct Metrics {
     open_streams: Gauge,
     connections: Family<ListenerLabels, Gauge>,
     rate_limit_backend_up: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+    last_reload_ok: Gauge,
     /// The label of requests that matched no upstream.
     no_upstream: Arc<str>,
 }
@@ -157,6 +164,19 @@ impl Metrics {
             "1 while the rate-limit backend answers in time; 0 while Redis does not (on_error decides meanwhile)",
             rate_limit_backend_up.clone(),
         );
+        let reloads = Family::default();
+        registry.register(
+            "mcp_proxy_config_reloads",
+            "Config reloads (SIGHUP, a changed config or referenced file, an admin write), by result",
+            reloads.clone(),
+        );
+        let last_reload_ok = Gauge::default();
+        last_reload_ok.set(1);
+        registry.register(
+            "mcp_proxy_config_last_reload_ok",
+            "0 while the last reload failed (the config in force is the one before it; the log says why)",
+            last_reload_ok.clone(),
+        );
         registry.register_collector(Box::new(AuditErrors(audit)));
         Metrics {
             registry,
@@ -169,6 +189,8 @@ impl Metrics {
             open_streams,
             connections,
             rate_limit_backend_up,
+            reloads,
+            last_reload_ok,
             no_upstream: Arc::from(""),
         }
     }
@@ -241,6 +263,12 @@ impl Metrics {
     /// The `mcp_proxy_rate_limit_backend_up` gauge, for the shared limiter to set.
     pub fn rate_limit_backend_up(&self) -> Gauge {
         self.rate_limit_backend_up.clone()
+    }
+
+    /// Counts a config reload and whether it took.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } }).inc();
+        self.last_reload_ok.set(i64::from(ok));
     }
 
     /// The OpenMetrics text exposition ([`CONTENT_TYPE`]) of every series.

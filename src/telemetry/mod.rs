@@ -2,16 +2,23 @@
 
 pub mod audit;
 pub mod metrics;
+pub mod trace;
 pub mod usage;
+
+use crate::config::runtime::LogFormat;
 
 /// Logs go to stderr so stdout stays free for the audit trail; `RUST_LOG` filters (default `info`).
 /// A closed stderr loses log lines but never stops the proxy (tracing's own error report would panic).
-pub fn init_logging() {
+/// JSON lines carry the fields of the spans they are in: a request's lines carry its `request_id`
+/// and `trace_id` (see `Proxy::handle`).
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rmcp=warn".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
-        .log_internal_errors(false)
-        .try_init();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+    };
 }

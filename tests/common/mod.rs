@@ -496,3 +496,63 @@ pub fn stream_request(url: &str) -> Request<TestBody> {
         .body(body(""))
         .unwrap()
 }
+
+/// The proxy binary, running (`run --config`): killed and reaped when dropped.
+pub struct Running {
+    pub child: std::process::Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Running {
+    /// Starts the binary and reads the addresses it logs (it listens on port 0; the config must have an
+    /// admin listener); the rest of its log goes on to `log`, which a failing test prints.
+    pub fn spawn(config: &Path, log: &Path) -> Running {
+        Running::spawn_with(config, log, &[])
+    }
+
+    /// As [`Running::spawn`], with more arguments after `run --config FILE` (text or JSON logs).
+    pub fn spawn_with(config: &Path, log: &Path, args: &[&str]) -> Running {
+        use std::io::{BufRead, BufReader};
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tenant-proxy"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("MCP_PROXY_LOG_FORMAT")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Killed and reaped when dropped, also when the start fails below.
+        let unbound = "0.0.0.0:0".parse().unwrap();
+        let mut running = Running { child, proxy: unbound, admin: unbound };
+        let mut stderr = BufReader::new(running.child.stderr.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "the proxy exited before listening");
+            // `proxy_addr=127.0.0.1:1 admin_addr=Some(127.0.0.1:2)`, or the same as JSON fields.
+            let json: Option<serde_json::Value> = serde_json::from_str(&line).ok();
+            let field = |name: &str| match &json {
+                Some(json) => json["fields"][name].as_str().map(|v| v.trim_start_matches("Some(").to_owned()),
+                None => Some(line.split(&format!("{name}=")).nth(1)?.split_whitespace().next()?.to_owned()),
+            };
+            if let (Some(proxy), Some(admin)) = (field("proxy_addr"), field("admin_addr")) {
+                let admin = admin.trim_start_matches("Some(");
+                let mut file = std::fs::File::create(log).unwrap();
+                std::thread::spawn(move || std::io::copy(&mut stderr, &mut file));
+                running.admin = admin.trim_end_matches(')').parse().unwrap();
+                running.proxy = proxy.parse().unwrap();
+                return running;
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,110 @@
+//! Notices when the config file or a file it names (secrets, certificates) changes, so the proxy can
+//! reload by itself: Kubernetes updates mounted Secrets and ConfigMaps in place, and cert-manager
+//! rotates certificates the same way.
+//!
+//! It polls each file's metadata, following symlinks, rather than using inotify: Kubernetes swaps a
+//! `..data` symlink to a new directory, so a watch on the file itself (or its directory) misses the
+//! change or has to be re-armed, while a stat a second of a handful of files costs nothing and sees
+//! every kind of replacement (rename, symlink swap, rewrite in place).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// What identifies one version of a file; `None` while it cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), modified: m.modified().ok() })
+}
+
+/// The files being watched and how they looked when last seen.
+#[derive(Debug, Default)]
+pub struct FileWatch {
+    seen: Vec<(PathBuf, Option<Stamp>)>,
+    /// A change was seen and the files have not settled yet.
+    pending: bool,
+}
+
+impl FileWatch {
+    pub fn new(paths: Vec<PathBuf>) -> FileWatch {
+        let mut watch = FileWatch::default();
+        watch.watch(paths);
+        watch
+    }
+
+    /// Watches `paths` from now on, as they are now (after a reload took them in).
+    pub fn watch(&mut self, mut paths: Vec<PathBuf>) {
+        paths.sort();
+        paths.dedup();
+        self.seen = paths.into_iter().map(|p| (stamp(&p), p)).map(|(s, p)| (p, s)).collect();
+        self.pending = false;
+    }
+
+    /// Looks at every file once; true when a change seen earlier has settled: no file changed since the
+    /// last look (so several files written one after another, or a file written in steps, reload once,
+    /// after the last write). Call it at a steady pace; the debounce is one period.
+    pub fn poll(&mut self) -> bool {
+        let mut changed = false;
+        for (path, seen) in &mut self.seen {
+            let now = stamp(path);
+            if now != *seen {
+                *seen = now;
+                changed = true;
+            }
+        }
+        if changed {
+            self.pending = true;
+            return false;
+        }
+        std::mem::replace(&mut self.pending, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_reported_once_the_files_settle_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "1").unwrap();
+        let mut watch = FileWatch::new(vec![a.clone(), b.clone(), a.clone()]);
+        assert!(!watch.poll(), "nothing changed");
+        std::fs::write(&a, "22").unwrap();
+        assert!(!watch.poll(), "changed just now: wait one period");
+        std::fs::write(&b, "appeared").unwrap();
+        assert!(!watch.poll(), "still changing");
+        assert!(watch.poll(), "settled");
+        assert!(!watch.poll(), "reported once");
+    }
+
+    #[test]
+    fn a_symlink_swapped_to_a_new_target_is_a_change() {
+        // How Kubernetes updates a mounted Secret: `key -> ..data/key`, and `..data` is swapped.
+        let dir = tempfile::tempdir().unwrap();
+        let (v1, v2) = (dir.path().join("v1"), dir.path().join("v2"));
+        std::fs::create_dir(&v1).unwrap();
+        std::fs::create_dir(&v2).unwrap();
+        std::fs::write(v1.join("key"), "same").unwrap();
+        std::fs::write(v2.join("key"), "same").unwrap();
+        let data = dir.path().join("..data");
+        std::os::unix::fs::symlink(&v1, &data).unwrap();
+        let key = dir.path().join("key");
+        std::os::unix::fs::symlink(data.join("key"), &key).unwrap();
+        let mut watch = FileWatch::new(vec![key]);
+        let tmp = dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&v2, &tmp).unwrap();
+        std::fs::rename(&tmp, &data).unwrap();
+        assert!(!watch.poll());
+        assert!(watch.poll(), "the same bytes in a new file are a new version");
+    }
+}
