@@ -199,6 +199,21 @@ for client in python python-legacy node; do
     check "$client, unknown key: reports invalid_api_key / 401" reports invalid_api_key 401
 done
 
+# The MCP Inspector's CLI (npm @modelcontextprotocol/inspector), as a person would use it.
+INSPECTOR=$HERE/node_modules/.bin/mcp-inspector
+for user in alice bob; do
+    OUT=$(timeout "$CLIENT_TIMEOUT" "$INSPECTOR" --cli "$URL" --transport http --method tools/call --tool-name whoami \
+        --header "Authorization: Bearer demo-enterprise-key" --header "x-alloy-userid: $user" 2>&1)
+    RC=$?
+    check "MCP Inspector CLI as $user: exits 0" succeeded
+    check "MCP Inspector CLI as $user: upstream got $user's credential" has "Bearer ${CRED[$user]}"
+    check "MCP Inspector CLI as $user: ${OTHER[$user]}'s credential never appears" lacks "${CRED[${OTHER[$user]}]}"
+done
+OUT=$(timeout "$CLIENT_TIMEOUT" "$INSPECTOR" --cli "$URL" --transport http --method tools/list \
+    --header "Authorization: Bearer not-a-valid-key" 2>&1)
+RC=$?
+check "MCP Inspector CLI with an unknown key: refused" test "$RC" -ne 0
+
 if ! kill -0 "$DEMO_PID" 2>/dev/null; then
     OUT=$(tail -n 40 "$DEMO_LOG")
     fail "the demo is still running after all client runs"
