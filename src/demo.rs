@@ -107,6 +107,8 @@ listen = "{listen}"
 listen = "{admin}"
 [audit]
 path = {audit}
+[sessions]
+secret = "demo-session-key-not-for-production"
 
 [[keys]]
 id = "acme-backend"

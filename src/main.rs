@@ -89,7 +89,7 @@ fn main() -> ExitCode {
             _ => LogFormat::default(),
         },
     };
-    mcp_tenant_proxy::telemetry::init_logging(format);
+    mcp_tenant_proxy::telemetry::init_logging(format, matches!(command, Command::Demo { .. }));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match command {
         Command::Run { config } => runtime.block_on(run(config)),

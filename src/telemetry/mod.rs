@@ -11,8 +11,10 @@ use crate::config::runtime::LogFormat;
 /// A closed stderr loses log lines but never stops the proxy (tracing's own error report would panic).
 /// JSON lines carry the fields of the spans they are in: a request's lines carry its `request_id`
 /// and `trace_id` (see `Proxy::handle`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rmcp=warn".into());
+/// `quiet`: warnings and errors only unless `RUST_LOG` says otherwise (the demo, whose stdout is the story).
+pub fn init_logging(format: LogFormat, quiet: bool) {
+    let default = if quiet { "warn" } else { "info,rmcp=warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     let _ = match format {
