@@ -243,6 +243,7 @@ impl App {
     pub async fn reload_from_file(&self, path: &Path, cause: &'static str) -> bool {
         // Not while another reload is being built (an older snapshot must not replace a newer one).
         let _serialized = self.reload_lock.lock().await;
+        tracing::info!(cause, "reloading the config");
         let (path, running) = (path.to_owned(), self.config());
         let loaded = tokio::task::spawn_blocking(move || Config::load(&path, Some(&running))).await;
         let ok = match loaded {

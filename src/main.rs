@@ -43,8 +43,8 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
-        /// Where the demo writes its audit trail (default: mcp-tenant-proxy-demo-audit.jsonl in the
-        /// system's temporary directory); a later run continues its chain.
+        /// Where the demo writes its audit trail (default: audit.jsonl in a new directory of its own in
+        /// the system's temporary directory); an existing file's chain is continued.
         #[arg(long)]
         audit_file: Option<PathBuf>,
     },
@@ -92,7 +92,13 @@ fn main() -> ExitCode {
     mcp_tenant_proxy::telemetry::init_logging(format, matches!(command, Command::Demo { .. }));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match command {
-        Command::Run { config } => runtime.block_on(run(config)),
+        Command::Run { config } => {
+            let code = runtime.block_on(run(config));
+            // A reload cut short by SIGTERM may still be reading the store on a blocking thread: the
+            // process does not wait for it (the running config was never replaced).
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
+        }
         Command::CheckConfig { config } => check_config(&config),
         Command::Keygen => {
             let (key, hash) = keygen();
@@ -105,7 +111,17 @@ fn main() -> ExitCode {
         }
         Command::Store(command) => cli::store::run(command),
         Command::Demo { listen, admin_listen, audit_file } => {
-            let audit = audit_file.unwrap_or_else(|| std::env::temp_dir().join("mcp-tenant-proxy-demo-audit.jsonl"));
+            let audit = match audit_file.map_or_else(demo_audit_file, Ok) {
+                Ok(path) if path.to_str().is_some() => path,
+                Ok(path) => {
+                    eprintln!("demo: --audit-file {}: the path must be UTF-8", path.display());
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("demo: cannot make a directory for the audit trail: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             match runtime.block_on(mcp_tenant_proxy::demo::run(listen, admin_listen, &audit)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -115,6 +131,16 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A new directory of this run's own (mode 0700, so on a shared /tmp no one else reads or pre-creates
+/// the trail), holding `audit.jsonl`.
+fn demo_audit_file() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let tag: [u8; 6] = rand::random();
+    let dir = std::env::temp_dir().join(format!("mcp-tenant-proxy-demo-{}", hex::encode(tag)));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir.join("audit.jsonl"))
 }
 
 async fn run(path: PathBuf) -> ExitCode {
@@ -137,6 +163,9 @@ async fn run(path: PathBuf) -> ExitCode {
         },
         _ => None,
     };
+    // The config file and every file it names are watched from before the store is read: a file changed
+    // during a long load is a change the first poll reports.
+    let mut files = FileWatch::new(watched(&path, &config.files));
     let config = match config.with_store() {
         Ok(config) => config,
         Err(e) => {
@@ -162,30 +191,41 @@ async fn run(path: PathBuf) -> ExitCode {
         }
     };
     tokio::pin!(shutdown);
-    // The config file and every file it names are watched: a change reloads, as SIGHUP does.
-    let watched = |config: &Config| [vec![path.clone()], config.files.clone()].concat();
-    let mut files = FileWatch::new(watched(&app.config()));
     let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let cause = tokio::select! {
             _ = &mut shutdown => break,
-            _ = hangup.recv() => {
-                app.reload_from_file(&path, "SIGHUP").await;
-                files.watch(watched(&app.config()));
-            }
-            _ = every.tick() => {
-                if files.poll() {
-                    app.reload_from_file(&path, "a watched file changed").await;
-                    // After a failed reload the same files stay watched: fixing one reloads again.
-                    files.watch(watched(&app.config()));
-                }
-            }
+            _ = hangup.recv() => "SIGHUP",
+            _ = every.tick() => match files.poll() {
+                true => "a watched file changed",
+                false => continue,
+            },
+        };
+        // What the file names now is stamped before the reload reads it (a Secret may be updated
+        // again while the reload runs). A reload may wait on the store for long; SIGTERM does not.
+        files.add(watched(&path, &Config::files_named_by(&path)));
+        let reloaded = tokio::select! {
+            reloaded = app.reload_from_file(&path, cause) => reloaded,
+            _ = &mut shutdown => break,
+        };
+        // Watch what is in force, and after a failure also what the refused file names: a Secret
+        // that the new config needs may arrive after it, and its arrival must reload. (Paths watched
+        // already keep the stamps taken before the reload.)
+        let mut names = app.config().files.clone();
+        if !reloaded {
+            names.extend(Config::files_named_by(&path));
         }
+        files.watch(watched(&path, &names));
     }
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     app.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// The config file and the files it names.
+fn watched(config: &Path, files: &[PathBuf]) -> Vec<PathBuf> {
+    [vec![config.to_owned()], files.to_vec()].concat()
 }
 
 /// How often the watched files are looked at; a change is taken one period after the last write.

@@ -122,8 +122,9 @@ impl StoreSettings {
             (Some(a), Some(b)) => {
                 let backend = match (&a.backend, &b.backend) {
                     (StoreBackend::Sqlite { path: x }, StoreBackend::Sqlite { path: y }) => x == y,
+                    // The password counts: the pool opened at start would go on with the old one.
                     (StoreBackend::Postgres { config: x }, StoreBackend::Postgres { config: y }) => {
-                        x.to_string() == y.to_string()
+                        x.to_string() == y.to_string() && x.password_digest() == y.password_digest()
                     }
                     _ => false,
                 };
@@ -285,13 +286,23 @@ impl Config {
         // The app opened its store once, at start (admin API, usage, the change listener): a reload that
         // pointed elsewhere would fill the directory from one store and write to another.
         if !StoreSettings::same(running.store.as_ref(), config.store.as_ref()) {
-            let message = "changing [store] (its backend, path or URL, or the master key) needs a restart";
+            let message =
+                "changing [store] (its backend, path or URL, its password, or the master key) needs a restart";
             return Err(ConfigError::Invalid(vec![Problem { path: "store".into(), message: message.into() }]));
         }
         if let Some(store) = &config.store {
             config.refresh_store(&*store.open().map_err(store_problem)?)?;
         }
         Ok(config)
+    }
+
+    /// The files the config file at `path` names, as far as it can be read at all (a file that fails
+    /// validation still names its secrets; one that is not TOML names none).
+    pub fn files_named_by(path: &Path) -> Vec<PathBuf> {
+        let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+        let Ok(raw) = toml::from_str::<RawConfig>(&text) else { return Vec::new() };
+        let base = path.parent().unwrap_or(Path::new("."));
+        raw.files().into_iter().map(|f| base.join(f)).collect()
     }
 
     /// Start-up: opens `[store]`, if any, and fills a new live directory from one snapshot of it (the
@@ -809,7 +820,11 @@ impl Builder<'_> {
             identity,
         )
         .map_err(|e| {
-            let field = if e.starts_with("ca_file") { "ca_file" } else { "client_cert_file" };
+            // The message starts with the setting it is about.
+            let field = ["ca_file", "client_cert_file", "client_key_file"]
+                .into_iter()
+                .find(|field| e.starts_with(field))
+                .unwrap_or("client_cert_file");
             self.problem(format!("{path}.{field}"), e)
         })
         .ok()?;

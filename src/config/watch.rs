@@ -18,11 +18,20 @@ struct Stamp {
     ino: u64,
     len: u64,
     modified: Option<SystemTime>,
+    /// The inode change time: no program can set it back (`cp -p`, `rsync -t` and `tar x` restore the
+    /// mtime of a same-size rewrite), and `chmod` moves it too (a file that becomes readable).
+    changed: (i64, i64),
 }
 
 fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
-    Some(Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), modified: m.modified().ok() })
+    Some(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        modified: m.modified().ok(),
+        changed: (m.ctime(), m.ctime_nsec()),
+    })
 }
 
 /// The files being watched and how they looked when last seen.
@@ -40,12 +49,32 @@ impl FileWatch {
         watch
     }
 
-    /// Watches `paths` from now on, as they are now (after a reload took them in).
+    /// Also watches `paths`, taken as they are now; called before a reload reads them, so that a file
+    /// written between that read and [`FileWatch::watch`] is a change (paths watched already keep the
+    /// version last seen).
+    pub fn add(&mut self, paths: Vec<PathBuf>) {
+        let mut all: Vec<PathBuf> = self.seen.iter().map(|(p, _)| p.clone()).collect();
+        all.extend(paths);
+        self.watch(all);
+    }
+
+    /// Watches `paths` from now on. A path watched already keeps the version last seen, not the one now:
+    /// a file written while a reload was loading is a change the next poll reports. New paths are taken
+    /// as they are now.
     pub fn watch(&mut self, mut paths: Vec<PathBuf>) {
         paths.sort();
         paths.dedup();
-        self.seen = paths.into_iter().map(|p| (stamp(&p), p)).map(|(s, p)| (p, s)).collect();
-        self.pending = false;
+        let old = std::mem::take(&mut self.seen);
+        self.seen = paths
+            .into_iter()
+            .map(|path| {
+                let seen = match old.iter().find(|(p, _)| *p == path) {
+                    Some((_, seen)) => *seen,
+                    None => stamp(&path),
+                };
+                (path, seen)
+            })
+            .collect();
     }
 
     /// Looks at every file once; true when a change seen earlier has settled: no file changed since the
@@ -85,6 +114,21 @@ mod tests {
         assert!(!watch.poll(), "still changing");
         assert!(watch.poll(), "settled");
         assert!(!watch.poll(), "reported once");
+    }
+
+    #[test]
+    fn a_file_written_while_a_reload_loads_is_a_change_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, secret) = (dir.path().join("config"), dir.path().join("secret"));
+        std::fs::write(&config, "v1").unwrap();
+        let mut watch = FileWatch::new(vec![config.clone()]);
+        // Before the reload: the secret the config now names is stamped as it is (missing).
+        watch.add(vec![secret.clone()]);
+        // The reload reads (and fails on) the missing file; the secret arrives before the watch is reset.
+        std::fs::write(&secret, "s1").unwrap();
+        watch.watch(vec![config, secret]);
+        assert!(!watch.poll());
+        assert!(watch.poll(), "the file that arrived during the reload reloads again");
     }
 
     #[test]

@@ -41,9 +41,9 @@ pub fn build_client(
     let tls = match client_identity {
         None => tls.with_no_client_auth(),
         Some((cert, key)) => {
-            let (certs, key) = crate::server::tls::identity(cert, key)?;
+            let (certs, key) = crate::server::tls::identity(cert, key, ("client_cert_file", "client_key_file"))?;
             tls.with_client_auth_cert(certs, key)
-                .map_err(|e| format!("client certificate and key do not fit together: {e}"))?
+                .map_err(|e| format!("client_cert_file and client_key_file do not fit together: {e}"))?
         }
     };
 

@@ -15,7 +15,7 @@ pub fn server_config(
     key_file: &Path,
     client_ca_file: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
-    let (certs, key) = identity(cert_file, key_file)?;
+    let (certs, key) = identity(cert_file, key_file, ("cert_file", "key_file"))?;
     let builder = rustls::ServerConfig::builder();
     let builder = match client_ca_file {
         None => builder.with_no_client_auth(),
@@ -36,14 +36,17 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// A certificate chain and its private key (a server's, or a client's for mutual TLS).
+/// A certificate chain and its private key (a server's, or a client's for mutual TLS); `fields` name
+/// the two settings in errors.
 pub fn identity(
     cert_file: &Path,
     key_file: &Path,
+    fields: (&str, &str),
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-    let certs = certificates(cert_file, "cert_file")?;
+    let certs = certificates(cert_file, fields.0)?;
     // The error names the file, never its content.
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| format!("key_file {}: {e}", key_file.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key_file).map_err(|e| format!("{} {}: {e}", fields.1, key_file.display()))?;
     Ok((certs, key))
 }
 

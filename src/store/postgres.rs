@@ -166,6 +166,11 @@ impl PgConfig {
         self
     }
 
+    /// A digest of the password (to tell whether it changed without keeping a second copy).
+    pub fn password_digest(&self) -> Option<[u8; 32]> {
+        self.config.get_password().map(sha256)
+    }
+
     pub fn has_password(&self) -> bool {
         self.config.get_password().is_some()
     }

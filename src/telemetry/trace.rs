@@ -32,16 +32,22 @@ impl TraceContext {
 
     pub fn start() -> TraceContext {
         let ids: [u8; 24] = rand::random();
-        let text = format!("00-{}-{}-01", hex::encode(&ids[..16]), hex::encode(&ids[16..]));
+        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-01";
+        // Lowercase hex into the two id fields; one allocation, the header's.
+        let (trace_id, parent_id) = text[3..52].split_at_mut(32);
+        hex::encode_to_slice(&ids[..16], trace_id).unwrap_or_default();
+        hex::encode_to_slice(&ids[16..], &mut parent_id[1..]).unwrap_or_default();
         // Lowercase hex and dashes: always a valid header value.
-        let header = HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let header = HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static(""));
         TraceContext { header, started: true }
     }
 
     /// The 32 hex digits of the trace id.
     pub fn trace_id(&self) -> &str {
-        // `valid` checked the layout of a client's value; a new one is built with it.
-        self.header.to_str().ok().and_then(|s| s.get(3..35)).unwrap_or_default()
+        // `valid` checked that a client's value has them there (hex, whatever follows in a later
+        // version); a new one is built so.
+        let id = self.header.as_bytes().get(3..35).unwrap_or_default();
+        std::str::from_utf8(id).unwrap_or_default()
     }
 
     /// Sets the request's `traceparent` for the upstream (dropping `tracestate` of a trace that was
@@ -103,6 +109,13 @@ mod tests {
         // A later version may carry more fields.
         let later = format!("cc{}-extra", &GOOD[2..]);
         assert_eq!(context(&[&later]).trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        // Even when a later field is not ASCII.
+        let mut headers = HeaderMap::new();
+        let odd = [format!("01{}-", &GOOD[2..]).into_bytes(), vec![0xe9]].concat();
+        headers.insert(TRACEPARENT, HeaderValue::from_bytes(&odd).unwrap());
+        let trace = TraceContext::from_headers(&headers);
+        assert!(!trace.started);
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     #[test]
