@@ -168,8 +168,8 @@ fn client_pki() -> ClientPki {
     ClientPki { ca_pem: ca.pem(), client: Cert { cert_pem: cert.pem(), key_pem: key.serialize_pem() } }
 }
 
-/// A client trusting `server_pem` that presents `client` (or no certificate).
-fn client_with_identity(server_pem: &str, client: Option<&Cert>) -> TlsClient {
+/// A client trusting `server_pem` that presents `client` (or no certificate), over HTTP/2 or HTTP/1.1.
+fn client_with_identity(server_pem: &str, client: Option<&Cert>, h2: bool) -> TlsClient {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(server_pem.as_bytes()).unwrap()).unwrap();
     let tls = rustls::ClientConfig::builder().with_root_certificates(roots);
@@ -182,8 +182,9 @@ fn client_with_identity(server_pem: &str, client: Option<&Cert>) -> TlsClient {
             )
             .unwrap(),
     };
-    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
-    Client::builder(TokioExecutor::new()).build(connector)
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only();
+    let connector = if h2 { builder.enable_http2().build() } else { builder.enable_http1().build() };
+    Client::builder(TokioExecutor::new()).http2_only(h2).build(connector)
 }
 
 #[tokio::test]
@@ -206,10 +207,11 @@ async fn with_client_ca_file_only_clients_with_a_certificate_it_issued_are_serve
     let url = format!("https://localhost:{}/mcp/github", harness.addr.port());
     let headers = [("authorization", "Bearer ent-key-0001"), ("x-alloy-userid", "alice")];
 
-    let response = client_with_identity(&server.cert_pem, Some(&pki.client)).request(mcp_post(&url, &headers)).await;
+    let response =
+        client_with_identity(&server.cert_pem, Some(&pki.client), false).request(mcp_post(&url, &headers)).await;
     assert_eq!(response.unwrap().status(), 200, "a certificate from the CA is served");
     for (who, client) in [("no certificate", None), ("another CA's certificate", Some(&stranger.client))] {
-        let response = client_with_identity(&server.cert_pem, client).request(mcp_post(&url, &headers)).await;
+        let response = client_with_identity(&server.cert_pem, client, false).request(mcp_post(&url, &headers)).await;
         assert!(response.is_err(), "{who}: refused in the handshake, got {response:?}");
     }
     assert_eq!(seen.lock().unwrap().len(), 1, "refused clients never reach the upstream");
@@ -255,4 +257,52 @@ async fn the_proxy_presents_its_client_certificate_to_an_https_upstream() {
     let error =
         mcp_tenant_proxy::config::Config::from_toml(&plain, std::path::Path::new(".")).err().unwrap().to_string();
     assert!(error.contains("only used by https"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_holds_on_h2_and_a_reloaded_client_ca_applies_to_new_handshakes() {
+    let (upstream, seen) = recording_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let server_pem = server.cert.pem();
+    let (pki1, pki2) = (client_pki(), client_pki());
+    let (ca1, client1, ca2, client2) = (&pki1.ca_pem, &pki1.client, &pki2.ca_pem, &pki2.client);
+    std::fs::write(dir.path().join("cert.pem"), &server_pem).unwrap();
+    std::fs::write(dir.path().join("key.pem"), server.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca1).unwrap();
+    let d = dir.path().display();
+    let tls = format!(
+        "[server.tls]\ncert_file = \"{d}/cert.pem\"\nkey_file = \"{d}/key.pem\"\nclient_ca_file = \"{d}/ca.pem\"\n[admin]"
+    );
+    let text = base_config(upstream, "").replacen("[admin]", &tls, 1);
+    let harness = Harness::start(&text).await;
+    let url = format!("https://localhost:{}/mcp/github", harness.addr.port());
+    let headers = [("authorization", "Bearer ent-key-0001"), ("x-alloy-userid", "alice")];
+    let status = |c: TlsClient| {
+        let request = mcp_post(&url, &headers);
+        async move { c.request(request).await.map(|r| (r.status(), r.version())).map_err(|e| format!("{e:?}")) }
+    };
+    for h2 in [true, false] {
+        assert_eq!(status(client_with_identity(&server_pem, Some(client1), h2)).await.unwrap().0, 200, "h2={h2}");
+        assert!(status(client_with_identity(&server_pem, None, h2)).await.is_err(), "h2={h2}: no certificate");
+        assert!(status(client_with_identity(&server_pem, Some(client2), h2)).await.is_err(), "h2={h2}: other CA");
+    }
+    let h2 = status(client_with_identity(&server_pem, Some(client1), true)).await.unwrap();
+    assert_eq!(h2.1, http::Version::HTTP_2);
+
+    // The CA file is replaced and the app reloads: CA 2's client gets in, CA 1's does not.
+    std::fs::write(dir.path().join("ca.pem"), ca2).unwrap();
+    let app = harness.app.as_ref().unwrap();
+    let next = mcp_tenant_proxy::config::Config::from_toml(&text, std::path::Path::new(".")).unwrap();
+    let restart = app.reload(next);
+    assert!(!restart.contains(&"server.tls"), "{restart:?}");
+    for h2 in [true, false] {
+        assert_eq!(status(client_with_identity(&server_pem, Some(client2), h2)).await.unwrap().0, 200, "h2={h2}");
+        assert!(
+            status(client_with_identity(&server_pem, Some(client1), h2)).await.is_err(),
+            "h2={h2}: old CA after reload"
+        );
+        assert!(status(client_with_identity(&server_pem, None, h2)).await.is_err(), "h2={h2}: none after reload");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 5, "refused handshakes never reach the upstream");
 }

@@ -151,4 +151,21 @@ mod tests {
         assert!(!watch.poll());
         assert!(watch.poll(), "the same bytes in a new file are a new version");
     }
+
+    /// A rewrite in place that keeps the size, with the mtime put back (`cp -p`, `tar x`, `rsync -t
+    /// --inplace`), is noticed: the ctime, which user space cannot set, changed. (The pause lets the
+    /// kernel's coarse clock, which stamps ctime, move on.)
+    #[test]
+    fn a_same_size_rewrite_with_the_same_mtime_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("api-key");
+        std::fs::write(&file, "key-one-0001").unwrap();
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        let mut watch = FileWatch::new(vec![file.clone()]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, "key-two-0002").unwrap();
+        std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+        let reported = (0..3).any(|_| watch.poll());
+        assert!(reported, "new content, same inode/len/mtime: the change is missed");
+    }
 }

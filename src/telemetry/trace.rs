@@ -116,6 +116,9 @@ mod tests {
         let trace = TraceContext::from_headers(&headers);
         assert!(!trace.started);
         assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let mut out = HeaderMap::new();
+        trace.apply(&mut out);
+        assert_eq!(out[TRACEPARENT].as_bytes(), &odd[..], "forwarded as it came");
     }
 
     #[test]
