@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// The idle periods of a connection.
@@ -36,16 +35,13 @@ pub struct Timing {
     pub idle: Duration,
 }
 
-#[derive(Default)]
-struct Load {
-    in_flight: usize,
-    started: bool,
-}
-
-/// How the answers in flight are doing. Atomics, not the watch channel: they change with every frame,
-/// and nobody needs waking for that; `idle` looks at them once an idle period.
+/// How the answers in flight are doing. Atomics: they change with every request and every frame, and
+/// nobody needs waking for that; `idle` looks at them once a period.
 #[derive(Default)]
 struct Progress {
+    in_flight: AtomicUsize,
+    /// Requests begun or ended since the connection opened: unchanged over a period means none did.
+    changes: AtomicU64,
     /// Answers handed to hyper (or that gave it a frame) that it has not asked for more of since.
     waiting_on_client: AtomicUsize,
     /// Polls of any answer's body: unchanged over a period means nothing moved.
@@ -54,25 +50,24 @@ struct Progress {
 
 /// The requests in flight on one connection, shared by its service and its response bodies.
 #[derive(Clone, Default)]
-pub struct Requests(Arc<watch::Sender<Load>>, Arc<Progress>);
+pub struct Requests(Arc<Progress>);
 
 impl Requests {
     /// Counts a request as in flight until the returned guard is dropped.
     pub fn begin(&self) -> InFlight {
-        self.0.send_modify(|load| {
-            load.in_flight += 1;
-            load.started = true;
-        });
-        InFlight(self.0.clone(), self.1.clone())
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.0.changes.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.0.clone())
     }
 }
 
 /// One request in flight.
-pub struct InFlight(Arc<watch::Sender<Load>>, Arc<Progress>);
+pub struct InFlight(Arc<Progress>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|load| load.in_flight -= 1);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.changes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -87,7 +82,7 @@ pub struct Tracked<B> {
 impl<B> Tracked<B> {
     /// The answer is handed to hyper: until hyper polls it, it waits on the client (for its window).
     pub fn new(inner: B, request: InFlight) -> Self {
-        request.1.waiting_on_client.fetch_add(1, Ordering::Relaxed);
+        request.0.waiting_on_client.fetch_add(1, Ordering::Relaxed);
         Tracked { inner, request: Some(request), waiting_on_client: true }
     }
 
@@ -96,8 +91,8 @@ impl<B> Tracked<B> {
             && waiting != self.waiting_on_client
         {
             match waiting {
-                true => request.1.waiting_on_client.fetch_add(1, Ordering::Relaxed),
-                false => request.1.waiting_on_client.fetch_sub(1, Ordering::Relaxed),
+                true => request.0.waiting_on_client.fetch_add(1, Ordering::Relaxed),
+                false => request.0.waiting_on_client.fetch_sub(1, Ordering::Relaxed),
             };
             self.waiting_on_client = waiting;
         }
@@ -117,7 +112,7 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         self.set_waiting(false);
         if let Some(request) = &self.request {
-            request.1.polls.fetch_add(1, Ordering::Relaxed);
+            request.0.polls.fetch_add(1, Ordering::Relaxed);
         }
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &frame {
@@ -155,14 +150,13 @@ where
     // spawn site instead, it trips over the higher-ranked `Into<BoxError>` bounds of the connection.
     async move {
         let mut conn = pin!(conn);
-        let mut load = requests.0.subscribe();
         let mut closing = false;
         loop {
             let period = move |started: bool| if started && !closing { timing.idle } else { timing.first_request };
             tokio::select! {
                 _ = conn.as_mut() => return,
                 () = shutdown.cancelled(), if !closing => {}
-                started = idle(&requests, &mut load, period) => if closing || !started {
+                started = idle(&requests, period) => if closing || !started {
                     tracing::debug!(started, "dropped a connection that stayed idle");
                     return;
                 },
@@ -175,27 +169,36 @@ where
 
 /// Resolves once the connection has been idle for `period(started)`, where `started` tells whether a
 /// request was ever made on it; returns `started`. Idle: nothing in flight, or every request in flight
-/// waiting on the client with no progress at all for the period.
-async fn idle(requests: &Requests, load: &mut watch::Receiver<Load>, period: impl Fn(bool) -> Duration) -> bool {
+/// waiting on the client with no progress at all for the period. Checked once a period (or, before the
+/// first request, once the shorter of the two periods) rather than woken by every request: a timer reset
+/// per request cost more than the check. A connection is thus closed between one and two periods after
+/// it went idle.
+async fn idle(requests: &Requests, period: impl Fn(bool) -> Duration) -> bool {
+    let load = &requests.0;
+    let mut seen = (load.changes.load(Ordering::Relaxed), load.polls.load(Ordering::Relaxed));
+    let mut quiet = Duration::ZERO;
     loop {
-        let (in_flight, started) = {
-            let load = load.borrow_and_update();
-            (load.in_flight, load.started)
-        };
-        let polls = requests.1.polls.load(Ordering::Relaxed);
-        match tokio::time::timeout(period(started), load.changed()).await {
-            Ok(Ok(())) => continue, // a request began or ended: start over
-            // The sender lives as long as the connection's service: this fails only once it is gone.
-            Ok(Err(_)) => return false,
-            Err(_) if in_flight == 0 => return started,
-            Err(_) => {
-                let stalled = requests.1.polls.load(Ordering::Relaxed) == polls
-                    && requests.1.waiting_on_client.load(Ordering::Relaxed) >= in_flight;
-                if stalled {
-                    tracing::debug!(in_flight, "closing a connection whose client takes nothing");
-                    return started;
-                }
-            }
+        let started = seen.0 > 0;
+        let step = if started { period(true) } else { period(false).min(period(true)) };
+        tokio::time::sleep(step).await;
+        let now = (load.changes.load(Ordering::Relaxed), load.polls.load(Ordering::Relaxed));
+        if now.0 != seen.0 {
+            // A request began or ended: start over.
+            (seen, quiet) = (now, Duration::ZERO);
+            continue;
         }
+        quiet += step;
+        if quiet < period(started) {
+            continue;
+        }
+        let in_flight = load.in_flight.load(Ordering::Relaxed);
+        if in_flight == 0 {
+            return started;
+        }
+        if now.1 == seen.1 && load.waiting_on_client.load(Ordering::Relaxed) >= in_flight {
+            tracing::debug!(in_flight, "closing a connection whose client takes nothing");
+            return started;
+        }
+        (seen, quiet) = (now, Duration::ZERO);
     }
 }
