@@ -11,6 +11,7 @@
 #   EVSTREAMS=100 streams of the SSE event run   TICK_MS=10 one event per stream every TICK_MS
 #   CYCLES=3      stream open/close cycles       HOLD=20    seconds after close before RSS is read again
 #   REDIS=1       also run ours with the Redis rate limiter (redis-server on loopback)
+#   FIGURES=cpu,events,streams,slow   the groups of figures to measure (default all)
 #
 # Layout: upstreams and proxies on CPU 0, every load generator on CPU 1 (taskset). Static nginx upstream
 # :18180, nginx peer proxy :18181, ours :18183 (admin :18184), ours with Redis :18185 (admin :18186),
@@ -19,9 +20,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROJ=$(pwd)
-echo "# $0 $*  (BIN=${BIN:-} DUR=${DUR:-} ROUNDS=${ROUNDS:-} STREAMS=${STREAMS:-} SLOW=${SLOW:-} REDIS=${REDIS:-})"
-echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), $(nproc) CPUs, $(uname -r)"
-
 DUR=${DUR:-10}
 ROUNDS=${ROUNDS:-3}
 STREAMS=${STREAMS:-8000}
@@ -31,6 +29,11 @@ TICK_MS=${TICK_MS:-10}
 CYCLES=${CYCLES:-3}
 HOLD=${HOLD:-20}
 REDIS=${REDIS:-0}
+FIGURES=${FIGURES:-cpu,events,streams,slow}
+echo "# $0 $*"
+echo "# BIN=${BIN:-(default)} DUR=$DUR ROUNDS=$ROUNDS STREAMS=$STREAMS SLOW=$SLOW EVSTREAMS=$EVSTREAMS TICK_MS=$TICK_MS CYCLES=$CYCLES HOLD=$HOLD REDIS=$REDIS FIGURES=$FIGURES"
+echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), $(nproc) CPUs, $(uname -r)"
+want() { [[ ",$FIGURES," == *",$1,"* ]]; }
 W=/tmp/mtpwhole
 HELP="$PROJ/bench/whole.py"
 KEY=bench-enterprise-key-0123456789abcdef
@@ -195,13 +198,14 @@ run_wrk() { # NAME PORT PID CONC ROUND [EXTRA_PID]
   python3 "$HELP" wrk "$RES" "$1" "$4" "$5" "$DUR" "$W/wrk.out" $((u1 - u0)) $((p1 - p0)) $((e1 - e0))
 }
 for r in $(seq "$ROUNDS"); do
+  want cpu || break
   for c in 1 10 50; do
     run_wrk nginx $P_PX "$PX" "$c" "$r"
     run_wrk ours $P_OURS "$OURS" "$c" "$r"
     if [ "$REDIS" = 1 ] && [ "$c" = 10 ]; then run_wrk ours-redis $P_OURSR "$OURSR" "$c" "$r" "$REDIS_PID"; fi
   done
 done
-echo "ours audit trail: $(wc -l < "$W/ours-cpu-audit.log") lines"
+if want cpu; then echo "ours audit trail: $(wc -l < "$W/ours-cpu-audit.log") lines"; fi
 
 # The stream and memory figures run on fresh processes with the stream configs (/sse routed to the SSE
 # upstream, limits raised), restarted before each figure so what one test left in the allocator does not
@@ -218,19 +222,24 @@ sanity_sse ours $P_OURS
 # 3b. CPU per forwarded SSE event: EVSTREAMS streams, one event per stream every TICK_MS, for DUR seconds.
 per_stream=$((DUR * 1000 / TICK_MS))
 for r in $(seq "$ROUNDS"); do
+  want events || break
   taskset -c 1 python3 "$HELP" events "$RES" nginx $P_PX "$PX" "$KEY" "$EVSTREAMS" "$per_stream" "$r"
   taskset -c 1 python3 "$HELP" events "$RES" ours $P_OURS "$OURS" "$KEY" "$EVSTREAMS" "$per_stream" "$r"
 done
 
 # 3c. RSS per idle SSE stream and what stays after close, CYCLES open/close cycles.
-restart
-taskset -c 1 python3 "$HELP" streams "$RES" ours $P_OURS "$OURS" "$KEY" "$STREAMS" "$CYCLES" "$HOLD"
-taskset -c 1 python3 "$HELP" streams "$RES" nginx $P_PX "$PX" "$KEY" "$STREAMS" "$CYCLES" "$HOLD"
+if want streams; then
+  restart
+  taskset -c 1 python3 "$HELP" streams "$RES" ours $P_OURS "$OURS" "$KEY" "$STREAMS" "$CYCLES" "$HOLD"
+  taskset -c 1 python3 "$HELP" streams "$RES" nginx $P_PX "$PX" "$KEY" "$STREAMS" "$CYCLES" "$HOLD"
+fi
 
 # 3d. RSS per header-trickling connection: one more header byte every 3 s, 3 times.
-restart
-taskset -c 1 python3 "$HELP" slow "$RES" ours $P_OURS "$OURS" "$SLOW" 3 3
-taskset -c 1 python3 "$HELP" slow "$RES" nginx $P_PX "$PX" "$SLOW" 3 3
+if want slow; then
+  restart
+  taskset -c 1 python3 "$HELP" slow "$RES" ours $P_OURS "$OURS" "$SLOW" 3 3
+  taskset -c 1 python3 "$HELP" slow "$RES" nginx $P_PX "$PX" "$SLOW" 3 3
+fi
 
 # 4. The table, last.
 python3 "$HELP" report "$RES" "{\"streams\": $STREAMS, \"slow\": $SLOW, \"hold\": $HOLD, \"cycles\": $CYCLES, \"redis\": $([ "$REDIS" = 1 ] && echo true || echo false)}"
