@@ -71,7 +71,7 @@ if [ -z "${BIN:-}" ]; then
 fi
 [ -x "$BIN" ] || die "no proxy binary at $BIN"
 echo "# binary: $(ls -l "$BIN")"
-echo "# project: $PROJ at $(git -C "$PROJ" rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "# bench/whole.sh from $PROJ at commit $(git -C "$PROJ" rev-parse --short HEAD 2>/dev/null || echo '?')$([ "$BIN" = "$PROJ/target/release/mcp-tenant-proxy" ] || echo ' (BIN is not built from it)')"
 
 for p in $P_UP $P_PX $P_OURS $P_OURS_ADMIN $P_OURSR $P_OURSR_ADMIN $P_SSE $P_REDIS; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is in use (another benchmark running?)"; fi
