@@ -73,7 +73,7 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// After the first line of a batch, the writer lets more gather for this long before it writes. Each write
 /// is a hand-off to a blocking thread, which preempts the runtime's worker: with a write per request that
 /// was nearly a third of the proxy's context switches under load. A batch per window bounds the hand-offs to a
-/// few hundred a second. Lines wait no longer than this in memory; answers never wait for them.
+/// few hundred a second. Answers never wait for their lines.
 const GATHER: Duration = Duration::from_millis(2);
 
 /// Whether the audit sink can be written, shared by the writer (which updates it) and `/readyz`.
@@ -304,15 +304,12 @@ async fn write_lines(
     let mut give_up = Some(give_up);
     while let Some(event) = rx.recv().await {
         chain_line(&mut pending, &mut prev, &event);
-        // Take what queues meanwhile too: one hand-off and one write syscall for a burst of requests.
+        // Take what is queued, and when that is not a full batch, what queues within the window too: one
+        // hand-off and one write syscall for a burst of requests. A backlog drains without waiting.
+        take_queued(&mut rx, &mut pending, &mut prev);
         if pending.len() < MAX_BATCH_BYTES {
             tokio::time::sleep(GATHER).await;
-        }
-        while pending.len() < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(event) => chain_line(&mut pending, &mut prev, &event),
-                Err(_) => break,
-            }
+            take_queued(&mut rx, &mut pending, &mut prev);
         }
         // Until the batch is written, nothing new is taken: the channel fills and `record` waits.
         let mut delay = RETRY_FIRST;
@@ -345,6 +342,16 @@ async fn write_lines(
         }
     }
     0
+}
+
+/// Chains queued lines onto `pending` until it holds a batch or the queue is empty.
+fn take_queued(rx: &mut mpsc::Receiver<String>, pending: &mut Vec<u8>, prev: &mut [u8; 32]) {
+    while pending.len() < MAX_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(event) => chain_line(pending, prev, &event),
+            Err(_) => break,
+        }
+    }
 }
 
 /// Lines not yet completely written (the start of the first one may already be in the sink).
@@ -776,5 +783,22 @@ mod tests {
         drop(sink);
         assert_eq!(writer.finish(Duration::from_secs(10)).await, 0);
         assert!(writes.load(Ordering::SeqCst) <= 2, "{} writes", writes.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_drains_without_waiting_for_the_window() {
+        let writes = Arc::new(AtomicU64::new(0));
+        let (sink, _, writer) = AuditSink::start(Box::new(Counting(writes.clone())), Continue::default(), 4096);
+        // About ten full batches queued before the writer runs, as after a sink recovers.
+        let line = format!(r#"{{"pad":"{}"}}"#, "x".repeat(500));
+        for _ in 0..4096 {
+            sink.tx.try_send(line.clone()).unwrap(); // never yields: the writer has not run yet
+        }
+        drop(sink);
+        let started = tokio::time::Instant::now();
+        // Time stands still but for the writer's own sleeps: only the last, partial batch waits.
+        assert_eq!(writer.task.await.unwrap(), 0);
+        assert!(writes.load(Ordering::SeqCst) >= 10);
+        assert!(started.elapsed() <= GATHER, "waited {:?}", started.elapsed());
     }
 }
