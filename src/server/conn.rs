@@ -179,7 +179,9 @@ async fn idle(requests: &Requests, period: impl Fn(bool) -> Duration) -> bool {
     let mut quiet = Duration::ZERO;
     loop {
         let started = seen.0 > 0;
-        let step = if started { period(true) } else { period(false).min(period(true)) };
+        let base = if started { period(true) } else { period(false).min(period(true)) };
+        // The last step takes only what is left of the period, so the bound is exact when nothing happens.
+        let step = base.min(period(started) - quiet);
         tokio::time::sleep(step).await;
         let now = (load.changes.load(Ordering::Relaxed), load.polls.load(Ordering::Relaxed));
         if now.0 != seen.0 {
@@ -200,5 +202,63 @@ async fn idle(requests: &Requests, period: impl Fn(bool) -> Duration) -> bool {
             return started;
         }
         (seen, quiet) = (now, Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    const FIRST: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(3);
+
+    fn period(started: bool) -> Duration {
+        if started { IDLE } else { FIRST }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_is_idle_after_exactly_the_first_request_period() {
+        // Checked in idle-period steps (3 s), but the last step takes only what is left of the 10 s.
+        let started = Instant::now();
+        assert!(!idle(&Requests::default(), period).await);
+        assert_eq!(started.elapsed(), FIRST);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_its_last_request_a_connection_is_idle_within_one_to_two_idle_periods() {
+        let requests = Requests::default();
+        let check = tokio::spawn({
+            let requests = requests.clone();
+            async move { idle(&requests, period).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ended = {
+            let _request = requests.begin();
+            tokio::time::sleep(Duration::from_secs(5)).await; // in flight across several checks
+            Instant::now()
+        };
+        assert!(check.await.unwrap());
+        let after = ended.elapsed();
+        assert!(after >= IDLE && after <= 2 * IDLE, "idle {after:?} after the last request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_in_flight_that_moves_keeps_the_connection() {
+        let requests = Requests::default();
+        let _request = requests.begin();
+        // Handed to hyper and not asked for more since: it would count as stalled if nothing moved.
+        requests.0.waiting_on_client.fetch_add(1, Ordering::Relaxed);
+        let moving = async {
+            loop {
+                requests.0.polls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        tokio::select! {
+            _ = idle(&requests, period) => panic!("closed a connection whose answer moves"),
+            () = moving => unreachable!(),
+            () = tokio::time::sleep(10 * IDLE) => {}
+        }
     }
 }
