@@ -86,10 +86,14 @@ fn connection_settings_have_defaults_and_are_validated() {
     assert_eq!(config.server.idle_timeout, std::time::Duration::from_secs(60));
     assert_eq!(config.server.listen_backlog, 4096);
     assert_eq!(config.server.max_connections_per_ip, 0, "off by default: sidecars see one ingress address");
-    let found = problems("[server]\nidle_timeout = \"0s\"\nlisten_backlog = 0\n");
+    let found = problems("[server]\nidle_timeout = \"0s\"\nheader_read_timeout = \"0s\"\nlisten_backlog = 0\n");
     assert_eq!(
         found,
-        ["server.idle_timeout: must be greater than 0", "server.listen_backlog: must be between 1 and 65535"],
+        [
+            "server.header_read_timeout: must be greater than 0",
+            "server.idle_timeout: must be greater than 0",
+            "server.listen_backlog: must be between 1 and 65535"
+        ],
         "{found:#?}"
     );
     assert_eq!(problems("[server]\nidle_timeout = \"later\"\n").len(), 1);

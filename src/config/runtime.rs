@@ -632,6 +632,10 @@ impl Builder<'_> {
             self.problem("server.max_buffered_body_bytes", "must be at least server.max_buffered_body_bytes_per_key");
         }
         let header_read_timeout = self.duration("server.header_read_timeout", &s.header_read_timeout);
+        // Zero would close every connection at once, and make the closing wait of a connection a busy loop.
+        if header_read_timeout == Some(Duration::ZERO) {
+            self.problem("server.header_read_timeout", "must be greater than 0");
+        }
         let body_read_timeout = self.duration("server.body_read_timeout", &s.body_read_timeout);
         let shutdown_grace = self.duration("server.shutdown_grace", &s.shutdown_grace);
         let idle_timeout = self.duration("server.idle_timeout", &s.idle_timeout);
