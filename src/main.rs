@@ -90,14 +90,7 @@ fn main() -> ExitCode {
         },
     };
     mcp_tenant_proxy::telemetry::init_logging(format, matches!(command, Command::Demo { .. }));
-    // On one core (a sidecar with a one-CPU limit, or a pinned process), a single-threaded runtime does
-    // the same work without a worker thread handing tasks over to the thread that waits in `block_on`.
-    let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
-    let runtime = match one_core {
-        true => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        false => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-    }
-    .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match command {
         Command::Run { config } => {
             let code = runtime.block_on(run(config));
