@@ -12,9 +12,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::admin::api::AdminApi;
 use crate::admin::{self, Health};
-use crate::config::Config;
 use crate::config::runtime::RateLimiterBackend;
 use crate::config::runtime::StoreBackend;
+use crate::config::{Config, ConfigError};
 use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::policy::ratelimit_redis::RedisLimiter;
 use crate::proxy::Proxy;
@@ -229,12 +229,7 @@ impl App {
     /// Applies a new config to the running proxy (see [`Config::reload_from_file`]). Listener and audit
     /// settings need a restart: they are named in the returned list and keep their old values.
     pub fn reload(&self, config: Config) -> Vec<&'static str> {
-        let restart = self.proxy.config().needs_restart(&config);
-        if let (Some(running), Some(next)) = (&self.tls, &config.server.tls) {
-            running.store(next.clone());
-        }
-        self.proxy.reload(Arc::new(config));
-        restart
+        apply(&self.proxy, self.tls.as_deref(), config)
     }
 
     /// Re-reads the config file at `path` (with the files it names and the store) and applies it; a
@@ -245,11 +240,24 @@ impl App {
         let _serialized = self.reload_lock.lock().await;
         tracing::info!(cause, "reloading the config");
         let (path, running) = (path.to_owned(), self.config());
+        // Loading reads files and the store, and applying builds the limiter plan and lets the old config
+        // go: both on the blocking pool, not on the threads that serve requests. Apart, so that a load
+        // that hangs (a store that does not answer) holds no part of the proxy: a shutdown drops it all.
         let loaded = tokio::task::spawn_blocking(move || Config::load(&path, Some(&running))).await;
-        let ok = match loaded {
+        let applied = match loaded {
             Ok(Ok(config)) => {
+                let (proxy, tls) = (self.proxy.clone(), self.tls.clone());
                 let users = config.directory.user_count() + config.live.user_count();
-                let restart = self.reload(config);
+                tokio::task::spawn_blocking(move || {
+                    Ok::<_, ConfigError>((users, apply(&proxy, tls.as_deref(), config)))
+                })
+                .await
+            }
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(e) => Err(e),
+        };
+        let ok = match applied {
+            Ok(Ok((users, restart))) => {
                 tracing::info!(users, cause, "config reloaded");
                 if !restart.is_empty() {
                     tracing::warn!(settings = ?restart, "changed settings take effect only after a restart");
@@ -261,7 +269,10 @@ impl App {
                 false
             }
             Err(_) => {
-                tracing::error!(cause, "config not reloaded: loading it panicked; the running config stays in force");
+                tracing::error!(
+                    cause,
+                    "config not reloaded: loading or applying it panicked; the running config stays in force"
+                );
                 false
             }
         };
@@ -320,4 +331,15 @@ impl App {
         // The listeners held the last references to the audit sink: the writer now drains and ends.
         self.audit_writer.finish(grace).await;
     }
+}
+
+/// Swaps `config` in (and its certificate, for new handshakes); returns the changed settings that need a
+/// restart, which keep their old values.
+fn apply(proxy: &Proxy, tls: Option<&ArcSwap<rustls::ServerConfig>>, config: Config) -> Vec<&'static str> {
+    let restart = proxy.config().needs_restart(&config);
+    if let (Some(running), Some(next)) = (tls, &config.server.tls) {
+        running.store(next.clone());
+    }
+    proxy.reload(Arc::new(config));
+    restart
 }

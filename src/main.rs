@@ -197,14 +197,27 @@ async fn run(path: PathBuf) -> ExitCode {
         let cause = tokio::select! {
             _ = &mut shutdown => break,
             _ = hangup.recv() => "SIGHUP",
-            _ = every.tick() => match files.poll() {
-                true => "a watched file changed",
-                false => continue,
-            },
+            _ = every.tick() => {
+                let changed;
+                (files, changed) = off_runtime(move || {
+                    let changed = files.poll();
+                    (files, changed)
+                })
+                .await;
+                match changed {
+                    true => "a watched file changed",
+                    false => continue,
+                }
+            }
         };
         // What the file names now is stamped before the reload reads it (a Secret may be updated
         // again while the reload runs). A reload may wait on the store for long; SIGTERM does not.
-        files.add(watched(&path, &Config::files_named_by(&path)));
+        let path_now = path.clone();
+        files = off_runtime(move || {
+            files.add(watched(&path_now, &Config::files_named_by(&path_now)));
+            files
+        })
+        .await;
         let reloaded = tokio::select! {
             reloaded = app.reload_from_file(&path, cause) => reloaded,
             _ = &mut shutdown => break,
@@ -213,14 +226,25 @@ async fn run(path: PathBuf) -> ExitCode {
         // that the new config needs may arrive after it, and its arrival must reload. (Paths watched
         // already keep the stamps taken before the reload.)
         let mut names = app.config().files.clone();
-        if !reloaded {
-            names.extend(Config::files_named_by(&path));
-        }
-        files.watch(watched(&path, &names));
+        let path_now = path.clone();
+        files = off_runtime(move || {
+            if !reloaded {
+                names.extend(Config::files_named_by(&path_now));
+            }
+            files.watch(watched(&path_now, &names));
+            files
+        })
+        .await;
     }
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     app.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Runs `work` on the blocking pool: a stat or a config parse may wait on a slow filesystem, and the
+/// runtime's threads are the request threads.
+async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// The config file and the files it names.

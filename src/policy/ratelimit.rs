@@ -264,13 +264,15 @@ impl RateLimits {
     /// Drops the state of users whose buckets are full again (indistinguishable from a fresh start), then
     /// shrinks the maps so the memory actually returns; forgets limiters no current plan uses.
     pub fn evict(&self) {
-        let mut keyed = lock(&self.keyed);
-        keyed.retain(|_, limiter| Arc::strong_count(limiter) > 1);
-        for limiter in keyed.values() {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
-        }
-        for limiter in self.users.iter() {
+        // The sweep is O(users): it runs on the limiters taken out of the map, not under its lock, which
+        // a reload's `plan` takes on the runtime.
+        let mut limiters: Vec<Arc<KeyedLimiter>> = {
+            let mut keyed = lock(&self.keyed);
+            keyed.retain(|_, limiter| Arc::strong_count(limiter) > 1);
+            keyed.values().cloned().collect()
+        };
+        limiters.extend(self.users.iter().map(|limiter| limiter.value().clone()));
+        for limiter in &limiters {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
