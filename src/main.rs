@@ -90,7 +90,16 @@ fn main() -> ExitCode {
         },
     };
     mcp_tenant_proxy::telemetry::init_logging(format, matches!(command, Command::Demo { .. }));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // On one core (a sidecar with a one-CPU limit, or a pinned process), a single-threaded runtime does
+    // the same work without a worker thread handing tasks over to the thread that waits in `block_on`.
+    // That thread then serves every request, so nothing blocking runs on the runtime: file reads, store
+    // calls, config parses and limiter sweeps go to the blocking pool.
+    let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let runtime = match one_core {
+        true => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        false => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    }
+    .expect("tokio runtime");
     match command {
         Command::Run { config } => {
             let code = runtime.block_on(run(config));
