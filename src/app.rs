@@ -15,6 +15,7 @@ use crate::admin::{self, Health};
 use crate::config::runtime::RateLimiterBackend;
 use crate::config::runtime::StoreBackend;
 use crate::config::{Config, ConfigError};
+use crate::heap;
 use crate::policy::ratelimit::{LimitClock, RateLimits};
 use crate::policy::ratelimit_redis::RedisLimiter;
 use crate::proxy::Proxy;
@@ -27,6 +28,8 @@ use crate::telemetry::audit::{AuditHealth, AuditSink, AuditWriter};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage::UsageCounters;
 
+/// How often the allocator is looked at for memory to give back ([`heap::Trimmer`]).
+const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often idle users' rate-limiter state is dropped.
 const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -59,6 +62,7 @@ pub struct App {
     proxy_listener: (JoinHandle<()>, DropGuard),
     admin_listener: Option<(JoinHandle<()>, DropGuard)>,
     evictor: JoinHandle<()>,
+    trimmer: JoinHandle<()>,
     /// With a shared store: the task that listens for its changes and the one that applies them.
     follower: Option<(JoinHandle<()>, JoinHandle<()>)>,
     /// Flushes usage to the store, when there is one.
@@ -128,6 +132,20 @@ impl App {
                 // O(users) and it locks map shards briefly: off the request threads.
                 let limits = evictor_limits.clone();
                 let _ = tokio::task::spawn_blocking(move || limits.evict()).await;
+            }
+        });
+        // Memory that a burst (streams that closed) freed goes back to the system shortly after.
+        let trimmer = tokio::spawn(async move {
+            let mut every = tokio::time::interval(TRIM_INTERVAL);
+            let mut trimmer = heap::Trimmer::default();
+            loop {
+                every.tick().await;
+                let looked = tokio::task::spawn_blocking(move || {
+                    trimmer.tick();
+                    trimmer
+                });
+                let Ok(looked) = looked.await else { break };
+                trimmer = looked;
             }
         });
         // One store handle, shared by the usage flusher and the admin API (SqliteStore serializes its
@@ -209,6 +227,7 @@ impl App {
             proxy_listener,
             admin_listener,
             evictor,
+            trimmer,
             follower,
             usage: flusher.zip(usage_store),
             limits,
@@ -319,6 +338,7 @@ impl App {
             let _ = admin_listener.await;
         }
         self.evictor.abort();
+        self.trimmer.abort();
         if let Some((watcher, applier)) = self.follower {
             watcher.abort();
             applier.abort();

@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod heap;
 pub mod json;
 pub mod policy;
 pub mod proxy;

@@ -21,17 +21,6 @@ use super::{ApiKey, Credential, TokenGrant, UserId, UserPattern, UserRef};
 use crate::secret::Secret;
 use crate::sync::lock;
 
-/// Hands the pages of a freed snapshot back to the system. glibc keeps freed memory for reuse, so
-/// without this a start-up with a million users would hold the snapshot's hundreds of megabytes (the
-/// rows read, since dropped) for the life of the process.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory to the system; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Set in the ids of store users, clear in those of config-file users: the two never collide, and a
 /// lookup by id knows which side holds the user.
 pub const STORE_USER_BIT: u32 = 1 << 31;
@@ -208,7 +197,9 @@ impl LiveDirectory {
             }
         }
         let skipped = self.replace_all(side, snapshot);
-        release_freed_memory();
+        // Without this, a start-up with a million users would hold the snapshot's hundreds of
+        // megabytes (the rows read, since dropped) for the life of the process.
+        crate::heap::release_freed();
         if strict && !skipped.is_empty() {
             return Err(skipped);
         }
