@@ -255,3 +255,96 @@ async fn shutdown_ends_event_streams_between_events_lets_posts_finish_and_keeps_
     tokio::time::timeout(BOUND, shutdown).await.expect("shutdown ends").unwrap();
     assert!(TcpStream::connect(admin).await.is_err(), "the admin listener outlived the shutdown");
 }
+
+#[tokio::test]
+async fn header_read_timeout_counts_from_the_connect_not_from_the_first_byte() {
+    let (upstream, _) = recording_upstream().await;
+    let harness = Harness::start(&with_server(upstream, "header_read_timeout = \"2s\"")).await;
+    let connected = Instant::now();
+    let (mut read, mut write) = TcpStream::connect(harness.addr).await.unwrap().into_split();
+    // Silent for most of the period, then a request head trickled a header at a time, never finished.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let trickle = async {
+        write.write_all(b"GET /mcp/github HTTP/1.1\r\nHost: proxy\r\n").await?;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            write.write_all(b"X-Slow: 1\r\n").await?;
+        }
+    };
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            _ = read.read_to_end(&mut rest) => {}
+            Err::<(), std::io::Error>(_) = trickle => {}
+        }
+    });
+    closed.await.expect("the trickling connection is still open");
+    let held = connected.elapsed();
+    // 2 s from the connect; the first byte's arrival (1.5 s) must not start a new period.
+    assert!(held < Duration::from_millis(3000), "held for {held:?}");
+    assert!(held >= Duration::from_millis(1900), "closed after {held:?}, before header_read_timeout");
+}
+
+/// Writes through to a TCP stream, except its first `skip` bytes, which the test has sent already.
+struct SentAlready {
+    tcp: TcpStream,
+    skip: usize,
+}
+
+impl tokio::io::AsyncRead for SentAlready {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SentAlready {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.skip > 0 {
+            let n = self.skip.min(buf.len());
+            self.skip -= n;
+            return std::task::Poll::Ready(Ok(n));
+        }
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_plaintext_http2_client_whose_preface_arrives_in_pieces_is_served_as_http2() {
+    let (upstream, _) = recording_upstream().await;
+    let harness = Harness::start(&base_config(upstream, "")).await;
+    let mut tcp = TcpStream::connect(harness.addr).await.unwrap();
+    // The first 16 bytes of the 24-byte preface alone, then the client's own pause: the proxy sees a
+    // part of the preface first, which it can only hand to a detection that reads on.
+    let piece = b"PRI * HTTP/2.0\r\n";
+    tcp.write_all(piece).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let io = SentAlready { tcp, skip: piece.len() };
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.unwrap();
+    tokio::spawn(connection);
+    let status =
+        tokio::time::timeout(BOUND, h2_get(&mut sender, harness.addr, "/mcp/github")).await.expect("an answer");
+    assert_eq!(status, 401, "an HTTP/2 answer (no key)");
+}

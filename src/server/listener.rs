@@ -17,7 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -65,7 +65,7 @@ where
         .initial_connection_window_size(256 * 1024)
         // Pings find dead peers; they do not keep a connection from being idle (see `conn`).
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders::new(builder));
     let tls = settings.tls;
     let timing = Timing { first_request: settings.header_read_timeout, idle: settings.idle_timeout };
     let per_ip = (settings.max_connections_per_ip > 0).then(|| Arc::new(PerIp::new(settings.max_connections_per_ip)));
@@ -120,24 +120,47 @@ where
                 }
             })
         };
-        let (builder, shutdown) = (builder.clone(), shutdown.clone());
+        let (builders, shutdown) = (builders.clone(), shutdown.clone());
         let tls = tls.as_ref().map(|tls| TlsAcceptor::from(tls.load_full()));
-        let handshake_timeout = settings.header_read_timeout;
+        let (first_request, tls_on) = (settings.header_read_timeout, tls.is_some());
         connections.spawn(async move {
             let _ip_slot = ip_slot;
-            match tls {
-                None => {
+            // Until the client has said which protocol it speaks (its first bytes, or its TLS handshake),
+            // header_read_timeout or a shutdown ends the connection; from then on, `conn::drive` does,
+            // with what is left of that period for the first request.
+            let accepted = tokio::time::Instant::now();
+            let opened = async {
+                match tls {
+                    None => {
+                        let mut first = [0u8; H2_PREFACE.len()];
+                        let n = stream.peek(&mut first).await?;
+                        Ok::<_, std::io::Error>((builders.plain(&first[..n]), Io::Plain(stream)))
+                    }
+                    Some(acceptor) => {
+                        let stream = acceptor.accept(stream).await?;
+                        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                        Ok((builders.negotiated(alpn.as_deref()), Io::Tls(Box::new(stream))))
+                    }
+                }
+            };
+            let opened = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                opened = tokio::time::timeout(first_request, opened) => opened,
+            };
+            let timing = Timing { first_request: first_request.saturating_sub(accepted.elapsed()), ..timing };
+            match opened {
+                Ok(Ok((builder, Io::Plain(stream)))) => {
                     let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     conn::drive(conn, requests, timing, shutdown).await;
                 }
-                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        conn::drive(conn, requests, timing, shutdown).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-                },
+                Ok(Ok((builder, Io::Tls(stream)))) => {
+                    let conn = builder.serve_connection(TokioIo::new(*stream), service).into_owned();
+                    conn::drive(conn, requests, timing, shutdown).await;
+                }
+                Ok(Err(e)) if tls_on => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "connection failed before its first request"),
+                Err(_) => tracing::debug!(%addr, "no first bytes (or TLS handshake) within header_read_timeout"),
             }
         });
         gauge.set(connections.len() as i64);
@@ -156,6 +179,52 @@ where
     connections.shutdown().await;
     gauge.set(0);
 }
+
+/// One builder per way a connection says its protocol. When it is known before hyper reads a byte, hyper
+/// reads the first request into its own buffer from the start: hyper-util's detection instead reads the
+/// first 24 bytes and hands them back, and hyper's 8 KiB read buffer then doubles to take them and what
+/// follows (16 KiB a connection, for its whole life).
+struct Builders {
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+    /// TLS without ALPN, or a plaintext client whose first bytes are only part of the HTTP/2 preface
+    /// (clients send it whole): hyper-util's detection reads on until it can tell.
+    detect: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(builder: auto::Builder<TokioExecutor>) -> Builders {
+        Builders { h1: builder.clone().http1_only(), h2: builder.clone().http2_only(), detect: builder }
+    }
+
+    /// For a plaintext client, from its first bytes: the HTTP/2 preface, anything else (or nothing: the
+    /// client closed, for hyper to see), or part of the preface, left to hyper-util's detection.
+    fn plain(&self, first: &[u8]) -> &auto::Builder<TokioExecutor> {
+        if first.is_empty() || !H2_PREFACE.starts_with(first) {
+            &self.h1
+        } else if first.len() == H2_PREFACE.len() {
+            &self.h2
+        } else {
+            &self.detect
+        }
+    }
+
+    fn negotiated(&self, alpn: Option<&[u8]>) -> &auto::Builder<TokioExecutor> {
+        match alpn {
+            Some(b"h2") => &self.h2,
+            Some(_) => &self.h1,
+            None => &self.detect,
+        }
+    }
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// The HTTP/2 connection preface (RFC 9113, 3.4): how a plaintext client says it speaks HTTP/2.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The address that `max_connections_per_ip` counts for a peer: its IPv4 address, or the /64 of an
 /// IPv6 one (one client usually holds a whole /64, and could otherwise pick a new address per connection).
