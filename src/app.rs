@@ -28,7 +28,7 @@ use crate::telemetry::audit::{AuditHealth, AuditSink, AuditWriter};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage::UsageCounters;
 
-/// How often the allocator is looked at for memory to give back ([`heap::Trimmer`]).
+/// How often the open connections are looked at for a burst that ended ([`heap::Trimmer`]).
 const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often idle users' rate-limiter state is dropped.
 const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -135,17 +135,16 @@ impl App {
             }
         });
         // Memory that a burst (streams that closed) freed goes back to the system shortly after.
+        let open_connections = metrics.connections("proxy");
         let trimmer = tokio::spawn(async move {
             let mut every = tokio::time::interval(TRIM_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut trimmer = heap::Trimmer::default();
             loop {
                 every.tick().await;
-                let looked = tokio::task::spawn_blocking(move || {
-                    trimmer.tick();
-                    trimmer
-                });
-                let Ok(looked) = looked.await else { break };
-                trimmer = looked;
+                if trimmer.burst_ended(open_connections.get()) {
+                    let _ = tokio::task::spawn_blocking(heap::release_freed).await;
+                }
             }
         });
         // One store handle, shared by the usage flusher and the admin API (SqliteStore serializes its
@@ -256,7 +255,7 @@ impl App {
     /// `mcp_proxy_config_last_reload_ok`. `cause` says in the log what asked for it. True when it took.
     pub async fn reload_from_file(&self, path: &Path, cause: &'static str) -> bool {
         // Not while another reload is being built (an older snapshot must not replace a newer one).
-        let _serialized = self.reload_lock.lock().await;
+        let serialized = self.reload_lock.clone().lock_owned().await;
         tracing::info!(cause, "reloading the config");
         let (path, running) = (path.to_owned(), self.config());
         // Loading reads files and the store, and applying builds the limiter plan and lets the old config
@@ -268,6 +267,8 @@ impl App {
                 let (proxy, tls) = (self.proxy.clone(), self.tls.clone());
                 let users = config.directory.user_count() + config.live.user_count();
                 tokio::task::spawn_blocking(move || {
+                    // Held until the config is in, even when the caller stops waiting for it.
+                    let _serialized = serialized;
                     Ok::<_, ConfigError>((users, apply(&proxy, tls.as_deref(), config)))
                 })
                 .await
@@ -353,13 +354,15 @@ impl App {
     }
 }
 
-/// Swaps `config` in (and its certificate, for new handshakes); returns the changed settings that need a
-/// restart, which keep their old values.
+/// Swaps `config` in, then its certificate (for new handshakes: last, so a config that fails to go in
+/// leaves the running certificate too); returns the changed settings that need a restart, which keep
+/// their old values.
 fn apply(proxy: &Proxy, tls: Option<&ArcSwap<rustls::ServerConfig>>, config: Config) -> Vec<&'static str> {
     let restart = proxy.config().needs_restart(&config);
-    if let (Some(running), Some(next)) = (tls, &config.server.tls) {
-        running.store(next.clone());
-    }
+    let certificate = config.server.tls.clone();
     proxy.reload(Arc::new(config));
+    if let (Some(running), Some(next)) = (tls, certificate) {
+        running.store(next);
+    }
     restart
 }

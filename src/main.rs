@@ -92,8 +92,8 @@ fn main() -> ExitCode {
     mcp_tenant_proxy::telemetry::init_logging(format, matches!(command, Command::Demo { .. }));
     // On one core (a sidecar with a one-CPU limit, or a pinned process), a single-threaded runtime does
     // the same work without a worker thread handing tasks over to the thread that waits in `block_on`.
-    // That thread then serves every request, so nothing blocking runs on the runtime: file reads, store
-    // calls, config parses and limiter sweeps go to the blocking pool.
+    // That thread then serves every request, so the process's own blocking work (file stats, config
+    // parses and reloads, store calls, limiter sweeps, heap trims) goes to the blocking pool.
     let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
     let runtime = match one_core {
         true => tokio::runtime::Builder::new_current_thread().enable_all().build(),
@@ -203,30 +203,37 @@ async fn run(path: PathBuf) -> ExitCode {
     let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let cause = tokio::select! {
+        let ticked = tokio::select! {
             _ = &mut shutdown => break,
-            _ = hangup.recv() => "SIGHUP",
-            _ = every.tick() => {
-                let changed;
-                (files, changed) = off_runtime(move || {
+            _ = hangup.recv() => false,
+            _ = every.tick() => true,
+        };
+        // Every stat and parse below goes to the blocking pool, raced with SIGTERM: a hung mount may
+        // hold the watcher, never the shutdown.
+        let cause = match ticked {
+            false => "SIGHUP",
+            true => {
+                let polled = off_runtime(shutdown.as_mut(), move || {
                     let changed = files.poll();
                     (files, changed)
-                })
-                .await;
-                match changed {
-                    true => "a watched file changed",
-                    false => continue,
+                });
+                let Some((polled, changed)) = polled.await else { break };
+                files = polled;
+                if !changed {
+                    continue;
                 }
+                "a watched file changed"
             }
         };
         // What the file names now is stamped before the reload reads it (a Secret may be updated
         // again while the reload runs). A reload may wait on the store for long; SIGTERM does not.
         let path_now = path.clone();
-        files = off_runtime(move || {
+        let stamped = off_runtime(shutdown.as_mut(), move || {
             files.add(watched(&path_now, &Config::files_named_by(&path_now)));
             files
-        })
-        .await;
+        });
+        let Some(stamped) = stamped.await else { break };
+        files = stamped;
         let reloaded = tokio::select! {
             reloaded = app.reload_from_file(&path, cause) => reloaded,
             _ = &mut shutdown => break,
@@ -236,24 +243,33 @@ async fn run(path: PathBuf) -> ExitCode {
         // already keep the stamps taken before the reload.)
         let mut names = app.config().files.clone();
         let path_now = path.clone();
-        files = off_runtime(move || {
+        let watching = off_runtime(shutdown.as_mut(), move || {
             if !reloaded {
                 names.extend(Config::files_named_by(&path_now));
             }
             files.watch(watched(&path_now, &names));
             files
-        })
-        .await;
+        });
+        let Some(watching) = watching.await else { break };
+        files = watching;
     }
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     app.shutdown().await;
     ExitCode::SUCCESS
 }
 
-/// Runs `work` on the blocking pool: a stat or a config parse may wait on a slow filesystem, and the
-/// runtime's threads are the request threads.
-async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+/// Runs `work` on the blocking pool (a stat or a config parse may wait on a slow filesystem, and the
+/// runtime's threads are the request threads); `None` when `shutdown` comes first.
+async fn off_runtime<T: Send + 'static>(
+    shutdown: impl Future<Output = ()> + Unpin,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    tokio::select! {
+        done = tokio::task::spawn_blocking(work) => {
+            Some(done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+        }
+        () = shutdown => None,
+    }
 }
 
 /// The config file and the files it names.

@@ -265,7 +265,7 @@ impl RateLimits {
     /// shrinks the maps so the memory actually returns; forgets limiters no current plan uses.
     pub fn evict(&self) {
         // The sweep is O(users): it runs on the limiters taken out of the map, not under its lock, which
-        // a reload's `plan` takes on the runtime.
+        // a reload's `plan` needs.
         let mut limiters: Vec<Arc<KeyedLimiter>> = {
             let mut keyed = lock(&self.keyed);
             keyed.retain(|_, limiter| Arc::strong_count(limiter) > 1);
