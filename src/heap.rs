@@ -4,7 +4,8 @@
 //! its heap. After a burst (8,000 SSE streams that close, a store snapshot that is dropped) the freed
 //! memory sits below memory still in use, so nearly all of it stays resident, and repeated bursts
 //! fragment the heap further: RSS only ever grows. `malloc_trim` returns every free page, wherever it is.
-//! musl's allocator returns freed memory by itself; there these are no-ops.
+//! Other builds (the container image's musl binary runs jemalloc, whose background thread returns
+//! freed memory by itself) make these no-ops.
 
 /// Connections that must have closed, net of those opened since, before a trim is worth its cost: each
 /// held some 40 KiB, so this is about 20 MiB. A trim walks the whole heap holding the allocator's lock

@@ -12,6 +12,19 @@ use mcp_tenant_proxy::store::postgres;
 
 mod cli;
 
+/// musl's allocator is slow; the static binary of the container image gets jemalloc instead, whose
+/// background thread returns freed pages after `dirty_decay_ms` (glibc builds trim, see `heap`).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at its start: a background thread purges (otherwise only a thread that
+/// allocates does, and an idle proxy keeps a burst's pages), after 5 s rather than 10.
+#[cfg(target_env = "musl")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static MALLOC_CONF: &u8 =
+    &b"background_thread:true,max_background_threads:1,dirty_decay_ms:5000,muzzy_decay_ms:0\0"[0];
+
 #[derive(Parser)]
 #[command(version, about = "Multi-tenant gateway for single-user MCP servers")]
 struct Cli {
