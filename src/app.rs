@@ -29,7 +29,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage::UsageCounters;
 
 /// How often the open connections are looked at for a burst that ended ([`heap::Trimmer`]).
-const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often idle users' rate-limiter state is dropped.
 const LIMITER_EVICTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -134,15 +134,17 @@ impl App {
                 let _ = tokio::task::spawn_blocking(move || limits.evict()).await;
             }
         });
-        // Memory that a burst (streams that closed) freed goes back to the system shortly after.
-        let open_connections = metrics.connections("proxy");
+        // Memory that a burst (connections or streams that closed) freed goes back to the system shortly
+        // after. Streams count too: 8,000 of them may share a few HTTP/2 connections.
+        let (open_connections, trim_metrics) = (metrics.connections("proxy"), metrics.clone());
         let trimmer = tokio::spawn(async move {
             let mut every = tokio::time::interval(TRIM_INTERVAL);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut trimmer = heap::Trimmer::default();
             loop {
                 every.tick().await;
-                if trimmer.burst_ended(open_connections.get()) {
+                let open = open_connections.get() + trim_metrics.open_streams();
+                if trimmer.burst_ended(open, std::time::Instant::now()) {
                     let _ = tokio::task::spawn_blocking(heap::release_freed).await;
                 }
             }

@@ -7,7 +7,9 @@
 //! Other builds (the container image's musl binary runs jemalloc, whose background thread returns
 //! freed memory by itself) make these no-ops.
 
-/// Connections that must have closed, net of those opened since, before a trim is worth its cost: each
+use std::time::{Duration, Instant};
+
+/// Connections (and streams) that must have closed, net of those opened since, before a trim is worth its cost: each
 /// held some 40 KiB, so this is about 20 MiB. A trim walks the whole heap holding the allocator's lock
 /// (10 to 50 ms on a heap fragmented by a burst of 8,000 streams, measured), so it runs once a burst has
 /// ended, never on a steady load. glibc's own statistics (`mallinfo2`) walk the heap too, so the trigger
@@ -24,22 +26,29 @@ pub fn release_freed() {
     }
 }
 
-/// Decides, from the number of open connections taken on a schedule, when a burst has ended: at least
-/// [`CLOSED_WORTH_TRIMMING`] fewer are open than at the most since the last trim.
+/// The least time between two trims: a load that swings by more than [`CLOSED_WORTH_TRIMMING`] (or a
+/// client that opens and drops sockets to force trims) costs at most one pause this often.
+const TRIMS_APART: Duration = Duration::from_secs(10);
+
+/// Decides, from the number of open connections and streams taken on a schedule (a second apart), when a
+/// burst has ended: at least [`CLOSED_WORTH_TRIMMING`] fewer are open than at the most since the last
+/// trim, and that trim is [`TRIMS_APART`] ago.
 #[derive(Default)]
 pub struct Trimmer {
-    /// The most connections open at once since the last trim.
+    /// The most open at once since the last trim.
     peak: i64,
+    last: Option<Instant>,
 }
 
 impl Trimmer {
     /// True when a burst has ended and memory should go back ([`release_freed`]); counts it as done.
-    pub fn burst_ended(&mut self, open: i64) -> bool {
+    pub fn burst_ended(&mut self, open: i64, now: Instant) -> bool {
         self.peak = self.peak.max(open);
-        if self.peak - open < CLOSED_WORTH_TRIMMING {
+        let rested = self.last.is_none_or(|last| now.duration_since(last) >= TRIMS_APART);
+        if self.peak - open < CLOSED_WORTH_TRIMMING || !rested {
             return false;
         }
-        self.peak = open;
+        (self.peak, self.last) = (open, Some(now));
         true
     }
 }
@@ -50,19 +59,22 @@ mod tests {
 
     #[test]
     fn a_burst_that_ends_trims_once_and_a_steady_or_growing_load_never() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
         let mut trimmer = Trimmer::default();
         // Growing, then steady with churn: no trim.
-        for open in [0, 100, 4000, 8000, 8000, 7900, 8000, 7800] {
-            assert!(!trimmer.burst_ended(open), "at {open} open");
+        for (s, open) in [0, 100, 4000, 8000, 8000, 7900, 8000, 7800].into_iter().enumerate() {
+            assert!(!trimmer.burst_ended(open, at(s as u64)), "at {open} open");
         }
         // Most of the streams close: one trim, and not again at the same level.
-        assert!(trimmer.burst_ended(300));
-        assert!(!trimmer.burst_ended(300));
-        assert!(!trimmer.burst_ended(0), "300 more closed: below what is worth a trim");
-        // A second burst, and its end.
-        assert!(!trimmer.burst_ended(3000));
-        assert!(trimmer.burst_ended(2400));
-        assert!(!trimmer.burst_ended(2000));
-        assert!(trimmer.burst_ended(1800), "600 closed since the last trim");
+        assert!(trimmer.burst_ended(300, at(10)));
+        assert!(!trimmer.burst_ended(300, at(11)));
+        assert!(!trimmer.burst_ended(0, at(12)), "300 more closed: below what is worth a trim");
+        // A second burst whose end comes within TRIMS_APART of the last trim waits for it.
+        assert!(!trimmer.burst_ended(3000, at(13)));
+        assert!(!trimmer.burst_ended(2400, at(14)), "9 s since the last trim");
+        assert!(trimmer.burst_ended(2400, at(20)));
+        assert!(!trimmer.burst_ended(2000, at(31)));
+        assert!(trimmer.burst_ended(1800, at(32)), "600 closed since the last trim");
     }
 }

@@ -339,7 +339,9 @@ async fn a_plaintext_http2_client_whose_preface_arrives_in_pieces_is_served_as_h
     // part of the preface first, which it can only hand to a detection that reads on.
     let piece = b"PRI * HTTP/2.0\r\n";
     tcp.write_all(piece).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Accepted (its task spawned, and so peeking), then a pause longer than that takes.
+    wait_for_metric(harness.admin, r#"mcp_proxy_connections{listener="proxy"}"#, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let io = SentAlready { tcp, skip: piece.len() };
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.unwrap();

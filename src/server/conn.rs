@@ -28,9 +28,11 @@ use tokio_util::sync::CancellationToken;
 /// The idle periods of a connection.
 #[derive(Clone, Copy)]
 pub struct Timing {
-    /// Before the first request (a client that connects and sends nothing), and for the client's part of
-    /// a graceful close: `header_read_timeout`.
+    /// Before the first request (a client that connects and sends nothing): what is left of
+    /// `header_read_timeout` since the connect.
     pub first_request: Duration,
+    /// For the client's part of a graceful close: `header_read_timeout`.
+    pub closing: Duration,
     /// After a request, until the next one begins: `idle_timeout`.
     pub idle: Duration,
 }
@@ -152,7 +154,11 @@ where
         let mut conn = pin!(conn);
         let mut closing = false;
         loop {
-            let period = move |started: bool| if started && !closing { timing.idle } else { timing.first_request };
+            let period = move |started: bool| match (closing, started) {
+                (true, _) => timing.closing,
+                (false, true) => timing.idle,
+                (false, false) => timing.first_request,
+            };
             tokio::select! {
                 _ = conn.as_mut() => return,
                 () = shutdown.cancelled(), if !closing => {}

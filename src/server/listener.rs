@@ -67,7 +67,11 @@ where
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builders = Arc::new(Builders::new(builder));
     let tls = settings.tls;
-    let timing = Timing { first_request: settings.header_read_timeout, idle: settings.idle_timeout };
+    let timing = Timing {
+        first_request: settings.header_read_timeout,
+        closing: settings.header_read_timeout,
+        idle: settings.idle_timeout,
+    };
     let per_ip = (settings.max_connections_per_ip > 0).then(|| Arc::new(PerIp::new(settings.max_connections_per_ip)));
     let gauge = settings.connections;
     // Every connection task, reaped as soon as it ends: its count is the number of open connections.

@@ -255,6 +255,11 @@ impl Metrics {
         OpenStream(self.open_streams.clone())
     }
 
+    /// How many response bodies are open now (`mcp_proxy_open_streams`).
+    pub fn open_streams(&self) -> i64 {
+        self.open_streams.get()
+    }
+
     /// The open connections gauge of `listener` (`proxy` or `admin`), for its accept loop to set.
     pub fn connections(&self, listener: &'static str) -> Gauge {
         self.connections.get_or_create_owned(&ListenerLabels { listener })
