@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -135,15 +136,17 @@ impl App {
             }
         });
         // Memory that a burst (connections or streams that closed) freed goes back to the system shortly
-        // after. Streams count too: 8,000 of them may share a few HTTP/2 connections.
-        let (open_connections, trim_metrics) = (metrics.connections("proxy"), metrics.clone());
+        // after. Streams count too: 8,000 of them may share a few HTTP/2 connections. Connections count
+        // once they speak (`ListenerSettings::speaking`).
+        let speaking = Gauge::default();
+        let (speaking_now, trim_metrics) = (speaking.clone(), metrics.clone());
         let trimmer = tokio::spawn(async move {
             let mut every = tokio::time::interval(TRIM_INTERVAL);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut trimmer = heap::Trimmer::default();
             loop {
                 every.tick().await;
-                let open = open_connections.get() + trim_metrics.open_streams();
+                let open = speaking_now.get() + trim_metrics.open_streams();
                 if trimmer.burst_ended(open, std::time::Instant::now()) {
                     let _ = tokio::task::spawn_blocking(heap::release_freed).await;
                 }
@@ -191,6 +194,7 @@ impl App {
             max_connections: server.max_connections,
             max_connections_per_ip: server.max_connections_per_ip,
             connections: metrics.connections("proxy"),
+            speaking,
         };
         let serving = proxy.clone();
         let handler = move |request, peer| {
@@ -212,6 +216,7 @@ impl App {
                 max_connections: 256,
                 max_connections_per_ip: 0,
                 connections: metrics.connections("admin"),
+                speaking: Gauge::default(),
             };
             let api = usage_store.as_ref().map(|store| Arc::new(AdminApi::new(store.clone(), proxy.clone())));
             let (health, metrics) = (health.clone(), metrics.clone());

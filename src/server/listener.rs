@@ -40,6 +40,9 @@ pub struct ListenerSettings {
     pub max_connections_per_ip: usize,
     /// Set to the number of connections this listener holds (`mcp_proxy_connections`).
     pub connections: Gauge,
+    /// The connections past their first bytes (or TLS handshake), which hold hyper's buffers: what the
+    /// heap trim watches. A silent connection holds next to nothing, so opening many cannot force a trim.
+    pub speaking: Gauge,
 }
 
 pub async fn serve<H, F>(listener: TcpListener, settings: ListenerSettings, handler: H, shutdown: CancellationToken)
@@ -73,7 +76,7 @@ where
         idle: settings.idle_timeout,
     };
     let per_ip = (settings.max_connections_per_ip > 0).then(|| Arc::new(PerIp::new(settings.max_connections_per_ip)));
-    let gauge = settings.connections;
+    let (gauge, speaking) = (settings.connections, settings.speaking);
     // Every connection task, reaped as soon as it ends: its count is the number of open connections.
     let mut connections = JoinSet::new();
 
@@ -124,7 +127,7 @@ where
                 }
             })
         };
-        let (builders, shutdown) = (builders.clone(), shutdown.clone());
+        let (builders, shutdown, speaking) = (builders.clone(), shutdown.clone(), speaking.clone());
         let tls = tls.as_ref().map(|tls| TlsAcceptor::from(tls.load_full()));
         let (first_request, tls_on) = (settings.header_read_timeout, tls.is_some());
         connections.spawn(async move {
@@ -142,8 +145,8 @@ where
                     }
                     Some(acceptor) => {
                         let stream = acceptor.accept(stream).await?;
-                        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                        Ok((builders.negotiated(alpn.as_deref()), Io::Tls(Box::new(stream))))
+                        let builder = builders.negotiated(stream.get_ref().1.alpn_protocol());
+                        Ok((builder, Io::Tls(Box::new(stream))))
                     }
                 }
             };
@@ -155,10 +158,12 @@ where
             let timing = Timing { first_request: first_request.saturating_sub(accepted.elapsed()), ..timing };
             match opened {
                 Ok(Ok((builder, Io::Plain(stream)))) => {
+                    let _speaking = Speaking::new(&speaking);
                     let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     conn::drive(conn, requests, timing, shutdown).await;
                 }
                 Ok(Ok((builder, Io::Tls(stream)))) => {
+                    let _speaking = Speaking::new(&speaking);
                     let conn = builder.serve_connection(TokioIo::new(*stream), service).into_owned();
                     conn::drive(conn, requests, timing, shutdown).await;
                 }
@@ -224,7 +229,26 @@ impl Builders {
 
 enum Io {
     Plain(TcpStream),
+    /// Boxed: rustls's connection state is over a kilobyte, and a connection's task is as large as its
+    /// largest state, so inline it would grow every plaintext connection too.
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// One connection counted in [`ListenerSettings::speaking`]; dropping it (also when its task panics)
+/// counts it out.
+struct Speaking(Gauge);
+
+impl Speaking {
+    fn new(gauge: &Gauge) -> Speaking {
+        gauge.inc();
+        Speaking(gauge.clone())
+    }
+}
+
+impl Drop for Speaking {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The HTTP/2 connection preface (RFC 9113, 3.4): how a plaintext client says it speaks HTTP/2.
@@ -298,7 +322,57 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 
 #[cfg(test)]
 mod tests {
-    use super::client_group;
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Waits (yielding, up to 10 s) until `gauge` reads `want`.
+    async fn until(gauge: &Gauge, want: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while gauge.get() != want {
+            assert!(tokio::time::Instant::now() < deadline, "gauge at {}, not {want}", gauge.get());
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn only_connections_that_have_spoken_count_for_the_heap_trim() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connections, speaking) = (Gauge::default(), Gauge::default());
+        let settings = ListenerSettings {
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            max_header_bytes: 8192,
+            tls: None,
+            shutdown_grace: Duration::from_secs(1),
+            max_connections: 64,
+            max_connections_per_ip: 0,
+            connections: connections.clone(),
+            speaking: speaking.clone(),
+        };
+        let handler = |_request, _peer| async { Response::new(crate::proxy::body::full("ok".into())) };
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(listener, settings, handler, shutdown.clone()));
+
+        let mut silent = Vec::new();
+        for _ in 0..3 {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        until(&connections, 3).await;
+        assert_eq!(speaking.get(), 0, "a silent connection does not count");
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut answer = [0u8; 12];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        assert_eq!((connections.get(), speaking.get()), (4, 1));
+        drop(client);
+        until(&speaking, 0).await;
+        drop(silent);
+        until(&connections, 0).await;
+        shutdown.cancel();
+        served.await.unwrap();
+    }
 
     #[test]
     fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
