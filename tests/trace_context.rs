@@ -45,7 +45,7 @@ async fn the_clients_traceparent_reaches_the_upstream_and_the_audit_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_carry_the_request_id_and_trace_id_on_every_line_of_a_request() {
+async fn json_logs_carry_the_request_id_and_trace_id_on_a_requests_own_lines() {
     let (upstream, _seen) = recording_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("proxy.toml");

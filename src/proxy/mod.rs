@@ -170,6 +170,9 @@ impl Proxy {
         // request ends, or from `Drop` when the client goes away first (hyper then drops this future,
         // wherever it is waiting, the upstream's answer included), through that place, without waiting.
         let permit = self.audit.reserve().await;
+        if permit.is_none() {
+            request_span(&request_id, &trace).in_scope(|| tracing::error!("audit writer has stopped; audit line lost"));
+        }
         let mut record = Record {
             proxy: self,
             request_id,
@@ -355,7 +358,7 @@ impl Proxy {
 }
 
 /// The span of a request's log lines, which gives each its `request_id` and `trace_id`. Opened only for a
-/// line (a refusal, a client gone; the request path logs nothing else): entered at every poll of every
+/// line (a refusal, a client gone, an audit line lost; the request path logs nothing else): entered at every poll of every
 /// request, as an `Instrument`ed future does, it cost about 5 % of a request's CPU.
 fn request_span(request_id: &str, trace: &TraceContext) -> tracing::Span {
     tracing::info_span!("request", request_id, trace_id = %trace.trace_id())

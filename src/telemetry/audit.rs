@@ -189,13 +189,10 @@ impl AuditSink {
     /// A place in the queue for one line, once there is room. Taken when a request starts, so that its
     /// line can be queued when it ends without waiting, even from a `Drop` (the client went away): the
     /// queue thus bounds the requests in progress plus the lines waiting for the sink, and a slow sink
-    /// holds new requests back before any work is done for them. `None` once the writer has stopped.
+    /// holds new requests back before any work is done for them. `None` once the writer has stopped
+    /// (the caller logs the lost line, with its request's ids).
     pub async fn reserve(&self) -> Option<mpsc::OwnedPermit<String>> {
-        let permit = self.tx.clone().reserve_owned().await.ok();
-        if permit.is_none() {
-            tracing::error!("audit writer has stopped; audit line lost");
-        }
-        permit
+        self.tx.clone().reserve_owned().await.ok()
     }
 }
 
