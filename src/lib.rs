@@ -8,6 +8,7 @@ pub mod demo;
 pub mod error;
 pub mod heap;
 pub mod json;
+pub mod jwt;
 pub mod policy;
 pub mod proxy;
 pub mod secret;
