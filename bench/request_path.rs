@@ -97,6 +97,7 @@ fn main() {
             |mut parts| {
                 let rewrite = Rewrite {
                     user_header: &config.identity.user_header,
+                    token_header: &config.identity.token_header,
                     credential: &credentials[0].header_value,
                     acting_user: &user.name,
                     peer,
@@ -121,6 +122,8 @@ fn main() {
         key_kind: Some("enterprise"),
         requested_user: Some("user-0421"),
         acting_user: Some("user-0421"),
+        user_proof: None,
+        token_issuer: None,
         decision: "allow",
         reason: "ok",
         fallback: false,

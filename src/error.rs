@@ -43,6 +43,14 @@ pub enum ProxyError {
     DuplicateHeader(&'static str),
     #[error("the user id is not valid: {0}")]
     InvalidUserId(&'static str),
+    #[error("this API key requires a user token")]
+    UserTokenRequired,
+    #[error("{0}")]
+    InvalidUserToken(crate::jwt::TokenError),
+    #[error("the user header and the user token name different users")]
+    UserTokenMismatch,
+    #[error("the user token's issuer keys cannot be fetched: retry shortly")]
+    UserTokenKeysUnavailable,
     #[error("this API key acts only as its own user and cannot name another")]
     UserOverrideForbidden,
     #[error("this API key may not act as that user")]
@@ -98,6 +106,10 @@ impl ProxyError {
             InvalidApiKey => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
             DuplicateHeader(_) => (StatusCode::BAD_REQUEST, "duplicate_header"),
             InvalidUserId(_) => (StatusCode::BAD_REQUEST, "invalid_user_id"),
+            UserTokenRequired => (StatusCode::UNAUTHORIZED, "user_token_required"),
+            InvalidUserToken(_) => (StatusCode::UNAUTHORIZED, "invalid_user_token"),
+            UserTokenMismatch => (StatusCode::BAD_REQUEST, "user_token_mismatch"),
+            UserTokenKeysUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "user_token_keys_unavailable"),
             UserOverrideForbidden => (StatusCode::FORBIDDEN, "user_override_forbidden"),
             UserNotPermitted => (StatusCode::FORBIDDEN, "user_not_permitted"),
             UnknownUser => (StatusCode::FORBIDDEN, "unknown_user"),

@@ -50,6 +50,7 @@ fn directory() -> Config {
             act_as: vec![],
             rate_limit: None,
             expires_at,
+            user_token: None,
         };
         assert!(dir.add_key(sha256(token), key));
     }
@@ -67,6 +68,8 @@ fn check_ids(headers: &HeaderMap, max: usize) {
         user_header: HeaderName::from_static(USER_HEADER),
         unknown_user: UnknownUserPolicy::Reject,
         max_user_id_len: max,
+        token_header: HeaderName::from_static("x-alloy-user-token"),
+        user_token: None,
     };
     let values: Vec<&HeaderValue> = headers.get_all(USER_HEADER).iter().collect();
     for value in &values {

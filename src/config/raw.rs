@@ -47,6 +47,9 @@ impl RawConfig {
             files.extend(tls.client_ca_file.as_deref());
         }
         files.extend(self.admin.token_file.as_deref());
+        if let Some(t) = &self.identity.user_token {
+            files.extend([&t.jwks_file, &t.jwks_ca_file].into_iter().filter_map(|f| f.as_deref()));
+        }
         files.extend(self.keys.iter().filter_map(|k| k.secret_file.as_deref()));
         files.extend(self.credentials.iter().filter_map(|c| c.secret_file.as_deref()));
         for u in self.upstreams.values() {
@@ -185,12 +188,61 @@ pub struct RawIdentity {
     pub user_header: String,
     pub unknown_user: String,
     pub max_user_id_len: usize,
+    pub user_token: Option<RawUserToken>,
 }
 
 impl Default for RawIdentity {
     fn default() -> Self {
-        Self { user_header: "x-alloy-userid".into(), unknown_user: "reject".into(), max_user_id_len: 128 }
+        Self {
+            user_header: "x-alloy-userid".into(),
+            unknown_user: "reject".into(),
+            max_user_id_len: 128,
+            user_token: None,
+        }
     }
+}
+
+/// `[identity.user_token]`: JWT user tokens that prove which user a request acts as.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUserToken {
+    #[serde(default = "default_token_header")]
+    pub header: String,
+    /// The claim naming the user; a token without it is read by `sub`.
+    #[serde(default = "default_token_claim")]
+    pub claim: String,
+    pub issuer: String,
+    pub audience: String,
+    pub jwks_url: Option<String>,
+    pub jwks_file: Option<PathBuf>,
+    /// Extra PEM CA certificates trusted for an `https://` `jwks_url`, besides the webpki roots.
+    pub jwks_ca_file: Option<PathBuf>,
+    #[serde(default = "default_token_leeway")]
+    pub leeway: String,
+    /// A token whose key is not in the fetched set fetches it again at most this often.
+    #[serde(default = "default_min_refetch")]
+    pub jwks_min_refetch: String,
+    /// For keys that set no `user_token` of their own: `required`, `allowed` or `ignored`.
+    #[serde(default = "default_token_mode")]
+    pub mode: String,
+}
+
+pub const DEFAULT_TOKEN_HEADER: &str = "x-alloy-user-token";
+
+fn default_token_header() -> String {
+    DEFAULT_TOKEN_HEADER.into()
+}
+fn default_token_claim() -> String {
+    "userId".into()
+}
+fn default_token_leeway() -> String {
+    "60s".into()
+}
+fn default_min_refetch() -> String {
+    "10s".into()
+}
+fn default_token_mode() -> String {
+    "allowed".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +270,8 @@ pub struct RawKey {
     pub secret_env: Option<String>,
     pub secret_file: Option<PathBuf>,
     pub rate_limit: Option<RawLimit>,
+    /// `required`, `allowed` or `ignored`; unset: `[identity.user_token] mode`.
+    pub user_token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,14 +12,15 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
 use super::raw::{RawConfig, RawCredential, RawKey, RawLimit, RawRule, RawUpstream};
+use crate::jwt::KeySet;
 use crate::policy::mcp::Rule;
 use crate::policy::ratelimit::Limit;
 use crate::proxy::forward::UpstreamClient;
 use crate::secret::{Secret, sha256};
 use crate::store::live::{FileSide, Rendered};
 use crate::store::{
-    ApiKey, Credential, Directory, KeyKind, LiveDirectory, STORE_USER_BIT, TokenGrant, UpstreamId, UserLimit,
-    UserPattern, UserRef, check_user_id,
+    ApiKey, Credential, Directory, KeyKind, LiveDirectory, STORE_USER_BIT, TokenGrant, TokenMode, UpstreamId,
+    UserLimit, UserPattern, UserRef, check_user_id,
 };
 
 pub struct Config {
@@ -193,6 +194,30 @@ pub struct IdentitySettings {
     pub user_header: HeaderName,
     pub unknown_user: UnknownUserPolicy,
     pub max_user_id_len: usize,
+    /// The user-token header: stripped from every request before the upstream, read only with
+    /// `user_token` set.
+    pub token_header: HeaderName,
+    pub user_token: Option<UserTokenSettings>,
+}
+
+/// `[identity.user_token]`: what a JWT user token must satisfy, and where its keys are.
+pub struct UserTokenSettings {
+    pub claim: String,
+    pub issuer: String,
+    pub audience: String,
+    pub leeway: Duration,
+    pub keys: TokenKeys,
+    /// `jwks_url` only: an unknown key fetches the set again at most this often.
+    pub min_refetch: Duration,
+    /// For keys that set no mode of their own.
+    pub mode: TokenMode,
+}
+
+pub enum TokenKeys {
+    /// `jwks_file`, read at load (and at every reload).
+    File(Arc<KeySet>),
+    /// `jwks_url`, fetched when needed (`policy::user_token`).
+    Url { uri: Uri, client: Box<UpstreamClient> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -691,17 +716,7 @@ impl Builder<'_> {
 
     fn identity(&mut self, raw: &RawConfig) -> Option<IdentitySettings> {
         let i = &raw.identity;
-        let user_header = match HeaderName::from_bytes(i.user_header.as_bytes()) {
-            Ok(name) if is_reserved_header(&name) => {
-                self.problem("identity.user_header", "cannot be a header the proxy itself uses");
-                None
-            }
-            Ok(name) => Some(name),
-            Err(_) => {
-                self.problem("identity.user_header", "is not a valid header name");
-                None
-            }
-        };
+        let user_header = self.header_name("identity.user_header", &i.user_header);
         let unknown_user = match i.unknown_user.as_str() {
             "reject" => Some(UnknownUserPolicy::Reject),
             "default" => Some(UnknownUserPolicy::Default),
@@ -713,10 +728,105 @@ impl Builder<'_> {
         if !(1..=MAX_USER_ID_LEN).contains(&i.max_user_id_len) {
             self.problem("identity.max_user_id_len", format!("must be between 1 and {MAX_USER_ID_LEN}"));
         }
+        let (token_header, user_token) = match &i.user_token {
+            None => (Some(HeaderName::from_static(super::raw::DEFAULT_TOKEN_HEADER)), None),
+            Some(t) => (self.header_name("identity.user_token.header", &t.header), self.user_token(t)),
+        };
+        if token_header.as_ref().is_some_and(|h| user_header.as_ref() == Some(h)) {
+            self.problem("identity.user_token.header", "must differ from identity.user_header");
+        }
         Some(IdentitySettings {
             user_header: user_header?,
             unknown_user: unknown_user?,
             max_user_id_len: i.max_user_id_len.clamp(1, MAX_USER_ID_LEN),
+            token_header: token_header?,
+            user_token: match &i.user_token {
+                None => None,
+                Some(_) => Some(user_token?),
+            },
+        })
+    }
+
+    fn header_name(&mut self, path: &str, name: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(name) if is_reserved_header(&name) => {
+                self.problem(path, "cannot be a header the proxy itself uses");
+                None
+            }
+            Ok(name) => Some(name),
+            Err(_) => {
+                self.problem(path, "is not a valid header name");
+                None
+            }
+        }
+    }
+
+    fn user_token(&mut self, t: &super::raw::RawUserToken) -> Option<UserTokenSettings> {
+        let path = "identity.user_token";
+        for (field, value) in [("issuer", &t.issuer), ("audience", &t.audience), ("claim", &t.claim)] {
+            if value.trim().is_empty() {
+                self.problem(format!("{path}.{field}"), "must not be empty");
+            }
+        }
+        let mode = TokenMode::parse(&t.mode);
+        if mode.is_none() {
+            self.problem(format!("{path}.mode"), "must be \"required\", \"allowed\" or \"ignored\"");
+        }
+        let leeway = self.duration(&format!("{path}.leeway"), &t.leeway);
+        if leeway.is_some_and(|l| l > Duration::from_secs(600)) {
+            self.problem(format!("{path}.leeway"), "must be at most 10m");
+        }
+        let min_refetch = self.duration(&format!("{path}.jwks_min_refetch"), &t.jwks_min_refetch);
+        let keys = match (&t.jwks_url, &t.jwks_file) {
+            (Some(_), Some(_)) | (None, None) => {
+                self.problem(path, "set exactly one of jwks_url and jwks_file");
+                None
+            }
+            (None, Some(file)) => {
+                if t.jwks_ca_file.is_some() {
+                    self.problem(format!("{path}.jwks_ca_file"), "is only used with jwks_url");
+                }
+                let file = self.base_dir.join(file);
+                let keys = std::fs::read(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))
+                    .and_then(|json| KeySet::parse(&json));
+                match keys {
+                    Ok(keys) if keys.keys.is_empty() => {
+                        self.problem(format!("{path}.jwks_file"), "holds no RS256, ES256 or EdDSA signing key");
+                        None
+                    }
+                    Ok(keys) => Some(TokenKeys::File(Arc::new(keys))),
+                    Err(e) => {
+                        self.problem(format!("{path}.jwks_file"), e);
+                        None
+                    }
+                }
+            }
+            (Some(url), None) => match url.parse::<Uri>() {
+                Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {
+                    let ca_file = t.jwks_ca_file.as_ref().map(|p| self.base_dir.join(p));
+                    match crate::proxy::forward::build_client(Duration::from_secs(5), false, ca_file.as_deref(), None) {
+                        Ok(client) => Some(TokenKeys::Url { uri, client: Box::new(client) }),
+                        Err(e) => {
+                            self.problem(format!("{path}.jwks_ca_file"), e);
+                            None
+                        }
+                    }
+                }
+                _ => {
+                    self.problem(format!("{path}.jwks_url"), "must be an http:// or https:// URL");
+                    None
+                }
+            },
+        };
+        Some(UserTokenSettings {
+            claim: t.claim.clone(),
+            issuer: t.issuer.clone(),
+            audience: t.audience.clone(),
+            leeway: leeway?,
+            keys: keys?,
+            min_refetch: min_refetch?,
+            mode: mode?,
         })
     }
 
@@ -943,7 +1053,16 @@ impl Builder<'_> {
         dir.add_user(&key.user);
         let Some(user) = dir.user_ref(&key.user) else { return };
         let act_as = key.act_as.iter().map(|p| UserPattern::parse(p)).collect();
-        let key = ApiKey { index: 0, id: key.id.as_str().into(), kind, user, act_as, rate_limit, expires_at: None };
+        let user_token = match key.user_token.as_deref().map(|m| (m, TokenMode::parse(m))) {
+            None => None,
+            Some((_, Some(mode))) => Some(mode),
+            Some(_) => {
+                self.problem(format!("{path}.user_token"), "must be \"required\", \"allowed\" or \"ignored\"");
+                return;
+            }
+        };
+        let id = key.id.as_str().into();
+        let key = ApiKey { index: 0, id, kind, user, act_as, rate_limit, expires_at: None, user_token };
         if !dir.add_key(hash, key) {
             self.problem(path, "the same key value is configured twice");
         }

@@ -65,6 +65,7 @@ mod tests {
                 act_as: vec![],
                 rate_limit: None,
                 expires_at,
+                user_token: None,
             };
             dir.add_key(sha256(token.as_bytes()), key);
         }

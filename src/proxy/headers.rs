@@ -145,6 +145,8 @@ fn request_host(parts: &Parts) -> Option<&str> {
 /// What the rewrite needs besides the request and the upstream.
 pub struct Rewrite<'a> {
     pub user_header: &'a HeaderName,
+    /// The user token is the user's own proof of identity: it never reaches the upstream.
+    pub token_header: &'a HeaderName,
     pub credential: &'a HeaderValue,
     pub acting_user: &'a str,
     pub peer: SocketAddr,
@@ -167,6 +169,7 @@ pub fn rewrite_request(parts: &mut Parts, upstream: &Upstream, rw: &Rewrite<'_>)
         headers.remove(name);
     }
     headers.remove(rw.user_header);
+    headers.remove(rw.token_header);
     headers.remove(CREDENTIAL_ID);
     if let Some(name) = &upstream.forward_user_header {
         headers.remove(name);

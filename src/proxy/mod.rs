@@ -25,8 +25,9 @@ use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
 use crate::policy::ratelimit_redis::{Names, RedisLimiter};
 use crate::policy::session::{self, SessionBinder};
+use crate::policy::user_token::{self, UrlKeys};
 use crate::policy::{auth, credential, identity};
-use crate::store::{KeyKind, UserRef};
+use crate::store::{KeyKind, UserRef, check_user_id};
 use crate::telemetry::audit::{AuditEvent, AuditSink};
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::trace::TraceContext;
@@ -62,6 +63,8 @@ struct RequestCtx {
     json_post: bool,
     /// The JSON-RPC messages of the body, once read.
     rpc: Option<Rpc>,
+    /// The issuer of the user token that proved the acting user.
+    token_issuer: Option<String>,
 }
 
 /// The config in force and the limiters it resolves to, swapped together on reload.
@@ -91,6 +94,8 @@ pub struct Proxy {
     bodies: BodyBudget,
     /// Random per process, so request ids from restarts and replicas do not collide.
     instance: u32,
+    /// The issuer keys fetched for user tokens (`jwks_url`), kept across reloads.
+    user_tokens: UrlKeys,
 }
 
 impl Proxy {
@@ -124,6 +129,7 @@ impl Proxy {
             bodies: BodyBudget::default(),
             request_seq: AtomicU64::new(0),
             instance: rand::random(),
+            user_tokens: UrlKeys::default(),
         }
     }
 
@@ -213,6 +219,7 @@ impl Proxy {
                     ProxyError::UpstreamUnavailable
                     | ProxyError::UpstreamTimeout
                     | ProxyError::RateLimiterUnavailable
+                    | ProxyError::UserTokenKeysUnavailable
                     | ProxyError::Internal => "error",
                     _ => "deny",
                 };
@@ -306,6 +313,7 @@ impl Proxy {
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
         let rewrite = headers::Rewrite {
             user_header: &config.identity.user_header,
+            token_header: &config.identity.token_header,
             credential: &credential.header_value,
             acting_user,
             peer: peer.addr,
@@ -411,6 +419,8 @@ impl Record<'_> {
             key_kind: ctx.key_kind.map(KeyKind::as_str),
             requested_user: ctx.requested_user.as_deref(),
             acting_user: ctx.acting_user.as_deref(),
+            user_proof: ctx.token_issuer.as_ref().map(|_| "token"),
+            token_issuer: ctx.token_issuer.as_deref(),
             decision,
             reason,
             fallback: ctx.fallback,
@@ -476,9 +486,26 @@ impl Proxy {
             parts.uri = http::Uri::try_from(stripped).map_err(|_| ProxyError::InvalidPath)?;
         }
         // Identify the acting user. The requested name is recorded first so that denials are audited too.
-        let requested = identity::requested_user(&config.identity, &parts.headers)?;
+        // A user token, where the key reads one, proves the user: the header, if sent too, must agree.
+        let settings = &config.identity;
+        let requested = identity::requested_user(settings, &parts.headers)?;
         ctx.requested_user = requested.map(str::to_owned);
-        let who = identity::resolve(&config.identity, config, key, requested)?;
+        let token = user_token::presented(settings.user_token.as_ref(), &settings.token_header, key, &parts.headers)?;
+        let proven = match (token, &settings.user_token) {
+            (Some(token), Some(token_settings)) => Some(self.user_tokens.prove(token_settings, token).await?),
+            _ => None,
+        };
+        let requested = match (requested, proven.as_deref()) {
+            (Some(named), Some(proven)) if named != proven => return Err(ProxyError::UserTokenMismatch),
+            (_, Some(proven)) => {
+                check_user_id(proven, settings.max_user_id_len).map_err(ProxyError::InvalidUserId)?;
+                ctx.requested_user = Some(proven.to_owned());
+                ctx.token_issuer = settings.user_token.as_ref().map(|t| t.issuer.clone());
+                Some(proven)
+            }
+            (named, None) => named,
+        };
+        let who = identity::resolve(settings, config, key, requested)?;
         let acting_user = &who.user.name;
         ctx.acting_user = Some(acting_user.clone());
         ctx.fallback = who.fallback;

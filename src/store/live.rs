@@ -306,6 +306,7 @@ impl LiveDirectory {
                 act_as: key.act_as.iter().map(|p| UserPattern::parse(p)).collect(),
                 rate_limit: None,
                 expires_at: key.expires_at,
+                user_token: None,
             };
             self.keys.insert(key.sha256, Arc::new(entry));
             keys.push(key.sha256);

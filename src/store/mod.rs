@@ -50,6 +50,28 @@ impl KeyKind {
     }
 }
 
+/// Whether a key's requests prove their user with a user token (`[identity.user_token]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenMode {
+    /// Every request carries a valid token, which names the acting user.
+    Required,
+    /// A token, when sent, is checked and names the acting user; without one the user header does.
+    Allowed,
+    /// Tokens are not read (they are still stripped before the upstream).
+    Ignored,
+}
+
+impl TokenMode {
+    pub fn parse(mode: &str) -> Option<TokenMode> {
+        match mode {
+            "required" => Some(TokenMode::Required),
+            "allowed" => Some(TokenMode::Allowed),
+            "ignored" => Some(TokenMode::Ignored),
+            _ => None,
+        }
+    }
+}
+
 /// One entry of a key's `act_as` list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UserPattern {
@@ -99,6 +121,8 @@ pub struct ApiKey {
     pub rate_limit: Option<Limit>,
     /// Unix seconds after which the key is refused (keys made through the store may expire).
     pub expires_at: Option<i64>,
+    /// `None`: `[identity.user_token] mode` decides (store keys and token URLs have no mode of their own).
+    pub user_token: Option<TokenMode>,
 }
 
 impl ApiKey {
@@ -140,6 +164,7 @@ impl TokenGrant {
             act_as: Vec::new(),
             rate_limit: None,
             expires_at: Some(expires_at),
+            user_token: None,
         };
         TokenGrant { key: Arc::new(key), upstream: upstream.into() }
     }

@@ -34,9 +34,13 @@ pub struct AuditEvent<'a> {
     pub path: &'a str,
     pub key_id: Option<&'a str>,
     pub key_kind: Option<&'static str>,
-    /// The user named in the user header (only when well-formed).
+    /// The user named in the user header or proven by a user token (only when well-formed).
     pub requested_user: Option<&'a str>,
     pub acting_user: Option<&'a str>,
+    /// `token` when a verified user token proved the acting user (`[identity.user_token]`).
+    pub user_proof: Option<&'static str>,
+    /// The `iss` of that token.
+    pub token_issuer: Option<&'a str>,
     /// `allow`, `deny` (refused by policy) or `error` (the upstream failed).
     pub decision: &'static str,
     /// `ok`, or the stable error code of the refusal.

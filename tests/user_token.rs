@@ -1,0 +1,378 @@
+//! Proven identity over real HTTP: JWT user tokens (`[identity.user_token]`) signed by keys made in the
+//! test, their key set served on loopback (fetched, rotated, unreachable) or read from a file.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::*;
+use http::Response;
+use ring::rand::SystemRandom;
+use ring::signature::{self, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+use serde_json::{Value, json};
+
+const ISSUER: &str = "https://idp.test";
+const AUDIENCE: &str = "mcp-tenant-proxy";
+
+fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A signing key of the issuer, with its public JWK.
+enum Signer {
+    Ed(Ed25519KeyPair),
+    Ec(EcdsaKeyPair),
+    Rsa(ring::rsa::KeyPair),
+}
+
+struct IssuerKey {
+    kid: &'static str,
+    signer: Signer,
+}
+
+impl IssuerKey {
+    fn ed(kid: &'static str) -> IssuerKey {
+        let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        IssuerKey { kid, signer: Signer::Ed(Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()) }
+    }
+
+    fn ec(kid: &'static str) -> IssuerKey {
+        let rng = SystemRandom::new();
+        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref(), &rng).unwrap();
+        IssuerKey { kid, signer: Signer::Ec(pair) }
+    }
+
+    /// RSA 2048, made by openssl (ring signs with RSA keys but does not make them).
+    fn rsa(kid: &'static str) -> IssuerKey {
+        let out = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-outform", "DER"])
+            .output()
+            .expect("openssl is installed");
+        assert!(out.status.success());
+        IssuerKey { kid, signer: Signer::Rsa(ring::rsa::KeyPair::from_der(&out.stdout).unwrap()) }
+    }
+
+    fn alg(&self) -> &'static str {
+        match self.signer {
+            Signer::Ed(_) => "EdDSA",
+            Signer::Ec(_) => "ES256",
+            Signer::Rsa(_) => "RS256",
+        }
+    }
+
+    fn jwk(&self) -> Value {
+        match &self.signer {
+            Signer::Ed(k) => {
+                json!({"kty": "OKP", "crv": "Ed25519", "kid": self.kid, "x": b64(k.public_key().as_ref())})
+            }
+            Signer::Ec(k) => {
+                let p = k.public_key().as_ref();
+                json!({"kty": "EC", "crv": "P-256", "kid": self.kid, "x": b64(&p[1..33]), "y": b64(&p[33..])})
+            }
+            Signer::Rsa(k) => {
+                let c = signature::RsaPublicKeyComponents::<Vec<u8>>::from(k.public());
+                json!({"kty": "RSA", "kid": self.kid, "use": "sig", "n": b64(&c.n), "e": b64(&c.e)})
+            }
+        }
+    }
+
+    fn sign_with_header(&self, header: Value, claims: Value) -> String {
+        let signed = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let sig = match &self.signer {
+            Signer::Ed(k) => k.sign(signed.as_bytes()).as_ref().to_vec(),
+            Signer::Ec(k) => k.sign(&SystemRandom::new(), signed.as_bytes()).unwrap().as_ref().to_vec(),
+            Signer::Rsa(k) => {
+                let mut sig = vec![0; k.public().modulus_len()];
+                k.sign(&signature::RSA_PKCS1_SHA256, &SystemRandom::new(), signed.as_bytes(), &mut sig).unwrap();
+                sig
+            }
+        };
+        format!("{signed}.{}", b64(&sig))
+    }
+
+    fn sign(&self, claims: Value) -> String {
+        self.sign_with_header(json!({"alg": self.alg(), "kid": self.kid, "typ": "JWT"}), claims)
+    }
+
+    /// A token for `user`, valid for ten minutes.
+    fn token(&self, user: &str) -> String {
+        self.sign(claims(user, 600))
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn claims(user: &str, expires_in: i64) -> Value {
+    json!({"iss": ISSUER, "aud": AUDIENCE, "exp": now() + expires_in, "iat": now(), "userId": user})
+}
+
+fn set_of(keys: &[&IssuerKey]) -> String {
+    json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}).to_string()
+}
+
+/// The issuer's key-set endpoint: serves whatever `set` holds and counts the fetches.
+struct KeyServer {
+    addr: std::net::SocketAddr,
+    set: Arc<Mutex<String>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+async fn key_server(initial: String) -> KeyServer {
+    let (set, fetches) = (Arc::new(Mutex::new(initial)), Arc::new(AtomicUsize::new(0)));
+    let (serve, count) = (set.clone(), fetches.clone());
+    let addr = spawn_http(move |_req| {
+        let body = serve.lock().unwrap().clone();
+        count.fetch_add(1, Ordering::SeqCst);
+        async move { Response::new(common::body(body)) }
+    })
+    .await;
+    KeyServer { addr, set, fetches }
+}
+
+/// The shared config plus `[identity.user_token]` with `keys_line` (jwks_url or jwks_file) and a
+/// required-token enterprise key and an ignoring one.
+fn config(upstream: std::net::SocketAddr, keys_line: &str) -> String {
+    format!(
+        r#"{base}
+[[keys]]
+id = "portal"
+kind = "enterprise"
+secret = "portal-key-0001"
+user = "acme-service"
+act_as = ["*"]
+user_token = "required"
+
+[[keys]]
+id = "batch"
+kind = "enterprise"
+secret = "batch-key-0001"
+user = "acme-service"
+act_as = ["*"]
+user_token = "ignored"
+
+[identity.user_token]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+{keys_line}
+"#,
+        base = base_config(upstream, ""),
+    )
+}
+
+const PORTAL_KEY: &str = "portal-key-0001";
+const BATCH_KEY: &str = "batch-key-0001";
+
+/// Sends a `tools/call` with the key, the user token (when given) and other headers.
+async fn call(h: &Harness, key: &str, token: Option<&str>, extra: &[(&str, &str)]) -> (u16, Value) {
+    let auth = format!("Bearer {key}");
+    let mut headers = vec![("authorization", auth.as_str())];
+    headers.extend(token.map(|t| ("x-alloy-user-token", t)));
+    headers.extend_from_slice(extra);
+    let response = h.send(mcp_post(&h.url("/mcp/github"), &headers)).await;
+    let status = response.status().as_u16();
+    (status, json(response).await)
+}
+
+/// A refusal: its name, the API key, the user token, other headers, and the status and code it gets.
+type Row<'a> = (&'a str, &'a str, Option<&'a str>, Vec<(&'a str, &'a str)>, u16, &'a str);
+
+fn code(body: &Value) -> &str {
+    body["error"]["data"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn a_user_token_proves_the_user_and_every_bad_token_is_refused_before_the_upstream() {
+    let (upstream, seen) = recording_upstream().await;
+    let (rsa, ed) = (IssuerKey::rsa("rsa-1"), IssuerKey::ed("ed-1"));
+    let keys = key_server(set_of(&[&rsa, &ed])).await;
+    let mut h = Harness::start(&config(upstream, &format!("jwks_url = \"http://{}/jwks\"", keys.addr))).await;
+    let credential = |i: usize| seen.lock().unwrap()[i].headers["authorization"].to_str().unwrap().to_owned();
+
+    // Proven: the token's user acts, with that user's credential, and the token does not reach the upstream.
+    let (status, body) = call(&h, ENTERPRISE_KEY, Some(&rsa.token("alice")), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(credential(0), "Bearer cred-alice");
+    assert!(!seen.lock().unwrap()[0].headers.contains_key("x-alloy-user-token"));
+    // EdDSA too; the user header may repeat the token's user.
+    let (status, _) = call(&h, PORTAL_KEY, Some(&ed.token("bob")), &[("x-alloy-userid", "bob")]).await;
+    assert_eq!((status, credential(1)), (200, "Bearer cred-bob".to_owned()));
+    // `sub` names the user when the token has no `userId`.
+    let sub = rsa.sign(json!({"iss": ISSUER, "aud": AUDIENCE, "exp": now() + 60, "sub": "carol"}));
+    let (status, _) = call(&h, ENTERPRISE_KEY, Some(&sub), &[("x-credential-id", "work")]).await;
+    assert_eq!((status, credential(2)), (200, "Bearer cred-carol-work".to_owned()));
+    // One fetch of the key set served all of them.
+    assert_eq!(keys.fetches.load(Ordering::SeqCst), 1);
+
+    let public_key = b64(match &ed.signer {
+        Signer::Ed(k) => k.public_key().as_ref(),
+        _ => unreachable!(),
+    });
+    let hmac_with_public_key = {
+        let header = json!({"alg": "HS256", "kid": "ed-1"});
+        let signed =
+            format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims("alice", 60).to_string().as_bytes()));
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, public_key.as_bytes());
+        format!("{signed}.{}", b64(ring::hmac::sign(&key, signed.as_bytes()).as_ref()))
+    };
+    let unsigned = format!("{}.{}.", b64(br#"{"alg":"none"}"#), b64(claims("alice", 60).to_string().as_bytes()));
+    let expired = rsa.sign(claims("alice", -120));
+    let not_yet =
+        rsa.sign(json!({"iss": ISSUER, "aud": AUDIENCE, "exp": now() + 900, "nbf": now() + 600, "userId": "alice"}));
+    let exp_as_string =
+        rsa.sign(json!({"iss": ISSUER, "aud": AUDIENCE, "exp": (now() - 10).to_string(), "userId": "alice"}));
+    let other_audience = rsa.sign(json!({"iss": ISSUER, "aud": "another-api", "exp": now() + 60, "userId": "alice"}));
+    let other_issuer =
+        rsa.sign(json!({"iss": "https://evil.test", "aud": AUDIENCE, "exp": now() + 60, "userId": "alice"}));
+    let bad_user = rsa.token("alice\nbob");
+    let forged = {
+        let mut parts: Vec<String> = rsa.token("alice").split('.').map(str::to_owned).collect();
+        parts[1] = b64(claims("bob", 60).to_string().as_bytes());
+        parts.join(".")
+    };
+    let (ed_alice, rsa_bob, rsa_alice) = (ed.token("alice"), rsa.token("bob"), rsa.token("alice"));
+    let rows: Vec<Row> = vec![
+        ("required token missing", PORTAL_KEY, None, vec![("x-alloy-userid", "alice")], 401, "user_token_required"),
+        (
+            "header and token disagree",
+            ENTERPRISE_KEY,
+            Some(&ed_alice),
+            vec![("x-alloy-userid", "bob")],
+            400,
+            "user_token_mismatch",
+        ),
+        (
+            "HMAC keyed with the public key",
+            ENTERPRISE_KEY,
+            Some(&hmac_with_public_key),
+            vec![],
+            401,
+            "invalid_user_token",
+        ),
+        ("alg none", PORTAL_KEY, Some(&unsigned), vec![], 401, "invalid_user_token"),
+        ("expired", ENTERPRISE_KEY, Some(&expired), vec![], 401, "invalid_user_token"),
+        ("not valid yet", ENTERPRISE_KEY, Some(&not_yet), vec![], 401, "invalid_user_token"),
+        ("exp of the wrong type", ENTERPRISE_KEY, Some(&exp_as_string), vec![], 401, "invalid_user_token"),
+        ("another audience", ENTERPRISE_KEY, Some(&other_audience), vec![], 401, "invalid_user_token"),
+        ("another issuer", ENTERPRISE_KEY, Some(&other_issuer), vec![], 401, "invalid_user_token"),
+        ("payload changed", ENTERPRISE_KEY, Some(&forged), vec![], 401, "invalid_user_token"),
+        ("malformed user id in the claim", ENTERPRISE_KEY, Some(&bad_user), vec![], 400, "invalid_user_id"),
+        ("not a JWT", ENTERPRISE_KEY, Some("opaque-session-token"), vec![], 401, "invalid_user_token"),
+        // The key's reach still applies to a proven user.
+        ("outside act_as", TENANT_KEY, Some(&rsa_bob), vec![], 403, "user_not_permitted"),
+        ("standard key, another user", BOB_KEY, Some(&rsa_alice), vec![], 403, "user_override_forbidden"),
+    ];
+    for (name, key, token, extra, status, want) in &rows {
+        let (got, body) = call(&h, key, *token, extra).await;
+        assert_eq!((got, code(&body)), (*status, *want), "{name}: {body}");
+        assert_eq!(body["id"], "call-1", "{name}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 3, "no refused request reached the upstream");
+    // A key that ignores tokens acts by the header alone, even with a bad token, and strips it.
+    let (status, _) = call(&h, BATCH_KEY, Some("garbage"), &[("x-alloy-userid", "bob")]).await;
+    assert_eq!((status, credential(3)), (200, "Bearer cred-bob".to_owned()));
+    assert!(!seen.lock().unwrap()[3].headers.contains_key("x-alloy-user-token"));
+    // A standard key with a token for its own user is served.
+    let (status, _) = call(&h, BOB_KEY, Some(&ed.token("bob")), &[]).await;
+    assert_eq!(status, 200);
+
+    let audit = h.shutdown_and_read_audit().await;
+    let proven: Vec<&Value> = audit.iter().filter(|l| l["user_proof"] == "token").collect();
+    assert_eq!(proven[0]["acting_user"], "alice");
+    assert_eq!(proven[0]["token_issuer"], ISSUER);
+    assert_eq!(proven[0]["decision"], "allow");
+    let batch = audit.iter().find(|l| l["key_id"] == "batch").unwrap();
+    assert_eq!(batch["user_proof"], Value::Null, "an ignored token proves nothing");
+    let outside = audit.iter().find(|l| l["reason"] == "user_not_permitted").unwrap();
+    assert_eq!((&outside["user_proof"], &outside["requested_user"]), (&json!("token"), &json!("bob")));
+    let text = serde_json::to_string(&audit).unwrap();
+    assert!(!text.contains(&rsa.token("alice")[..40]), "no token in the audit trail");
+}
+
+#[tokio::test]
+async fn a_rotated_key_set_is_fetched_once_for_many_concurrent_tokens_and_withdrawn_keys_stop_working() {
+    let (upstream, _seen) = recording_upstream().await;
+    let (old, new) = (IssuerKey::ec("2026-11"), IssuerKey::ed("2026-12"));
+    let keys = key_server(set_of(&[&old])).await;
+    // No least time between fetches for unknown keys here: the rotation comes right after the first fetch.
+    let url = format!("jwks_url = \"http://{}/jwks\"\njwks_min_refetch = \"0s\"", keys.addr);
+    let h = Harness::start(&config(upstream, &url)).await;
+    assert_eq!(call(&h, PORTAL_KEY, Some(&old.token("alice")), &[]).await.0, 200);
+    assert_eq!(keys.fetches.load(Ordering::SeqCst), 1);
+
+    // The issuer rotates: a token of the new key makes the proxy fetch the set again, once, even with
+    // many such requests at the same time.
+    *keys.set.lock().unwrap() = set_of(&[&new]);
+    let token = new.token("bob");
+    let answers = futures_util::future::join_all((0..20).map(|_| call(&h, PORTAL_KEY, Some(&token), &[]))).await;
+    assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}");
+    assert_eq!(keys.fetches.load(Ordering::SeqCst), 2);
+    // The withdrawn key's tokens no longer verify.
+    let (status, body) = call(&h, PORTAL_KEY, Some(&old.token("alice")), &[]).await;
+    assert_eq!((status, code(&body)), (401, "invalid_user_token"));
+
+    assert_eq!(keys.fetches.load(Ordering::SeqCst), 3, "an unknown key fetches again");
+}
+
+#[tokio::test]
+async fn tokens_with_made_up_keys_fetch_the_key_set_at_most_once_per_interval() {
+    let (upstream, _seen) = recording_upstream().await;
+    let real = IssuerKey::ed("real");
+    let keys = key_server(set_of(&[&real])).await;
+    // The default jwks_min_refetch, 10 s.
+    let h = Harness::start(&config(upstream, &format!("jwks_url = \"http://{}/jwks\"", keys.addr))).await;
+    assert_eq!(call(&h, PORTAL_KEY, Some(&real.token("alice")), &[]).await.0, 200);
+    for n in 0..10 {
+        let stranger = IssuerKey::ed(["made-up-1", "made-up-2"][n % 2]);
+        let (status, body) = call(&h, PORTAL_KEY, Some(&stranger.token("alice")), &[]).await;
+        assert_eq!((status, code(&body)), (401, "invalid_user_token"));
+    }
+    assert_eq!(keys.fetches.load(Ordering::SeqCst), 1, "no fetch within 10 s of the last one");
+}
+
+#[tokio::test]
+async fn an_unreachable_key_set_is_a_clear_503_and_a_key_file_needs_no_network() {
+    let (upstream, seen) = recording_upstream().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let ec = IssuerKey::ec("file-key");
+    let h = Harness::start(&config(upstream, &format!("jwks_url = \"http://{closed}/jwks\""))).await;
+    let (status, body) = call(&h, PORTAL_KEY, Some(&ec.token("alice")), &[]).await;
+    assert_eq!((status, code(&body)), (503, "user_token_keys_unavailable"), "{body}");
+    assert!(seen.lock().unwrap().is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, set_of(&[&ec])).unwrap();
+    let h = Harness::start(&config(upstream, &format!("jwks_file = \"{}\"", file.display()))).await;
+    let (status, _) = call(&h, PORTAL_KEY, Some(&ec.token("alice")), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen.lock().unwrap()[0].headers["authorization"], "Bearer cred-alice");
+}
+
+#[test]
+fn bad_user_token_settings_are_refused_with_their_path() {
+    let problems = |section: &str| {
+        let text = format!("{}\n{section}", base_config("127.0.0.1:9".parse().unwrap(), ""));
+        match mcp_tenant_proxy::config::Config::from_toml(&text, std::path::Path::new(".")) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let both = "[identity.user_token]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"http://x/j\"\njwks_file = \"j\"";
+    assert!(problems(both).contains("exactly one of jwks_url and jwks_file"), "{}", problems(both));
+    let mode = "[identity.user_token]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"http://x/j\"\nmode = \"maybe\"";
+    assert!(problems(mode).contains("identity.user_token.mode"), "{}", problems(mode));
+    let no_aud = "[identity.user_token]\nissuer = \"i\"\njwks_url = \"http://x/j\"";
+    assert!(problems(no_aud).contains("audience"), "{}", problems(no_aud));
+    let same = "[identity.user_token]\nheader = \"x-alloy-userid\"\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"http://x/j\"";
+    assert!(problems(same).contains("must differ from identity.user_header"), "{}", problems(same));
+    let ftp = "[identity.user_token]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"ftp://x/j\"";
+    assert!(problems(ftp).contains("jwks_url"), "{}", problems(ftp));
+    let key_mode = "[[keys]]\nid = \"k\"\nkind = \"standard\"\nsecret = \"k-0000000001\"\nuser = \"alice\"\nuser_token = \"sometimes\"";
+    assert!(problems(key_mode).contains("keys[4].user_token"), "{}", problems(key_mode));
+}
