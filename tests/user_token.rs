@@ -376,3 +376,43 @@ fn bad_user_token_settings_are_refused_with_their_path() {
     let key_mode = "[[keys]]\nid = \"k\"\nkind = \"standard\"\nsecret = \"k-0000000001\"\nuser = \"alice\"\nuser_token = \"sometimes\"";
     assert!(problems(key_mode).contains("keys[4].user_token"), "{}", problems(key_mode));
 }
+
+#[tokio::test]
+async fn old_keys_are_fetched_again_behind_the_requests_so_a_hung_issuer_holds_none_up() {
+    let (upstream, _seen) = recording_upstream().await;
+    let key = IssuerKey::ed("k");
+    let set = set_of(&[&key]);
+    // The first fetch is answered; every later one hangs until `release`.
+    let (fetches, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::Notify::new()));
+    let (count, gate) = (fetches.clone(), release.clone());
+    let addr = spawn_http(move |_req| {
+        let (set, gate) = (set.clone(), gate.clone());
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n > 0 {
+                gate.notified().await;
+            }
+            Response::new(common::body(set))
+        }
+    })
+    .await;
+    // Every set is old at once: each request would fetch, if requests waited for fetches of old keys.
+    let url = format!("jwks_url = \"http://{addr}/jwks\"\njwks_max_age = \"0s\"");
+    let h = Harness::start(&config(upstream, &url)).await;
+    assert_eq!(call(&h, PORTAL_KEY, Some(&key.token("alice")), &[]).await.0, 200);
+    let bob = key.token("bob");
+    for _ in 0..5 {
+        // A hang guard, not a measurement: a request that waited on the hung fetch would take its 5 s.
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(3), call(&h, PORTAL_KEY, Some(&bob), &[]));
+        assert_eq!(answer.await.expect("the request waited for the issuer").0, 200);
+    }
+    // The fetch behind them reaches the issuer (it took the one place to fetch before the first of them
+    // answered, so no other request started one).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fetches.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no fetch behind the requests");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), 2, "one fetch behind the requests, not one each");
+    release.notify_waiters();
+}

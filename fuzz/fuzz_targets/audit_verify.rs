@@ -62,6 +62,8 @@ fn event_for(piece: &str, i: usize) -> String {
         key_kind: Some("standard"),
         requested_user: (i % 2 == 0).then_some(piece),
         acting_user: Some(piece),
+        user_proof: (i % 3 == 0).then_some("token"),
+        token_issuer: (i % 3 == 0).then_some(piece),
         decision: "allow",
         reason: "ok",
         fallback: i % 3 == 0,

@@ -222,6 +222,9 @@ pub struct RawUserToken {
     /// A token whose key is not in the fetched set fetches it again at most this often.
     #[serde(default = "default_min_refetch")]
     pub jwks_min_refetch: String,
+    /// Fetched keys are fetched again once they are this old.
+    #[serde(default = "default_max_age")]
+    pub jwks_max_age: String,
     /// For keys that set no `user_token` of their own: `required`, `allowed` or `ignored`.
     #[serde(default = "default_token_mode")]
     pub mode: String,
@@ -240,6 +243,9 @@ fn default_token_leeway() -> String {
 }
 fn default_min_refetch() -> String {
     "10s".into()
+}
+fn default_max_age() -> String {
+    "5m".into()
 }
 fn default_token_mode() -> String {
     "allowed".into()

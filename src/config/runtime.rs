@@ -209,6 +209,8 @@ pub struct UserTokenSettings {
     pub keys: TokenKeys,
     /// `jwks_url` only: an unknown key fetches the set again at most this often.
     pub min_refetch: Duration,
+    /// `jwks_url` only: keys this old are fetched again (behind the requests, which go on with them).
+    pub max_age: Duration,
     /// For keys that set no mode of their own.
     pub mode: TokenMode,
 }
@@ -777,6 +779,7 @@ impl Builder<'_> {
             self.problem(format!("{path}.leeway"), "must be at most 10m");
         }
         let min_refetch = self.duration(&format!("{path}.jwks_min_refetch"), &t.jwks_min_refetch);
+        let max_age = self.duration(&format!("{path}.jwks_max_age"), &t.jwks_max_age);
         let keys = match (&t.jwks_url, &t.jwks_file) {
             (Some(_), Some(_)) | (None, None) => {
                 self.problem(path, "set exactly one of jwks_url and jwks_file");
@@ -826,6 +829,7 @@ impl Builder<'_> {
             leeway: leeway?,
             keys: keys?,
             min_refetch: min_refetch?,
+            max_age: max_age?,
             mode: mode?,
         })
     }

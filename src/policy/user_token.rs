@@ -3,9 +3,9 @@
 //!
 //! Keys from `jwks_file` are read with the config. Keys from `jwks_url` are fetched when first needed,
 //! again when a token names a key the set does not have (the issuer rotated its keys: at most once per
-//! `jwks_min_refetch`, 10 s by default), and again when the set is older than [`MAX_KEYS_AGE`] (so a key the issuer
-//! withdrew stops working). One fetch at a time: requests that need it wait for that one, within
-//! [`FETCH_TIMEOUT`]; other requests go on with the keys they have.
+//! `jwks_min_refetch`, 10 s by default), and again when the set is older than `jwks_max_age` (5 min; so a key the issuer
+//! withdrew stops working: this fetch runs behind the requests, which go on with the keys they have).
+//! One fetch at a time; requests that cannot go on without it wait for it, within [`FETCH_TIMEOUT`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,8 +21,6 @@ use crate::proxy::forward::UpstreamClient;
 use crate::proxy::headers::single;
 use crate::store::{ApiKey, TokenMode};
 
-/// Keys are fetched again once they are this old.
-const MAX_KEYS_AGE: Duration = Duration::from_secs(300);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed fetch, requests get `user_token_keys_unavailable` (or the keys fetched before) for
 /// this long before the next try.
@@ -52,10 +50,14 @@ pub fn presented<'h>(
 
 /// The keys fetched from `jwks_url`, shared by every request and kept across reloads of the same URL.
 #[derive(Default)]
-pub struct UrlKeys {
+pub struct UrlKeys(Arc<Inner>);
+
+#[derive(Default)]
+struct Inner {
     fetched: ArcSwapOption<Fetched>,
-    /// One fetch at a time: held across the fetch on purpose, by the requests that need new keys only.
-    fetching: tokio::sync::Mutex<()>,
+    /// One fetch at a time: held across the fetch on purpose, by the one doing it and by the requests
+    /// that cannot go on without its keys (none yet, or a token's key not in them).
+    fetching: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct Fetched {
@@ -79,11 +81,11 @@ impl UrlKeys {
         let verified = match &settings.keys {
             TokenKeys::File(keys) => jwt::verify(token, keys, &expect),
             TokenKeys::Url { uri, client } => {
-                let keys = self.current(uri, client, None).await?;
+                let keys = self.current(uri, client, Want::Fresh(settings.max_age)).await?;
                 match jwt::verify(token, &keys, &expect) {
                     // A stream of tokens with made-up `kid`s costs the issuer one fetch per interval.
                     Err(TokenError::UnknownKey) => {
-                        let keys = self.current(uri, client, Some((&keys, settings.min_refetch))).await?;
+                        let keys = self.current(uri, client, Want::Other(&keys, settings.min_refetch)).await?;
                         jwt::verify(token, &keys, &expect)
                     }
                     verified => verified,
@@ -100,51 +102,87 @@ impl UrlKeys {
         Ok(user.to_owned())
     }
 
-    /// The keys of `uri`. They are fetched when there are none yet or they are older than
-    /// [`MAX_KEYS_AGE`] (not twice within [`RETRY_AFTER`] when fetching fails), or when `stale` (the set
-    /// a token's key was not found in, and the least time between such fetches) is still the current set.
-    async fn current(
-        &self,
-        uri: &Uri,
-        client: &UpstreamClient,
-        stale: Option<(&Arc<KeySet>, Duration)>,
-    ) -> Result<Arc<KeySet>, ProxyError> {
-        let entry = || self.fetched.load_full().filter(|f| f.uri == *uri);
-        if let Some(f) = entry()
-            && !f.wanted(stale)
-        {
-            return f.keys();
-        }
-        let _one = self.fetching.lock().await;
-        // Another request may have fetched while this one waited.
-        let seen = entry();
+    /// The keys of `uri`, fetched first as `want` says.
+    async fn current(&self, uri: &Uri, client: &UpstreamClient, want: Want<'_>) -> Result<Arc<KeySet>, ProxyError> {
+        let inner = &self.0;
+        let seen = inner.entry(uri);
         if let Some(f) = &seen
-            && !f.wanted(stale)
+            && !f.wanted(want)
         {
             return f.keys();
         }
+        // Keys that are only old are fetched again behind the requests, which go on with them: an
+        // issuer that is slow or down never holds a request up while there are keys.
+        if let (Some(f), Want::Fresh(max_age)) = (&seen, want)
+            && f.fetched.is_some()
+        {
+            if let Ok(one) = inner.fetching.clone().try_lock_owned() {
+                let (inner, uri, client) = (inner.clone(), uri.clone(), client.clone());
+                tokio::spawn(async move {
+                    let seen = inner.entry(&uri);
+                    if seen.as_ref().is_none_or(|f| f.wanted(Want::Fresh(max_age))) {
+                        inner.refetch(&uri, &client, seen).await;
+                    }
+                    drop(one);
+                });
+            }
+            return f.keys();
+        }
+        let _one = inner.fetching.lock().await;
+        // Another request may have fetched while this one waited.
+        let seen = inner.entry(uri);
+        if let Some(f) = &seen
+            && !f.wanted(want)
+        {
+            return f.keys();
+        }
+        inner.refetch(uri, client, seen).await.keys()
+    }
+}
+
+impl Inner {
+    fn entry(&self, uri: &Uri) -> Option<Arc<Fetched>> {
+        self.fetched.load_full().filter(|f| f.uri == *uri)
+    }
+
+    /// Fetches the set (the caller holds `fetching`) and records the try; a failed fetch withdraws
+    /// nothing: the keys fetched before, `seen`, stay in use.
+    async fn refetch(&self, uri: &Uri, client: &UpstreamClient, seen: Option<Arc<Fetched>>) -> Arc<Fetched> {
         let tried = Instant::now();
         let next = match fetch(uri, client).await {
             Ok(keys) => Fetched { uri: uri.clone(), keys: Arc::new(keys), tried, fetched: Some(tried) },
             Err(why) => {
                 tracing::warn!(url = %uri, error = why, "user tokens: cannot fetch the issuer's keys");
-                // A failed fetch withdraws nothing: the keys fetched before stay in use.
                 let (keys, fetched) = seen.map_or((Arc::default(), None), |p| (p.keys.clone(), p.fetched));
                 Fetched { uri: uri.clone(), keys, tried, fetched }
             }
         };
         let next = Arc::new(next);
         self.fetched.store(Some(next.clone()));
-        next.keys()
+        next
     }
 }
 
+/// When the keys at hand will not do.
+#[derive(Clone, Copy)]
+enum Want<'k> {
+    /// Keys fetched less than this long ago (tries that failed are repeated after [`RETRY_AFTER`]).
+    Fresh(Duration),
+    /// Other keys than these, which lack a token's key, unless the last try is more recent than this.
+    Other(&'k Arc<KeySet>, Duration),
+}
+
 impl Fetched {
-    fn wanted(&self, stale: Option<(&Arc<KeySet>, Duration)>) -> bool {
-        match stale {
+    /// Whether `want` calls for a fetch now.
+    fn wanted(&self, want: Want<'_>) -> bool {
+        match want {
+            Want::Fresh(max_age) => {
+                let failed = self.fetched != Some(self.tried);
+                self.fetched.is_none_or(|at| at.elapsed() >= max_age)
+                    && (!failed || self.tried.elapsed() >= RETRY_AFTER)
+            }
             // Fetched again since that token looked, or too recently.
-            Some((seen, min_refetch)) => Arc::ptr_eq(seen, &self.keys) && self.tried.elapsed() >= min_refetch,
-            None => self.fetched.is_none_or(|at| at.elapsed() >= MAX_KEYS_AGE) && self.tried.elapsed() >= RETRY_AFTER,
+            Want::Other(seen, min_refetch) => Arc::ptr_eq(seen, &self.keys) && self.tried.elapsed() >= min_refetch,
         }
     }
 
