@@ -70,6 +70,7 @@ fn user(i: usize, prefix: &str) -> (User, SnapshotKey, CredentialSecret) {
             user: id.clone(),
             act_as: vec![],
             expires_at: None,
+            user_token: None,
         },
         // A GitHub token's length.
         CredentialSecret {

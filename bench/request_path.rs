@@ -73,7 +73,7 @@ fn main() {
     c.bench_function("user_resolution", |b| {
         b.iter(|| {
             let requested = identity::requested_user(&config.identity, black_box(&headers)).unwrap();
-            identity::resolve(&config.identity, &config, &key, requested).unwrap()
+            identity::resolve(&config.identity, &config, &key, requested, false).unwrap()
         })
     });
 
@@ -82,7 +82,7 @@ fn main() {
     c.bench_function("trace_context", |b| b.iter(|| TraceContext::from_headers(black_box(&headers))));
     c.bench_function("trace_context_started", |b| b.iter(|| TraceContext::from_headers(black_box(&HeaderMap::new()))));
 
-    let user = identity::resolve(&config.identity, &config, &key, Some("user-0421")).unwrap().user;
+    let user = identity::resolve(&config.identity, &config, &key, Some("user-0421"), false).unwrap().user;
     let credentials = config.credentials(&user, upstream).expect("a credential");
     let trace = TraceContext::from_headers(&headers);
     let peer = "127.0.0.1:40000".parse().unwrap();

@@ -105,8 +105,14 @@ fn usable(k: RawKey) -> Option<PublicKey> {
     let b64 = |v: &Option<String>| v.as_deref().and_then(|s| URL_SAFE_NO_PAD.decode(s).ok());
     let (alg, material) = match (k.kty.as_str(), k.crv.as_deref()) {
         ("RSA", _) => {
-            let (n, e) = (b64(&k.n)?, b64(&k.e)?);
-            // ring verifies with 2048- to 8192-bit moduli only.
+            // Some providers write the integers with a leading zero byte, which ring refuses.
+            let unsigned = |v: Vec<u8>| v[v.iter().position(|&b| b != 0).unwrap_or(v.len())..].to_vec();
+            let (n, e) = (unsigned(b64(&k.n)?), unsigned(b64(&k.e)?));
+            // ring verifies with 2048- to 8192-bit moduli only: a key it cannot use is skipped here, so a
+            // token signed with it is an unknown key (and fetches the set again), not a bad signature.
+            if !(256..=1024).contains(&n.len()) || e.is_empty() {
+                return None;
+            }
             (Alg::Rs256, Material::Rsa { n, e })
         }
         ("EC", Some("P-256")) => {
@@ -153,12 +159,16 @@ pub enum TokenError {
     Issuer,
     #[error("the user token is for another audience")]
     Audience,
+    #[error("the user token's typ header is not the one expected")]
+    Type,
     #[error("the user token's {0} claim is missing or not a string")]
     Claim(&'static str),
 }
 
 /// What a token must satisfy besides its signature.
 pub struct Expect<'a> {
+    /// The header's `typ` (lowercase; `application/` may prefix it in the token), when set.
+    pub typ: Option<&'a str>,
     pub issuer: &'a str,
     pub audience: &'a str,
     /// Allowed clock difference, in seconds, for `exp` and `nbf`.
@@ -184,14 +194,6 @@ impl Verified {
     }
 }
 
-#[derive(Deserialize)]
-struct Header {
-    alg: String,
-    kid: Option<String>,
-    /// Extensions the verifier must understand (RFC 7515 4.1.11): none are, so any refuses the token.
-    crit: Option<Value>,
-}
-
 /// Checks a compact JWS token: its algorithm, its signature by a key of `keys`, then `iss`, `aud`,
 /// `exp` (required) and `nbf`.
 pub fn verify(token: &str, keys: &KeySet, expect: &Expect<'_>) -> Result<Verified, TokenError> {
@@ -205,15 +207,30 @@ pub fn verify(token: &str, keys: &KeySet, expect: &Expect<'_>) -> Result<Verifie
         return Err(TokenError::Malformed);
     };
     let decode = |s: &str| URL_SAFE_NO_PAD.decode(s).map_err(|_| TokenError::Malformed);
-    let header: Header = serde_json::from_slice(&decode(header64)?).map_err(|_| TokenError::Malformed)?;
-    if header.crit.is_some() {
+    // An object (RFC 7515 4), read field by field: no other JSON shape passes for one.
+    let header: Map<String, Value> = serde_json::from_slice(&decode(header64)?).map_err(|_| TokenError::Malformed)?;
+    // Extensions the verifier must understand (4.1.11): none are, so any `crit` refuses the token.
+    if header.contains_key("crit") {
         return Err(TokenError::Malformed);
     }
-    let alg = Alg::from_name(&header.alg).ok_or(TokenError::Algorithm)?;
+    let text = |name: &str| match header.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(TokenError::Malformed),
+    };
+    let alg = Alg::from_name(text("alg")?.ok_or(TokenError::Malformed)?).ok_or(TokenError::Algorithm)?;
+    let kid = text("kid")?;
+    if let Some(want) = expect.typ {
+        let typ = text("typ")?.map(str::to_ascii_lowercase);
+        let typ = typ.as_deref().map(|t| t.strip_prefix("application/").unwrap_or(t));
+        if typ != Some(want) {
+            return Err(TokenError::Type);
+        }
+    }
     let signature = decode(signature64)?;
     let signed = &token.as_bytes()[..header64.len() + 1 + payload64.len()];
     let mut candidates =
-        keys.keys.iter().filter(|k| k.alg == alg && (header.kid.is_none() || k.kid == header.kid)).peekable();
+        keys.keys.iter().filter(|k| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid)).peekable();
     if candidates.peek().is_none() {
         return Err(TokenError::UnknownKey);
     }
@@ -361,7 +378,7 @@ mod tests {
     #[test]
     fn a_token_verifies_only_with_its_algorithm_its_key_and_an_untouched_signature() {
         let keys = Keys::new();
-        let expect = Expect { issuer: "https://idp", audience: "mcp", leeway: 30, now: 1_000_000 };
+        let expect = Expect { typ: None, issuer: "https://idp", audience: "mcp", leeway: 30, now: 1_000_000 };
         let claims = serde_json::json!({"iss": "https://idp", "aud": "mcp", "exp": 1_000_100, "userId": "alice"});
         let check = |token: &str| verify(token, &keys.set, &expect).map(|v| v.claim("userId").map(str::to_owned));
         let alice = Ok(Some("alice".to_owned()));
@@ -406,6 +423,48 @@ mod tests {
     }
 
     #[test]
+    fn the_header_is_an_object_with_no_crit_and_the_typ_asked_for() {
+        let keys = Keys::new();
+        let claims = serde_json::json!({"iss": "https://idp", "aud": "mcp", "exp": 1_000_100, "userId": "alice"});
+        let mut expect = Expect { typ: None, issuer: "https://idp", audience: "mcp", leeway: 30, now: 1_000_000 };
+        let sign = |header: Value| keys.sign(header, claims.clone(), "ed");
+        let check = |token: &str, expect: &Expect<'_>| verify(token, &keys.set, expect).map(|_| ());
+        // A JSON array in the header's place, a crit of any value, an alg or kid that is not a string.
+        for header in [
+            serde_json::json!(["EdDSA", null, null]),
+            serde_json::json!({"alg": "EdDSA", "crit": null}),
+            serde_json::json!({"alg": ["EdDSA"]}),
+            serde_json::json!({"alg": "EdDSA", "kid": 1}),
+            serde_json::json!({"kid": "ed"}),
+        ] {
+            assert_eq!(check(&sign(header.clone()), &expect), Err(TokenError::Malformed), "{header}");
+        }
+        // typ, when asked for: exact (any case), with or without application/.
+        expect.typ = Some("at+jwt");
+        assert_eq!(check(&sign(serde_json::json!({"alg": "EdDSA", "typ": "at+jwt"})), &expect), Ok(()));
+        assert_eq!(check(&sign(serde_json::json!({"alg": "EdDSA", "typ": "application/AT+JWT"})), &expect), Ok(()));
+        assert_eq!(check(&sign(serde_json::json!({"alg": "EdDSA", "typ": "JWT"})), &expect), Err(TokenError::Type));
+        assert_eq!(check(&sign(serde_json::json!({"alg": "EdDSA"})), &expect), Err(TokenError::Type));
+    }
+
+    #[test]
+    fn an_rsa_modulus_written_with_a_leading_zero_still_verifies_and_a_short_one_is_skipped() {
+        let keys = Keys::new();
+        let RsaPublicKeyComponents { n, e } = RsaPublicKeyComponents::<Vec<u8>>::from(keys.rsa.public());
+        let padded = [&[0u8][..], &n].concat();
+        let set = serde_json::json!({"keys": [
+            {"kty": "RSA", "kid": "padded", "n": b64(&padded), "e": b64(&[0, 1, 0, 1])},
+            {"kty": "RSA", "kid": "short", "n": b64(&n[..128]), "e": b64(&e)},
+        ]});
+        let set = KeySet::parse(set.to_string().as_bytes()).unwrap();
+        assert_eq!(set.keys.iter().map(|k| k.kid.as_deref().unwrap()).collect::<Vec<_>>(), ["padded"]);
+        let claims = serde_json::json!({"iss": "https://idp", "aud": "mcp", "exp": 1_000_100});
+        let token = keys.sign(serde_json::json!({"alg": "RS256", "kid": "padded"}), claims, "rsa");
+        let expect = Expect { typ: None, issuer: "https://idp", audience: "mcp", leeway: 30, now: 1_000_000 };
+        assert!(verify(&token, &set, &expect).is_ok());
+    }
+
+    #[test]
     fn symmetric_encryption_and_mislabelled_keys_are_skipped() {
         let set = br#"{"keys":[
             {"kty":"oct","k":"c2VjcmV0"},
@@ -423,7 +482,7 @@ mod tests {
 
     #[test]
     fn claims_of_the_wrong_type_refuse_the_token() {
-        let expect = Expect { issuer: "https://idp", audience: "mcp", leeway: 30, now: 1_000_000 };
+        let expect = Expect { typ: None, issuer: "https://idp", audience: "mcp", leeway: 30, now: 1_000_000 };
         let check = |claims: Value| check_claims(claims.as_object().unwrap(), &expect);
         let ok = serde_json::json!({"iss": "https://idp", "aud": "mcp", "exp": 1_000_100});
         assert_eq!(check(ok.clone()), Ok(()));

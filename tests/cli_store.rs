@@ -136,15 +136,22 @@ fn users_keys_creds_tokens_and_usage_round_trip() {
             "svc",
             "--expires-days",
             "30",
+            "--user-token",
+            "required",
         ],
         false,
     );
     assert_eq!(svc["id"], "svc");
+    assert_eq!(
+        (&svc["user_token"], &created["user_token"]),
+        (&serde_json::json!("required"), &serde_json::Value::Null)
+    );
     assert_eq!(svc["act_as"], serde_json::json!(["tenant-*", "carol"]));
     assert!(svc["expires_at"].as_i64().unwrap() > svc["created_at"].as_i64().unwrap() + 29 * 86_400);
     let listed = cli.ok(&["keys", "list"], false);
     assert!(listed.lines().next().unwrap().starts_with("ID"), "{listed}");
     assert!(listed.contains("svc") && listed.contains("enterprise") && listed.contains("tenant-*,carol"));
+    assert!(listed.lines().any(|l| l.starts_with("svc") && l.contains("required")), "{listed}");
     assert!(!listed.contains(&key), "keys list printed a key");
     assert_eq!(ids(&cli.json(&["keys", "list", "--user", "bob"], false), "id"), ["svc"]);
     assert!(cli.ok(&["keys", "revoke", "svc"], false).contains("key svc revoked at"));
@@ -410,6 +417,7 @@ fn store_migrate_copies_everything_into_an_empty_postgres_database_and_verifies_
                 user: user.clone(),
                 act_as: vec![],
                 expires_at: None,
+                user_token: None,
             })
             .unwrap();
         if i % 4 == 0 {

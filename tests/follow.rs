@@ -92,6 +92,7 @@ async fn a_revocation_that_fails_to_apply_once_is_applied_by_the_owed_resync() {
             user: "alice".into(),
             act_as: vec![],
             expires_at: None,
+            user_token: None,
         })
         .unwrap();
     let hash = sha256(created.key.expose().as_bytes());

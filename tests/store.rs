@@ -22,7 +22,7 @@ use mcp_tenant_proxy::store::import::{ImportCredential, ImportKey, ImportUser};
 use mcp_tenant_proxy::store::model::*;
 use mcp_tenant_proxy::store::postgres::{PgConfig, PgStore, watch};
 use mcp_tenant_proxy::store::sqlite::{Clock, MIGRATIONS};
-use mcp_tenant_proxy::store::{KeyKind, SqliteStore};
+use mcp_tenant_proxy::store::{KeyKind, SqliteStore, TokenMode};
 
 const T0: i64 = 1_800_000_000;
 
@@ -201,7 +201,7 @@ fn quota(requests: u32, per_ms: u64, burst: u32) -> Limit {
 }
 
 fn standard(user: &str) -> NewKey {
-    NewKey { id: None, kind: KeyKind::Standard, user: user.into(), act_as: vec![], expires_at: None }
+    NewKey { id: None, kind: KeyKind::Standard, user: user.into(), act_as: vec![], expires_at: None, user_token: None }
 }
 
 fn secret_of(store: &AnyStore, user: &str, upstream: &str, id: &str) -> Option<String> {
@@ -351,6 +351,7 @@ fn keys_are_returned_once_stored_hashed_listed_and_revoked(b: Backend) {
             user: "ops".into(),
             act_as: vec!["tenant-a-*".into(), "bob".into(), "*".into()],
             expires_at: Some(T0 + 10),
+            user_token: Some(TokenMode::Required),
         })
         .unwrap();
     assert_eq!(ent.info.act_as, ["tenant-a-*", "bob", "*"]);
@@ -359,6 +360,9 @@ fn keys_are_returned_once_stored_hashed_listed_and_revoked(b: Backend) {
     let snap_ent = snap.keys.iter().find(|k| k.id == "ops-ci").unwrap();
     assert_eq!(snap_ent.act_as, ["tenant-a-*", "bob", "*"]);
     assert_eq!(snap_ent.expires_at, Some(T0 + 10));
+    assert_eq!((snap_ent.user_token, ent.info.user_token), (Some(TokenMode::Required), Some(TokenMode::Required)));
+    assert_eq!(store.list_keys(Some("ops")).unwrap()[0].user_token, Some(TokenMode::Required));
+    assert_eq!(snap.keys.iter().find(|k| k.id != "ops-ci").unwrap().user_token, None, "unset: the config's mode");
     f.advance(10);
     assert!(store.load_snapshot().unwrap().keys.iter().all(|k| k.id != "ops-ci"), "expired key in snapshot");
     assert_eq!(store.list_keys(Some("ops")).unwrap().len(), 1, "expired keys stay listed");
@@ -1208,7 +1212,13 @@ fn import_user(id: &str, keys: usize, credentials: &[(&str, &str)]) -> ImportUse
         id: id.into(),
         rate_limit: UserLimit::Default,
         keys: (0..keys)
-            .map(|_| ImportKey { id: None, kind: KeyKind::Standard, act_as: vec![], expires_at: None })
+            .map(|_| ImportKey {
+                id: None,
+                kind: KeyKind::Standard,
+                act_as: vec![],
+                expires_at: None,
+                user_token: None,
+            })
             .collect(),
         credentials: credentials
             .iter()
@@ -1232,6 +1242,7 @@ fn import_users_is_all_or_nothing_and_returns_each_key_once(b: Backend) {
         kind: KeyKind::Enterprise,
         act_as: vec!["tenant-*".into()],
         expires_at: Some(T0 + 100),
+        user_token: Some(TokenMode::Required),
     });
     let batch = vec![
         ImportUser {
@@ -1246,6 +1257,7 @@ fn import_users_is_all_or_nothing_and_returns_each_key_once(b: Backend) {
     assert_eq!(created.iter().map(|k| k.info.user.as_str()).collect::<Vec<_>>(), ["alice", "alice", "bob", "ops"]);
     assert_eq!(created[3].info.id, "ops-key");
     assert_eq!(created[3].info.act_as, ["tenant-*"]);
+    assert_eq!(created[3].info.user_token, Some(TokenMode::Required));
     assert!(created.iter().all(|k| k.key.expose().starts_with("mtp_") && k.info.created_at == T0));
     assert_eq!(store.get_user("alice").unwrap().rate_limit, limit);
     assert_eq!(store.list_users(None, 10).unwrap().len(), 4);
@@ -1253,6 +1265,7 @@ fn import_users_is_all_or_nothing_and_returns_each_key_once(b: Backend) {
     for k in &created {
         let found = snap.keys.iter().find(|s| s.id == k.info.id).expect("imported key in the snapshot");
         assert_eq!(found.sha256, sha256(k.key.expose().as_bytes()), "stored as the hash of the key returned");
+        assert_eq!(found.user_token, k.info.user_token);
     }
     assert_eq!(secret_of(&store, "alice", "slack", "default").as_deref(), Some("xoxb-alice"));
     assert_eq!(store.load_user("bob").unwrap().unwrap().credentials[0].secret.expose(), "ghp_bob");
@@ -1277,6 +1290,7 @@ fn import_users_is_all_or_nothing_and_returns_each_key_once(b: Backend) {
         kind: KeyKind::Standard,
         act_as: vec![],
         expires_at: None,
+        user_token: None,
     });
     assert!(matches!(refused(vec![twice]), StoreError::Conflict { what: "key", .. }));
     for (user, field) in [
@@ -1285,7 +1299,13 @@ fn import_users_is_all_or_nothing_and_returns_each_key_once(b: Backend) {
         (import_user("gina", 0, &[("github", "")]), "secret"),
         (
             ImportUser {
-                keys: vec![ImportKey { id: None, kind: KeyKind::Standard, act_as: vec!["x".into()], expires_at: None }],
+                keys: vec![ImportKey {
+                    id: None,
+                    kind: KeyKind::Standard,
+                    act_as: vec!["x".into()],
+                    expires_at: None,
+                    user_token: None,
+                }],
                 ..import_user("gina", 0, &[])
             },
             "act_as",

@@ -63,8 +63,14 @@ fn setup(
         store.create_user(user, UserLimit::Default).unwrap();
     }
     store.put_credential("dana", "github", "default", &Secret::new("cred-dana")).unwrap();
-    let new_key =
-        |kind, act_as: Vec<String>, expires_at| NewKey { id: None, kind, user: "dana".into(), act_as, expires_at };
+    let new_key = |kind, act_as: Vec<String>, expires_at| NewKey {
+        id: None,
+        kind,
+        user: "dana".into(),
+        act_as,
+        expires_at,
+        user_token: None,
+    };
     let own = store.create_key(new_key(KeyKind::Standard, vec![], None)).unwrap().key.expose().to_owned();
     let ent =
         store.create_key(new_key(KeyKind::Enterprise, vec!["dana".into()], None)).unwrap().key.expose().to_owned();

@@ -202,10 +202,8 @@ async fn a_user_token_proves_the_user_and_every_bad_token_is_refused_before_the_
     // EdDSA too; the user header may repeat the token's user.
     let (status, _) = call(&h, PORTAL_KEY, Some(&ed.token("bob")), &[("x-alloy-userid", "bob")]).await;
     assert_eq!((status, credential(1)), (200, "Bearer cred-bob".to_owned()));
-    // `sub` names the user when the token has no `userId`.
+    // Only the configured claim names the user: a token whose `sub` names one is not read by it.
     let sub = rsa.sign(json!({"iss": ISSUER, "aud": AUDIENCE, "exp": now() + 60, "sub": "carol"}));
-    let (status, _) = call(&h, ENTERPRISE_KEY, Some(&sub), &[("x-credential-id", "work")]).await;
-    assert_eq!((status, credential(2)), (200, "Bearer cred-carol-work".to_owned()));
     // One fetch of the key set served all of them.
     assert_eq!(keys.fetches.load(Ordering::SeqCst), 1);
 
@@ -262,6 +260,7 @@ async fn a_user_token_proves_the_user_and_every_bad_token_is_refused_before_the_
         ("another issuer", ENTERPRISE_KEY, Some(&other_issuer), vec![], 401, "invalid_user_token"),
         ("payload changed", ENTERPRISE_KEY, Some(&forged), vec![], 401, "invalid_user_token"),
         ("malformed user id in the claim", ENTERPRISE_KEY, Some(&bad_user), vec![], 400, "invalid_user_id"),
+        ("sub, not the configured claim", ENTERPRISE_KEY, Some(&sub), vec![], 401, "invalid_user_token"),
         ("not a JWT", ENTERPRISE_KEY, Some("opaque-session-token"), vec![], 401, "invalid_user_token"),
         // The key's reach still applies to a proven user.
         ("outside act_as", TENANT_KEY, Some(&rsa_bob), vec![], 403, "user_not_permitted"),
@@ -272,11 +271,11 @@ async fn a_user_token_proves_the_user_and_every_bad_token_is_refused_before_the_
         assert_eq!((got, code(&body)), (*status, *want), "{name}: {body}");
         assert_eq!(body["id"], "call-1", "{name}");
     }
-    assert_eq!(seen.lock().unwrap().len(), 3, "no refused request reached the upstream");
+    assert_eq!(seen.lock().unwrap().len(), 2, "no refused request reached the upstream");
     // A key that ignores tokens acts by the header alone, even with a bad token, and strips it.
     let (status, _) = call(&h, BATCH_KEY, Some("garbage"), &[("x-alloy-userid", "bob")]).await;
-    assert_eq!((status, credential(3)), (200, "Bearer cred-bob".to_owned()));
-    assert!(!seen.lock().unwrap()[3].headers.contains_key("x-alloy-user-token"));
+    assert_eq!((status, credential(2)), (200, "Bearer cred-bob".to_owned()));
+    assert!(!seen.lock().unwrap()[2].headers.contains_key("x-alloy-user-token"));
     // A standard key with a token for its own user is served.
     let (status, _) = call(&h, BOB_KEY, Some(&ed.token("bob")), &[]).await;
     assert_eq!(status, 200);
@@ -373,7 +372,21 @@ fn bad_user_token_settings_are_refused_with_their_path() {
     assert!(problems(same).contains("must differ from identity.user_header"), "{}", problems(same));
     let ftp = "[identity.user_token]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"ftp://x/j\"";
     assert!(problems(ftp).contains("jwks_url"), "{}", problems(ftp));
-    let key_mode = "[[keys]]\nid = \"k\"\nkind = \"standard\"\nsecret = \"k-0000000001\"\nuser = \"alice\"\nuser_token = \"sometimes\"";
+    // Whoever can change the keys can forge any user: plain http only on loopback.
+    let plain = "[identity.user_token]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"http://idp.example/j\"";
+    assert!(problems(plain).contains("must be an https:// URL"), "{}", problems(plain));
+    for loopback in ["http://127.0.0.1:9/j", "http://[::1]:9/j", "http://localhost/j"] {
+        let ok = format!("[identity.user_token]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"{loopback}\"");
+        assert_eq!(problems(&ok), "", "{loopback}");
+    }
+    // A key's mode with no section to read tokens by would let the user header decide: refused.
+    let orphan = "[[keys]]\nid = \"k\"\nkind = \"standard\"\nsecret = \"k-0000000001\"\nuser = \"alice\"\nuser_token = \"required\"";
+    assert!(
+        problems(orphan).contains("keys[4].user_token: needs an [identity.user_token] section"),
+        "{}",
+        problems(orphan)
+    );
+    let key_mode = "[identity.user_token]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"https://x/j\"\n[[keys]]\nid = \"k\"\nkind = \"standard\"\nsecret = \"k-0000000001\"\nuser = \"alice\"\nuser_token = \"sometimes\"";
     assert!(problems(key_mode).contains("keys[4].user_token"), "{}", problems(key_mode));
 }
 
@@ -415,4 +428,100 @@ async fn old_keys_are_fetched_again_behind_the_requests_so_a_hung_issuer_holds_n
     }
     assert_eq!(fetches.load(Ordering::SeqCst), 2, "one fetch behind the requests, not one each");
     release.notify_waiters();
+}
+
+/// An admin API call on `admin` with `token`: the status and the JSON answer.
+async fn admin(
+    admin: std::net::SocketAddr,
+    token: &str,
+    method: http::Method,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(common::body(body.to_string()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status().as_u16();
+    (status, json(response).await)
+}
+
+#[tokio::test]
+async fn a_key_made_through_the_admin_api_carries_its_user_token_mode() {
+    let (upstream, seen) = recording_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ec = IssuerKey::ec("store-test");
+    std::fs::write(dir.path().join("jwks.json"), set_of(&[&ec])).unwrap();
+    let master = mcp_tenant_proxy::store::crypto::MasterKey::generate();
+    std::fs::write(dir.path().join("master.key"), format!("{}\n", master.expose())).unwrap();
+    let admin_token = "admin-token-0123456789abcdef";
+    std::fs::write(dir.path().join("admin.token"), admin_token).unwrap();
+    let text = config(upstream, "jwks_file = \"jwks.json\"").replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"",
+        1,
+    );
+    let text = format!(
+        "[store]\npath = \"store.db\"\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{text}"
+    );
+    std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
+    let config = mcp_tenant_proxy::config::Config::load(&dir.path().join("proxy.toml"), None).unwrap();
+    let app = mcp_tenant_proxy::app::App::start(config).await.unwrap();
+    let a = app.admin_addr.unwrap();
+
+    use http::Method;
+    assert_eq!(admin(a, admin_token, Method::POST, "/admin/v1/users", json!({"id": "erin"})).await.0, 201);
+    let cred = json!({"secret": "cred-erin"});
+    assert_eq!(
+        admin(a, admin_token, Method::PUT, "/admin/v1/users/erin/credentials/github/default", cred).await.0 / 100,
+        2
+    );
+    let bad = json!({"user": "erin", "kind": "standard", "user_token": "sometimes"});
+    let (status, body) = admin(a, admin_token, Method::POST, "/admin/v1/keys", bad).await;
+    assert_eq!((status, &body["error"]["field"]), (400, &json!("user_token")));
+    let new = json!({"user": "erin", "kind": "standard", "user_token": "required"});
+    let (status, key) = admin(a, admin_token, Method::POST, "/admin/v1/keys", new).await;
+    assert_eq!((status, &key["user_token"]), (201, &json!("required")), "{key}");
+    let erin_key = key["key"].as_str().unwrap().to_owned();
+    let (_, listed) = admin(a, admin_token, Method::GET, "/admin/v1/keys?user=erin", Value::Null).await;
+    assert_eq!(listed["keys"][0]["user_token"], "required");
+
+    let url = format!("http://{}/mcp/github", app.proxy_addr);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let auth = format!("Bearer {erin_key}");
+    let response = client.request(mcp_post(&url, &[("authorization", &auth)])).await.unwrap();
+    let (status, body) = (response.status().as_u16(), json(response).await);
+    assert_eq!((status, code(&body)), (401, "user_token_required"), "{body}");
+    let token = ec.token("erin");
+    let headers = [("authorization", auth.as_str()), ("x-alloy-user-token", token.as_str())];
+    let response = client.request(mcp_post(&url, &headers)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(seen.lock().unwrap()[0].headers["authorization"], "Bearer cred-erin");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_proven_user_the_proxy_does_not_know_is_refused_even_with_unknown_user_default() {
+    let (upstream, seen) = recording_upstream().await;
+    let key = IssuerKey::ed("k");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, set_of(&[&key])).unwrap();
+    let text = format!(
+        "[identity]\nunknown_user = \"default\"\n{}",
+        config(upstream, &format!("jwks_file = \"{}\"", file.display()))
+    );
+    let h = Harness::start(&text).await;
+    // Named in the header, an unknown user falls back to the key's own user, as configured...
+    let (status, _) = call(&h, ENTERPRISE_KEY, None, &[("x-alloy-userid", "mallory")]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen.lock().unwrap()[0].headers["authorization"], "Bearer cred-acme");
+    // ...but a token proves a user, and any account of the issuer must not become the key's identity.
+    let (status, body) = call(&h, ENTERPRISE_KEY, Some(&key.token("mallory")), &[]).await;
+    assert_eq!((status, code(&body)), (403, "unknown_user"));
+    assert_eq!(seen.lock().unwrap().len(), 1);
 }

@@ -29,7 +29,7 @@ static KEY: std::sync::LazyLock<(Ed25519KeyPair, KeySet)> = std::sync::LazyLock:
 });
 
 fn expect() -> Expect<'static> {
-    Expect { issuer: "https://idp", audience: "mcp", leeway: LEEWAY, now: NOW }
+    Expect { typ: None, issuer: "https://idp", audience: "mcp", leeway: LEEWAY, now: NOW }
 }
 
 /// What RFC 7519 and the proxy's rules say about these claims, read independently of `jwt`.

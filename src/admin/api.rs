@@ -27,7 +27,7 @@ use crate::proxy::body::{ProxyBody, full};
 use crate::secret::{Secret, sha256};
 use crate::store::json::{cred_json, key_json, token_json, user_json};
 use crate::store::model::{MAX_PAGE, NewKey, PutOutcome, UserLimit};
-use crate::store::{KeyKind, Store, StoreError};
+use crate::store::{KeyKind, Store, StoreError, TokenMode};
 
 /// The API's path prefix.
 pub const PREFIX: &str = "/admin/v1/";
@@ -300,7 +300,17 @@ impl AdminApi {
                     Some(days @ 1..=36_500) => Some(now() + i64::from(days) * 86_400),
                     Some(_) => return Err(ApiError::invalid("expires_in_days", "must be 1 to 36500")),
                 };
-                let new = NewKey { id: None, kind, user: body.user, act_as: body.act_as, expires_at };
+                let user_token = match body.user_token.as_deref().map(|m| (m, TokenMode::parse(m))) {
+                    None => None,
+                    Some((_, Some(mode))) => Some(mode),
+                    Some(_) => {
+                        return Err(ApiError::invalid(
+                            "user_token",
+                            "must be \"required\", \"allowed\" or \"ignored\"",
+                        ));
+                    }
+                };
+                let new = NewKey { id: None, kind, user: body.user, act_as: body.act_as, expires_at, user_token };
                 let created = self.blocking(move |s| s.create_key(new)).await?;
                 self.apply(&created.info.user).await?;
                 let mut value = key_json(&created.info);
@@ -599,6 +609,7 @@ struct CreateKey {
     #[serde(default)]
     act_as: Vec<String>,
     expires_in_days: Option<u32>,
+    user_token: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -24,7 +24,7 @@ use mcp_tenant_proxy::secret::Secret;
 use mcp_tenant_proxy::store::import::{ImportCredential, ImportKey, ImportUser};
 use mcp_tenant_proxy::store::model::{Store, StoreError, UnixTime, UserLimit};
 use mcp_tenant_proxy::store::postgres::{PgConfig, PgStore};
-use mcp_tenant_proxy::store::{KeyKind, SqliteStore};
+use mcp_tenant_proxy::store::{KeyKind, SqliteStore, TokenMode};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -76,6 +76,7 @@ struct LineKey {
     #[serde(default)]
     act_as: Vec<String>,
     expires_at: Option<UnixTime>,
+    user_token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -130,7 +131,12 @@ fn parse(text: &str) -> Result<ImportUser, String> {
                 "enterprise" => KeyKind::Enterprise,
                 _ => return Err("keys[].kind: standard or enterprise".to_owned()),
             };
-            Ok(ImportKey { id: k.id, kind, act_as: k.act_as, expires_at: k.expires_at })
+            let user_token = match k.user_token.as_deref().map(|m| (m, TokenMode::parse(m))) {
+                None => None,
+                Some((_, Some(mode))) => Some(mode),
+                Some(_) => return Err("keys[].user_token: required, allowed or ignored".to_owned()),
+            };
+            Ok(ImportKey { id: k.id, kind, act_as: k.act_as, expires_at: k.expires_at, user_token })
         })
         .collect::<Result<_, String>>()?;
     let credentials = line

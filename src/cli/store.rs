@@ -22,7 +22,7 @@ use mcp_tenant_proxy::secret::Secret;
 use mcp_tenant_proxy::store::crypto::MasterKey;
 use mcp_tenant_proxy::store::json::{cred_json, key_json, token_json, user_json};
 use mcp_tenant_proxy::store::model::{MAX_PAGE, NewKey, PutOutcome, UnixTime, User, UserLimit};
-use mcp_tenant_proxy::store::{KeyKind, SqliteStore, Store, StoreError};
+use mcp_tenant_proxy::store::{KeyKind, SqliteStore, Store, StoreError, TokenMode};
 use serde_json::{Value, json};
 
 /// The options every store command takes; `global`, so they may come before or after the subcommand.
@@ -133,6 +133,14 @@ pub enum Kind {
     Enterprise,
 }
 
+/// Whether a key's requests prove their user with a user token ([identity.user_token]).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum UserTokenMode {
+    Required,
+    Allowed,
+    Ignored,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
     /// Create an API key and print it, this once.
@@ -152,6 +160,9 @@ pub enum KeysCommand {
         /// Expire the key after this many days.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=36_500))]
         expires_days: Option<u32>,
+        /// Whether its requests must prove their user with a user token (default: `[identity.user_token] mode`).
+        #[arg(long, value_enum)]
+        user_token: Option<UserTokenMode>,
     },
     /// List keys (never the keys themselves).
     List {
@@ -415,13 +426,18 @@ fn users(opts: &StoreOpts, command: UsersCommand) -> CmdResult {
 fn keys(opts: &StoreOpts, command: KeysCommand) -> CmdResult {
     let store = open(opts)?;
     match command {
-        KeysCommand::Create { user, kind, act_as, id, expires_days } => {
+        KeysCommand::Create { user, kind, act_as, id, expires_days, user_token } => {
             let kind = match kind {
                 Kind::Standard => KeyKind::Standard,
                 Kind::Enterprise => KeyKind::Enterprise,
             };
             let expires_at = expires_days.map(|days| now() + i64::from(days) * 86_400);
-            let created = store.create_key(NewKey { id, kind, user, act_as, expires_at })?;
+            let user_token = user_token.map(|mode| match mode {
+                UserTokenMode::Required => TokenMode::Required,
+                UserTokenMode::Allowed => TokenMode::Allowed,
+                UserTokenMode::Ignored => TokenMode::Ignored,
+            });
+            let created = store.create_key(NewKey { id, kind, user, act_as, expires_at, user_token })?;
             if opts.json {
                 let mut value = key_json(&created.info);
                 value["key"] = Value::String(created.key.expose().to_owned());
@@ -434,6 +450,9 @@ fn keys(opts: &StoreOpts, command: KeysCommand) -> CmdResult {
                 if let Some(expires) = created.info.expires_at {
                     println!("expires: {}", time(expires));
                 }
+                if let Some(mode) = created.info.user_token {
+                    println!("user token: {}", mode.as_str());
+                }
                 eprintln!("Give the key to its owner now: it is not shown again.");
             }
         }
@@ -443,7 +462,18 @@ fn keys(opts: &StoreOpts, command: KeysCommand) -> CmdResult {
                 print_json(&Value::Array(keys.iter().map(key_json).collect()));
             } else {
                 table(
-                    &["ID", "KIND", "USER", "PREFIX", "CREATED", "LAST USED", "EXPIRES", "REVOKED", "ACT AS"],
+                    &[
+                        "ID",
+                        "KIND",
+                        "USER",
+                        "PREFIX",
+                        "CREATED",
+                        "LAST USED",
+                        "EXPIRES",
+                        "REVOKED",
+                        "USER TOKEN",
+                        "ACT AS",
+                    ],
                     keys.iter().map(|k| {
                         vec![
                             k.id.clone(),
@@ -454,6 +484,7 @@ fn keys(opts: &StoreOpts, command: KeysCommand) -> CmdResult {
                             opt_time(k.last_used_at),
                             opt_time(k.expires_at),
                             opt_time(k.revoked_at),
+                            k.user_token.map_or("-", TokenMode::as_str).to_owned(),
                             if k.act_as.is_empty() { "-".to_owned() } else { k.act_as.join(",") },
                         ]
                     }),

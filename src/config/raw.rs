@@ -208,9 +208,11 @@ impl Default for RawIdentity {
 pub struct RawUserToken {
     #[serde(default = "default_token_header")]
     pub header: String,
-    /// The claim naming the user; a token without it is read by `sub`.
+    /// The claim naming the user (`sub`, say).
     #[serde(default = "default_token_claim")]
     pub claim: String,
+    /// The `typ` the token's header must have (`at+jwt`, say); unset: any.
+    pub typ: Option<String>,
     pub issuer: String,
     pub audience: String,
     pub jwks_url: Option<String>,

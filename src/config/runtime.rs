@@ -202,6 +202,8 @@ pub struct IdentitySettings {
 
 /// `[identity.user_token]`: what a JWT user token must satisfy, and where its keys are.
 pub struct UserTokenSettings {
+    /// The header's `typ` must be this (lowercase, with or without `application/`), when set.
+    pub typ: Option<String>,
     pub claim: String,
     pub issuer: String,
     pub audience: String,
@@ -218,8 +220,8 @@ pub struct UserTokenSettings {
 pub enum TokenKeys {
     /// `jwks_file`, read at load (and at every reload).
     File(Arc<KeySet>),
-    /// `jwks_url`, fetched when needed (`policy::user_token`).
-    Url { uri: Uri, client: Box<UpstreamClient> },
+    /// `jwks_url`, fetched when needed (`policy::user_token`); `source` is new at every load.
+    Url { uri: Uri, client: Box<UpstreamClient>, source: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -806,10 +808,14 @@ impl Builder<'_> {
                 }
             }
             (Some(url), None) => match url.parse::<Uri>() {
-                Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {
+                // Whoever can change the key set can forge any user: plain http only to this host.
+                Ok(uri)
+                    if uri.scheme_str() == Some("https") || (uri.scheme_str() == Some("http") && is_loopback(&uri)) =>
+                {
                     let ca_file = t.jwks_ca_file.as_ref().map(|p| self.base_dir.join(p));
                     match crate::proxy::forward::build_client(Duration::from_secs(5), false, ca_file.as_deref(), None) {
-                        Ok(client) => Some(TokenKeys::Url { uri, client: Box::new(client) }),
+                        // A new source at every load: keys fetched under another CA are not reused.
+                        Ok(client) => Some(TokenKeys::Url { uri, client: Box::new(client), source: rand::random() }),
                         Err(e) => {
                             self.problem(format!("{path}.jwks_ca_file"), e);
                             None
@@ -817,12 +823,17 @@ impl Builder<'_> {
                     }
                 }
                 _ => {
-                    self.problem(format!("{path}.jwks_url"), "must be an http:// or https:// URL");
+                    self.problem(
+                        format!("{path}.jwks_url"),
+                        "must be an https:// URL (http:// only on a loopback address)",
+                    );
                     None
                 }
             },
         };
+        let typ = t.typ.as_deref().map(|typ| typ.trim().to_ascii_lowercase());
         Some(UserTokenSettings {
+            typ,
             claim: t.claim.clone(),
             issuer: t.issuer.clone(),
             audience: t.audience.clone(),
@@ -989,6 +1000,10 @@ impl Builder<'_> {
         for (i, key) in raw.keys.iter().enumerate() {
             if !key_ids.insert(key.id.as_str()) {
                 self.problem(format!("keys[{i}].id"), format!("key id {} is used twice", key.id));
+            }
+            // A mode with no tokens to read would leave the user header alone to decide: fail closed.
+            if key.user_token.is_some() && raw.identity.user_token.is_none() {
+                self.problem(format!("keys[{i}].user_token"), "needs an [identity.user_token] section");
             }
             self.key(&mut dir, i, key, max_len);
         }
@@ -1323,6 +1338,15 @@ impl Builder<'_> {
         humantime::parse_duration(value)
             .map_err(|_| self.problem(path, format!("{value:?} is not a duration such as \"30s\" or \"1m\"")))
             .ok()
+    }
+}
+
+/// A URL whose host is `localhost` or a loopback address.
+fn is_loopback(uri: &Uri) -> bool {
+    match uri.host() {
+        Some("localhost") => true,
+        Some(host) => host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+        None => false,
     }
 }
 

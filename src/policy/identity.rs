@@ -34,11 +34,15 @@ pub fn requested_user<'h>(settings: &IdentitySettings, headers: &'h HeaderMap) -
     Ok(Some(name))
 }
 
+/// `proven`: a user token named `requested`. An unknown proven user is refused whatever
+/// `unknown_user` says: acting as the key's own user instead would turn any account the issuer has
+/// into the key's (often broad) identity.
 pub fn resolve(
     settings: &IdentitySettings,
     config: &Config,
     key: &ApiKey,
     requested: Option<&str>,
+    proven: bool,
 ) -> Result<Identity, ProxyError> {
     let own = || Identity { user: key.user.clone(), fallback: false };
     let Some(name) = requested else { return Ok(own()) };
@@ -53,6 +57,7 @@ pub fn resolve(
     }
     match (config.user(name), settings.unknown_user) {
         (Some(user), _) => Ok(Identity { user, fallback: false }),
+        (None, _) if proven => Err(ProxyError::UnknownUser),
         (None, UnknownUserPolicy::Reject) => Err(ProxyError::UnknownUser),
         (None, UnknownUserPolicy::Default) => Ok(Identity { user: key.user.clone(), fallback: true }),
     }

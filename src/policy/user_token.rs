@@ -22,6 +22,9 @@ use crate::proxy::headers::single;
 use crate::store::{ApiKey, TokenMode};
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keys that could not be fetched again for this long are no longer used (token requests get 503):
+/// a key the issuer withdrew must not verify for ever while its key set cannot be reached.
+const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 /// After a failed fetch, requests get `user_token_keys_unavailable` (or the keys fetched before) for
 /// this long before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -60,8 +63,16 @@ struct Inner {
     fetching: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Where keys come from: `source` is new at every config load, so keys fetched under an earlier
+/// config (another URL, another CA) are never used under this one.
+struct KeySource<'a> {
+    uri: &'a Uri,
+    client: &'a UpstreamClient,
+    source: u64,
+}
+
 struct Fetched {
-    uri: Uri,
+    source: u64,
     keys: Arc<KeySet>,
     /// When the last attempt was made, successful or not (failures are rate-limited too).
     tried: Instant,
@@ -73,6 +84,7 @@ impl UrlKeys {
     /// Verifies `token` and returns the user it names (not yet checked as a user id).
     pub async fn prove(&self, settings: &UserTokenSettings, token: &str) -> Result<String, ProxyError> {
         let expect = Expect {
+            typ: settings.typ.as_deref(),
             issuer: &settings.issuer,
             audience: &settings.audience,
             leeway: settings.leeway.as_secs(),
@@ -80,12 +92,13 @@ impl UrlKeys {
         };
         let verified = match &settings.keys {
             TokenKeys::File(keys) => jwt::verify(token, keys, &expect),
-            TokenKeys::Url { uri, client } => {
-                let keys = self.current(uri, client, Want::Fresh(settings.max_age)).await?;
+            TokenKeys::Url { uri, client, source } => {
+                let from = KeySource { uri, client, source: *source };
+                let keys = self.current(&from, Want::Fresh(settings.max_age)).await?;
                 match jwt::verify(token, &keys, &expect) {
                     // A stream of tokens with made-up `kid`s costs the issuer one fetch per interval.
                     Err(TokenError::UnknownKey) => {
-                        let keys = self.current(uri, client, Want::Other(&keys, settings.min_refetch)).await?;
+                        let keys = self.current(&from, Want::Other(&keys, settings.min_refetch)).await?;
                         jwt::verify(token, &keys, &expect)
                     }
                     verified => verified,
@@ -93,19 +106,15 @@ impl UrlKeys {
             }
         };
         let verified = verified.map_err(ProxyError::InvalidUserToken)?;
-        // The configured claim; `sub` when the token has no such claim.
-        let user = match verified.has(&settings.claim) {
-            true => verified.claim(&settings.claim),
-            false => verified.claim("sub"),
-        };
-        let user = user.ok_or(ProxyError::InvalidUserToken(TokenError::Claim("user")))?;
+        // The configured claim only: falling back to another (`sub`) would read ids of another namespace.
+        let user = verified.claim(&settings.claim).ok_or(ProxyError::InvalidUserToken(TokenError::Claim("user")))?;
         Ok(user.to_owned())
     }
 
-    /// The keys of `uri`, fetched first as `want` says.
-    async fn current(&self, uri: &Uri, client: &UpstreamClient, want: Want<'_>) -> Result<Arc<KeySet>, ProxyError> {
+    /// The keys of `from`, fetched first as `want` says.
+    async fn current(&self, from: &KeySource<'_>, want: Want<'_>) -> Result<Arc<KeySet>, ProxyError> {
         let inner = &self.0;
-        let seen = inner.entry(uri);
+        let seen = inner.entry(from.source);
         if let Some(f) = &seen
             && !f.wanted(want)
         {
@@ -117,11 +126,11 @@ impl UrlKeys {
             && f.fetched.is_some()
         {
             if let Ok(one) = inner.fetching.clone().try_lock_owned() {
-                let (inner, uri, client) = (inner.clone(), uri.clone(), client.clone());
+                let (inner, uri, client, source) = (inner.clone(), from.uri.clone(), from.client.clone(), from.source);
                 tokio::spawn(async move {
-                    let seen = inner.entry(&uri);
+                    let seen = inner.entry(source);
                     if seen.as_ref().is_none_or(|f| f.wanted(Want::Fresh(max_age))) {
-                        inner.refetch(&uri, &client, seen).await;
+                        inner.refetch(&KeySource { uri: &uri, client: &client, source }, seen).await;
                     }
                     drop(one);
                 });
@@ -130,31 +139,33 @@ impl UrlKeys {
         }
         let _one = inner.fetching.lock().await;
         // Another request may have fetched while this one waited.
-        let seen = inner.entry(uri);
+        let seen = inner.entry(from.source);
         if let Some(f) = &seen
             && !f.wanted(want)
         {
             return f.keys();
         }
-        inner.refetch(uri, client, seen).await.keys()
+        inner.refetch(from, seen).await.keys()
     }
 }
 
 impl Inner {
-    fn entry(&self, uri: &Uri) -> Option<Arc<Fetched>> {
-        self.fetched.load_full().filter(|f| f.uri == *uri)
+    fn entry(&self, source: u64) -> Option<Arc<Fetched>> {
+        self.fetched.load_full().filter(|f| f.source == source)
     }
 
     /// Fetches the set (the caller holds `fetching`) and records the try; a failed fetch withdraws
     /// nothing: the keys fetched before, `seen`, stay in use.
-    async fn refetch(&self, uri: &Uri, client: &UpstreamClient, seen: Option<Arc<Fetched>>) -> Arc<Fetched> {
-        let tried = Instant::now();
-        let next = match fetch(uri, client).await {
-            Ok(keys) => Fetched { uri: uri.clone(), keys: Arc::new(keys), tried, fetched: Some(tried) },
+    async fn refetch(&self, from: &KeySource<'_>, seen: Option<Arc<Fetched>>) -> Arc<Fetched> {
+        let (tried, source) = (Instant::now(), from.source);
+        let next = match fetch(from.uri, from.client).await {
+            Ok(keys) => Fetched { source, keys: Arc::new(keys), tried, fetched: Some(tried) },
             Err(why) => {
-                tracing::warn!(url = %uri, error = why, "user tokens: cannot fetch the issuer's keys");
+                // Host and path only: a query or userinfo in the URL may hold a secret.
+                let (host, path) = (from.uri.host().unwrap_or(""), from.uri.path());
+                tracing::warn!(host, path, error = why, "user tokens: cannot fetch the issuer's keys");
                 let (keys, fetched) = seen.map_or((Arc::default(), None), |p| (p.keys.clone(), p.fetched));
-                Fetched { uri: uri.clone(), keys, tried, fetched }
+                Fetched { source, keys, tried, fetched }
             }
         };
         let next = Arc::new(next);
@@ -188,8 +199,8 @@ impl Fetched {
 
     fn keys(&self) -> Result<Arc<KeySet>, ProxyError> {
         match self.fetched {
-            Some(_) => Ok(self.keys.clone()),
-            None => Err(ProxyError::UserTokenKeysUnavailable),
+            Some(at) if at.elapsed() < MAX_STALE => Ok(self.keys.clone()),
+            _ => Err(ProxyError::UserTokenKeysUnavailable),
         }
     }
 }

@@ -505,7 +505,7 @@ impl Proxy {
             }
             (named, None) => named,
         };
-        let who = identity::resolve(settings, config, key, requested)?;
+        let who = identity::resolve(settings, config, key, requested, proven.is_some())?;
         let acting_user = &who.user.name;
         ctx.acting_user = Some(acting_user.clone());
         ctx.fallback = who.fallback;

@@ -5,7 +5,7 @@
 use super::crypto::{MasterKey, RowAad};
 use super::model::*;
 use super::sqlite::{LimitColumns, check_name, check_upstream, check_user, limit_columns, random_id};
-use super::{KeyKind, check_user_id};
+use super::{KeyKind, TokenMode, check_user_id};
 use crate::secret::{Secret, sha256};
 
 /// One user to create, with the keys to generate for it and its credentials.
@@ -25,6 +25,7 @@ pub struct ImportKey {
     pub kind: KeyKind,
     pub act_as: Vec<String>,
     pub expires_at: Option<UnixTime>,
+    pub user_token: Option<TokenMode>,
 }
 
 #[derive(Clone, Debug)]
@@ -115,6 +116,7 @@ pub(super) fn prepare(users: &[ImportUser], key: Option<&MasterKey>, now: UnixTi
                 created_at: now,
                 last_used_at: None,
                 revoked_at: None,
+                user_token: k.user_token,
             };
             out.keys.push(PreparedKey {
                 sha256: sha256(secret.as_bytes()),

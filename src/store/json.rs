@@ -24,7 +24,7 @@ pub fn key_json(k: &KeyInfo) -> Value {
     json!({
         "id": k.id, "kind": k.kind.as_str(), "user": k.user, "act_as": k.act_as, "prefix": k.prefix,
         "created_at": k.created_at, "last_used_at": k.last_used_at, "expires_at": k.expires_at,
-        "revoked_at": k.revoked_at,
+        "revoked_at": k.revoked_at, "user_token": k.user_token.map(crate::store::TokenMode::as_str),
     })
 }
 

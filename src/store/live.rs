@@ -306,7 +306,7 @@ impl LiveDirectory {
                 act_as: key.act_as.iter().map(|p| UserPattern::parse(p)).collect(),
                 rate_limit: None,
                 expires_at: key.expires_at,
-                user_token: None,
+                user_token: key.user_token,
             };
             self.keys.insert(key.sha256, Arc::new(entry));
             keys.push(key.sha256);
@@ -459,7 +459,14 @@ mod tests {
     }
 
     fn new_key(user: &str) -> NewKey {
-        NewKey { id: None, kind: KeyKind::Standard, user: user.into(), act_as: vec![], expires_at: None }
+        NewKey {
+            id: None,
+            kind: KeyKind::Standard,
+            user: user.into(),
+            act_as: vec![],
+            expires_at: None,
+            user_token: None,
+        }
     }
 
     #[test]

@@ -62,6 +62,14 @@ pub enum TokenMode {
 }
 
 impl TokenMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenMode::Required => "required",
+            TokenMode::Allowed => "allowed",
+            TokenMode::Ignored => "ignored",
+        }
+    }
+
     pub fn parse(mode: &str) -> Option<TokenMode> {
         match mode {
             "required" => Some(TokenMode::Required),

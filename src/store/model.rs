@@ -9,7 +9,7 @@
 
 use crate::policy::ratelimit::Limit;
 use crate::secret::Secret;
-use crate::store::KeyKind;
+use crate::store::{KeyKind, TokenMode};
 
 /// Unix time in seconds.
 pub type UnixTime = i64;
@@ -94,6 +94,8 @@ pub struct NewKey {
     /// Enterprise keys only: `*`, a user id, or a prefix ending in `*`.
     pub act_as: Vec<String>,
     pub expires_at: Option<UnixTime>,
+    /// `None`: `[identity.user_token] mode` decides.
+    pub user_token: Option<TokenMode>,
 }
 
 /// An API key as listed: never the key itself.
@@ -109,6 +111,7 @@ pub struct KeyInfo {
     pub created_at: UnixTime,
     pub last_used_at: Option<UnixTime>,
     pub revoked_at: Option<UnixTime>,
+    pub user_token: Option<TokenMode>,
 }
 
 /// What [`Store::create_key`] returns: the key, this once, and its listing.
@@ -191,6 +194,7 @@ pub struct SnapshotKey {
     pub act_as: Vec<String>,
     /// The request path must still refuse the key after this time.
     pub expires_at: Option<UnixTime>,
+    pub user_token: Option<TokenMode>,
 }
 
 /// An active token URL as the request path needs it.

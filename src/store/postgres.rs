@@ -34,7 +34,7 @@ use super::model::*;
 use super::sqlite::{
     Clock, check_name, check_upstream, check_user, count, kind_from_str, limit_columns, random_id, system_clock,
 };
-use super::{KeyKind, check_user_id};
+use super::{KeyKind, TokenMode, check_user_id};
 use crate::policy::ratelimit::Limit;
 use crate::secret::{Secret, sha256};
 
@@ -52,7 +52,8 @@ const MASTER_KEY_LOCK: i64 = 0x6d74_705f_6b65_7973; // "mtp_keys"
 
 /// Schema migrations, in order; `mcp_schema_migrations` records those applied. Append only: never edit
 /// a released entry. Identifiers use the "C" collation so ordering and paging match SQLite's (bytes).
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE master_keys (
     version     INTEGER PRIMARY KEY,
     check_value BYTEA NOT NULL UNIQUE CHECK (length(check_value) = 32),
@@ -111,10 +112,16 @@ CREATE TABLE usage (
     last_seen BIGINT NOT NULL,
     PRIMARY KEY (user_id, upstream)
 );
-"#];
+"#,
+    r#"
+-- Whether the key's requests prove their user with a user token; NULL: [identity.user_token] mode.
+ALTER TABLE api_keys ADD COLUMN user_token TEXT CHECK (user_token IN ('required', 'allowed', 'ignored'));
+"#,
+];
 
 const USER_COLS: &str = "id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at";
-const KEY_COLS: &str = "id, kind, user_id, act_as, prefix, expires_at, created_at, last_used_at, revoked_at";
+const KEY_COLS: &str =
+    "id, kind, user_id, act_as, prefix, expires_at, created_at, last_used_at, revoked_at, user_token";
 const TOKEN_COLS: &str = "id, user_id, upstream, expires_at, created_at, revoked_at";
 const CRED_COLS: &str = "user_id, upstream, credential_id, key_version, created_at, updated_at";
 
@@ -447,7 +454,7 @@ impl PgStore {
                 rows.users.push(user_from_row(&r)?);
             }
             for r in tx.query(&format!("SELECT {KEY_COLS}, sha256 FROM api_keys ORDER BY id"), &[])? {
-                rows.keys.push((key_from_row(&r)?, r.get(9)));
+                rows.keys.push((key_from_row(&r)?, r.get(10)));
             }
             for r in tx.query(
                 "SELECT user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at
@@ -508,9 +515,10 @@ fn copy_rows(tx: &mut postgres::Transaction<'_>, rows: &RawRows) -> StoreResult<
             chunk.iter().map(|(k, _)| serde_json::to_string(&k.act_as).expect("strings serialize")).collect();
         let col = |f: fn(&KeyInfo) -> Option<i64>| chunk.iter().map(|(k, _)| f(k)).collect::<Vec<_>>();
         tx.execute(
-            "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at, last_used_at, revoked_at)
+            "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at, last_used_at, revoked_at,
+                                   user_token)
              SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                  $7::int8[], $8::int8[], $9::int8[], $10::int8[])",
+                                  $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[])",
             &[
                 &chunk.iter().map(|(k, _)| k.id.as_str()).collect::<Vec<_>>(),
                 &chunk.iter().map(|(_, h)| h.as_slice()).collect::<Vec<_>>(),
@@ -522,6 +530,7 @@ fn copy_rows(tx: &mut postgres::Transaction<'_>, rows: &RawRows) -> StoreResult<
                 &col(|k| Some(k.created_at)),
                 &col(|k| k.last_used_at),
                 &col(|k| k.revoked_at),
+                &chunk.iter().map(|(k, _)| k.user_token.map(TokenMode::as_str)).collect::<Vec<_>>(),
             ],
         )?;
     }
@@ -616,9 +625,9 @@ fn insert_prepared(
     }
     for chunk in p.keys.chunks(CHUNK) {
         tx.execute(
-            "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
-             SELECT k.*, $8 FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                        $7::int8[]) AS k",
+            "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, user_token, created_at)
+             SELECT k.*, $9 FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                        $7::int8[], $8::text[]) AS k",
             &[
                 &chunk.iter().map(|k| k.created.info.id.as_str()).collect::<Vec<_>>(),
                 &chunk.iter().map(|k| &k.sha256[..]).collect::<Vec<_>>(),
@@ -627,6 +636,7 @@ fn insert_prepared(
                 &chunk.iter().map(|k| k.act_as.as_str()).collect::<Vec<_>>(),
                 &chunk.iter().map(|k| k.created.info.prefix.as_str()).collect::<Vec<_>>(),
                 &chunk.iter().map(|k| k.created.info.expires_at).collect::<Vec<_>>(),
+                &chunk.iter().map(|k| k.created.info.user_token.map(TokenMode::as_str)).collect::<Vec<_>>(),
                 &now,
             ],
         )?;
@@ -763,7 +773,12 @@ fn key_from_row(r: &Row) -> StoreResult<KeyInfo> {
         created_at: r.get(6),
         last_used_at: r.get(7),
         revoked_at: r.get(8),
+        user_token: token_mode(r.get(9))?,
     })
+}
+
+fn token_mode(mode: Option<&str>) -> StoreResult<Option<TokenMode>> {
+    mode.map(|m| TokenMode::parse(m).ok_or_else(|| corrupt("unknown user_token mode"))).transpose()
 }
 
 fn token_from_row(r: &Row) -> TokenInfo {
@@ -894,7 +909,7 @@ fn read_snapshot(
     let mut keys = Vec::new();
     for_each_row(
         tx,
-        "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
+        "SELECT id, sha256, kind, user_id, act_as, expires_at, user_token FROM api_keys
          WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) AND ($1::text IS NULL OR user_id = $1)
          ORDER BY user_id, id",
         user,
@@ -907,6 +922,7 @@ fn read_snapshot(
                 user: r.get(3),
                 act_as: act_as(r.get(4))?,
                 expires_at: r.get(5),
+                user_token: token_mode(r.get(6))?,
             });
             Ok(())
         },
@@ -1069,14 +1085,25 @@ impl Store for PgStore {
             created_at: now,
             last_used_at: None,
             revoked_at: None,
+            user_token: new.user_token,
         };
         let act_as = serde_json::to_string(&info.act_as).expect("a list of strings serializes");
         let hash = sha256(key.as_bytes());
         self.write(Some(&info.user), |tx| {
             match tx.execute(
-                "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[&info.id, &&hash[..], &info.kind.as_str(), &info.user, &act_as, &info.prefix, &info.expires_at, &now],
+                "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at, user_token)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &info.id,
+                    &&hash[..],
+                    &info.kind.as_str(),
+                    &info.user,
+                    &act_as,
+                    &info.prefix,
+                    &info.expires_at,
+                    &now,
+                    &info.user_token.map(TokenMode::as_str),
+                ],
             ) {
                 Ok(_) => Ok(()),
                 Err(e) if sqlstate(&e) == Some(FOREIGN_KEY_VIOLATION) => Err(StoreError::not_found("user", &info.user)),

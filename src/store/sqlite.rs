@@ -21,7 +21,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavio
 
 use super::crypto::{MasterKey, RowAad};
 use super::model::*;
-use super::{KeyKind, check_upstream_name, check_user_id};
+use super::{KeyKind, TokenMode, check_upstream_name, check_user_id};
 use crate::policy::ratelimit::Limit;
 use crate::secret::{Secret, sha256};
 
@@ -34,7 +34,8 @@ pub fn system_clock() -> Clock {
 
 /// Schema migrations, in order; `PRAGMA user_version` counts those applied. Append only: never edit
 /// a released entry.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE master_keys (
     version     INTEGER PRIMARY KEY NOT NULL,
     check_value BLOB NOT NULL UNIQUE CHECK (length(check_value) = 32),
@@ -93,10 +94,16 @@ CREATE TABLE usage (
     last_seen INTEGER NOT NULL,
     PRIMARY KEY (user_id, upstream)
 );
-"#];
+"#,
+    r#"
+-- Whether the key's requests prove their user with a user token; NULL: [identity.user_token] mode.
+ALTER TABLE api_keys ADD COLUMN user_token TEXT CHECK (user_token IN ('required', 'allowed', 'ignored'));
+"#,
+];
 
 const USER_COLS: &str = "id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at";
-const KEY_COLS: &str = "id, kind, user_id, act_as, prefix, expires_at, created_at, last_used_at, revoked_at";
+const KEY_COLS: &str =
+    "id, kind, user_id, act_as, prefix, expires_at, created_at, last_used_at, revoked_at, user_token";
 const TOKEN_COLS: &str = "id, user_id, upstream, expires_at, created_at, revoked_at";
 const CRED_COLS: &str = "user_id, upstream, credential_id, key_version, created_at, updated_at";
 
@@ -209,7 +216,7 @@ impl SqliteStore {
             let mut stmt = tx.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY id"))?;
             rows.users = stmt.query_map([], user_from_row)?.collect::<Result<_, _>>()?;
             let mut stmt = tx.prepare(&format!("SELECT {KEY_COLS}, sha256 FROM api_keys ORDER BY id"))?;
-            rows.keys = stmt.query_map([], |r| Ok((key_from_row(r)?, r.get(9)?)))?.collect::<Result<_, _>>()?;
+            rows.keys = stmt.query_map([], |r| Ok((key_from_row(r)?, r.get(10)?)))?.collect::<Result<_, _>>()?;
             let mut stmt = tx.prepare(
                 "SELECT user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at
                  FROM credentials ORDER BY user_id, upstream, credential_id",
@@ -421,7 +428,12 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<KeyInfo> {
         created_at: r.get(6)?,
         last_used_at: r.get(7)?,
         revoked_at: r.get(8)?,
+        user_token: token_mode_from_str(9, r.get::<_, Option<String>>(9)?)?,
     })
+}
+
+fn token_mode_from_str(col: usize, mode: Option<String>) -> rusqlite::Result<Option<TokenMode>> {
+    mode.map(|m| TokenMode::parse(&m).ok_or_else(|| conversion(col, Type::Text, "unknown user_token mode"))).transpose()
 }
 
 fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenInfo> {
@@ -618,14 +630,15 @@ impl Store for SqliteStore {
             created_at: now,
             last_used_at: None,
             revoked_at: None,
+            user_token: new.user_token,
         };
         let act_as = serde_json::to_string(&info.act_as).expect("a list of strings serializes");
         let mut inner = self.lock();
         let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         require_user(&tx, &info.user)?;
         match tx.execute(
-            "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at, user_token)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 info.id,
                 sha256(key.as_bytes()),
@@ -634,7 +647,8 @@ impl Store for SqliteStore {
                 act_as,
                 info.prefix,
                 info.expires_at,
-                now
+                now,
+                info.user_token.map(TokenMode::as_str)
             ],
         ) {
             Ok(_) => {}
@@ -955,8 +969,8 @@ impl Store for SqliteStore {
                 insert.execute(params![id, unlimited, requests, per_ms, burst, now]).map_err(conflict("user", id))?;
             }
             let mut insert = tx.prepare(
-                "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO api_keys (id, sha256, kind, user_id, act_as, prefix, expires_at, created_at, user_token)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for k in &prepared.keys {
                 let info = &k.created.info;
@@ -969,7 +983,8 @@ impl Store for SqliteStore {
                         k.act_as,
                         info.prefix,
                         info.expires_at,
-                        now
+                        now,
+                        info.user_token.map(TokenMode::as_str)
                     ])
                     .map_err(conflict("key", &info.id))?;
             }
@@ -1029,7 +1044,7 @@ fn read_snapshot(
     };
     let keys = {
         let mut stmt = conn.prepare(&format!(
-            "SELECT id, sha256, kind, user_id, act_as, expires_at FROM api_keys
+            "SELECT id, sha256, kind, user_id, act_as, expires_at, user_token FROM api_keys
              WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) AND {}
              ORDER BY user_id, id",
             only_if(user.is_some(), "user_id = ?2", 2)
@@ -1042,6 +1057,7 @@ fn read_snapshot(
                 user: r.get(3)?,
                 act_as: act_as_from_json(4, &r.get::<_, String>(4)?)?,
                 expires_at: r.get(5)?,
+                user_token: token_mode_from_str(6, r.get(6)?)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?
