@@ -51,6 +51,8 @@ pub enum ProxyError {
     UserTokenMismatch,
     #[error("the user token's issuer keys cannot be fetched: retry shortly")]
     UserTokenKeysUnavailable,
+    #[error("this API key requires a user token, and the proxy has no [identity.user_token] to check one")]
+    UserTokensNotConfigured,
     #[error("this API key acts only as its own user and cannot name another")]
     UserOverrideForbidden,
     #[error("this API key may not act as that user")]
@@ -110,6 +112,7 @@ impl ProxyError {
             InvalidUserToken(_) => (StatusCode::UNAUTHORIZED, "invalid_user_token"),
             UserTokenMismatch => (StatusCode::BAD_REQUEST, "user_token_mismatch"),
             UserTokenKeysUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "user_token_keys_unavailable"),
+            UserTokensNotConfigured => (StatusCode::SERVICE_UNAVAILABLE, "user_tokens_not_configured"),
             UserOverrideForbidden => (StatusCode::FORBIDDEN, "user_override_forbidden"),
             UserNotPermitted => (StatusCode::FORBIDDEN, "user_not_permitted"),
             UnknownUser => (StatusCode::FORBIDDEN, "unknown_user"),

@@ -110,7 +110,8 @@ fn usable(k: RawKey) -> Option<PublicKey> {
             let (n, e) = (unsigned(b64(&k.n)?), unsigned(b64(&k.e)?));
             // ring verifies with 2048- to 8192-bit moduli only: a key it cannot use is skipped here, so a
             // token signed with it is an unknown key (and fetches the set again), not a bad signature.
-            if !(256..=1024).contains(&n.len()) || e.is_empty() {
+            let bits = (n.len() * 8).saturating_sub(n.first().map_or(0, |b| b.leading_zeros() as usize));
+            if !(2048..=8192).contains(&bits) || e.is_empty() {
                 return None;
             }
             (Alg::Rs256, Material::Rsa { n, e })

@@ -417,7 +417,7 @@ fn store_migrate_copies_everything_into_an_empty_postgres_database_and_verifies_
                 user: user.clone(),
                 act_as: vec![],
                 expires_at: None,
-                user_token: None,
+                user_token: (i % 2 == 1).then_some(mcp_tenant_proxy::store::TokenMode::Required),
             })
             .unwrap();
         if i % 4 == 0 {
@@ -492,6 +492,8 @@ fn store_migrate_copies_everything_into_an_empty_postgres_database_and_verifies_
     assert_eq!(snapshot.credentials.len(), 30);
     assert!(snapshot.credentials.iter().all(|c| c.secret.expose() == format!("ghp_{}", c.user)));
     assert_eq!(snapshot.keys.len(), 30 - 8, "revoked keys stay revoked");
+    let required = snapshot.keys.iter().filter(|k| k.user_token == Some(mcp_tenant_proxy::store::TokenMode::Required));
+    assert_eq!(required.count(), 15, "each key's user_token mode comes along (odd users; the revoked are even)");
     assert_eq!(pg.usage(None).unwrap()[0].requests, 7);
     drop(pg);
     assert!(matches!(

@@ -525,3 +525,54 @@ async fn a_proven_user_the_proxy_does_not_know_is_refused_even_with_unknown_user
     assert_eq!((status, code(&body)), (403, "unknown_user"));
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_store_key_that_requires_tokens_fails_closed_when_the_config_reads_none() {
+    let (upstream, seen) = recording_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let master = mcp_tenant_proxy::store::crypto::MasterKey::generate();
+    std::fs::write(dir.path().join("master.key"), format!("{}\n", master.expose())).unwrap();
+    let admin_token = "admin-token-0123456789abcdef";
+    std::fs::write(dir.path().join("admin.token"), admin_token).unwrap();
+    // Made while the config had [identity.user_token]; the section is gone now.
+    let store = mcp_tenant_proxy::store::SqliteStore::open(&dir.path().join("store.db"), Some(&master)).unwrap();
+    use mcp_tenant_proxy::store::Store;
+    store.create_user("svc", mcp_tenant_proxy::store::model::UserLimit::Default).unwrap();
+    let key = store
+        .create_key(mcp_tenant_proxy::store::model::NewKey {
+            id: None,
+            kind: mcp_tenant_proxy::store::KeyKind::Enterprise,
+            user: "svc".into(),
+            act_as: vec!["*".into()],
+            expires_at: None,
+            user_token: Some(mcp_tenant_proxy::store::TokenMode::Required),
+        })
+        .unwrap();
+    drop(store);
+    let text = base_config(upstream, "").replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"",
+        1,
+    );
+    let text = format!(
+        "[store]\npath = \"store.db\"\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{text}"
+    );
+    std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
+    let config = mcp_tenant_proxy::config::Config::load(&dir.path().join("proxy.toml"), None).unwrap();
+    let app = mcp_tenant_proxy::app::App::start(config).await.unwrap();
+
+    // The user header alone must not decide for a key that requires proof.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let url = format!("http://{}/mcp/github", app.proxy_addr);
+    let auth = format!("Bearer {}", key.key.expose());
+    let response =
+        client.request(mcp_post(&url, &[("authorization", &auth), ("x-alloy-userid", "alice")])).await.unwrap();
+    let (status, body) = (response.status().as_u16(), json(response).await);
+    assert_eq!((status, code(&body)), (503, "user_tokens_not_configured"), "{body}");
+    assert!(seen.lock().unwrap().is_empty());
+    // And the admin API does not make such keys while the config cannot check tokens.
+    let new = json!({"user": "svc", "kind": "standard", "user_token": "required"});
+    let (status, body) = admin(app.admin_addr.unwrap(), admin_token, http::Method::POST, "/admin/v1/keys", new).await;
+    assert_eq!((status, &body["error"]["field"]), (400, &json!("user_token")), "{body}");
+    app.shutdown().await;
+}

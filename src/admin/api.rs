@@ -310,6 +310,13 @@ impl AdminApi {
                         ));
                     }
                 };
+                // Without the section no token can be checked: `required` would refuse every request.
+                if user_token.is_some() && self.proxy.config().identity.user_token.is_none() {
+                    return Err(ApiError::invalid(
+                        "user_token",
+                        "needs an [identity.user_token] section in the config",
+                    ));
+                }
                 let new = NewKey { id: None, kind, user: body.user, act_as: body.act_as, expires_at, user_token };
                 let created = self.blocking(move |s| s.create_key(new)).await?;
                 self.apply(&created.info.user).await?;

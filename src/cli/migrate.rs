@@ -173,13 +173,14 @@ fn fingerprint(s: &UserSnapshot) -> (String, usize) {
     let mut text = format!("{:?}|{:?}|{}\n", s.user.id, s.user.rate_limit, s.user.created_at);
     for k in &s.keys {
         text += &format!(
-            "key {} {} {:?} {:?} {:?} {:?}\n",
+            "key {} {} {:?} {:?} {:?} {:?} {:?}\n",
             k.id,
             hex::encode(k.sha256),
             k.kind,
             k.user,
             k.act_as,
-            k.expires_at
+            k.expires_at,
+            k.user_token
         );
     }
     for t in &s.tokens {

@@ -220,7 +220,7 @@ pub struct UserTokenSettings {
 pub enum TokenKeys {
     /// `jwks_file`, read at load (and at every reload).
     File(Arc<KeySet>),
-    /// `jwks_url`, fetched when needed (`policy::user_token`); `source` is new at every load.
+    /// `jwks_url`, fetched when needed (`policy::user_token`); `source` names the URL and its CA.
     Url { uri: Uri, client: Box<UpstreamClient>, source: u64 },
 }
 
@@ -814,8 +814,14 @@ impl Builder<'_> {
                 {
                     let ca_file = t.jwks_ca_file.as_ref().map(|p| self.base_dir.join(p));
                     match crate::proxy::forward::build_client(Duration::from_secs(5), false, ca_file.as_deref(), None) {
-                        // A new source at every load: keys fetched under another CA are not reused.
-                        Ok(client) => Some(TokenKeys::Url { uri, client: Box::new(client), source: rand::random() }),
+                        Ok(client) => {
+                            // The same URL and CA across a reload keep their fetched keys; keys fetched
+                            // under another CA are not reused.
+                            let ca = ca_file.as_deref().and_then(|f| std::fs::read(f).ok()).unwrap_or_default();
+                            let digest = sha256(&[url.as_bytes(), b"\0", &ca].concat());
+                            let source = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+                            Some(TokenKeys::Url { uri, client: Box::new(client), source })
+                        }
                         Err(e) => {
                             self.problem(format!("{path}.jwks_ca_file"), e);
                             None
@@ -831,7 +837,11 @@ impl Builder<'_> {
                 }
             },
         };
-        let typ = t.typ.as_deref().map(|typ| typ.trim().to_ascii_lowercase());
+        // Compared as the token's is: lowercase, without `application/`.
+        let typ = t.typ.as_deref().map(|typ| {
+            let typ = typ.trim().to_ascii_lowercase();
+            typ.strip_prefix("application/").map(str::to_owned).unwrap_or(typ)
+        });
         Some(UserTokenSettings {
             typ,
             claim: t.claim.clone(),

@@ -38,7 +38,14 @@ pub fn presented<'h>(
     key: &ApiKey,
     headers: &'h HeaderMap,
 ) -> Result<Option<&'h str>, ProxyError> {
-    let Some(settings) = settings else { return Ok(None) };
+    let Some(settings) = settings else {
+        // A store key may require tokens while the config reads none: fail closed, never let the
+        // user header alone decide for it.
+        return match key.user_token {
+            Some(TokenMode::Required) => Err(ProxyError::UserTokensNotConfigured),
+            _ => Ok(None),
+        };
+    };
     let mode = key.user_token.unwrap_or(settings.mode);
     if mode == TokenMode::Ignored {
         return Ok(None);
@@ -51,7 +58,8 @@ pub fn presented<'h>(
     }
 }
 
-/// The keys fetched from `jwks_url`, shared by every request and kept across reloads of the same URL.
+/// The keys fetched from `jwks_url`, shared by every request and kept across reloads of the same URL
+/// and CA.
 #[derive(Default)]
 pub struct UrlKeys(Arc<Inner>);
 
@@ -63,8 +71,8 @@ struct Inner {
     fetching: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// Where keys come from: `source` is new at every config load, so keys fetched under an earlier
-/// config (another URL, another CA) are never used under this one.
+/// Where keys come from: `source` names the URL and the CA that checks it, so keys fetched under
+/// another (after a reload) are never used under this one.
 struct KeySource<'a> {
     uri: &'a Uri,
     client: &'a UpstreamClient,
@@ -128,8 +136,9 @@ impl UrlKeys {
             if let Ok(one) = inner.fetching.clone().try_lock_owned() {
                 let (inner, uri, client, source) = (inner.clone(), from.uri.clone(), from.client.clone(), from.source);
                 tokio::spawn(async move {
+                    // Skipped when a later config's keys took the place meanwhile.
                     let seen = inner.entry(source);
-                    if seen.as_ref().is_none_or(|f| f.wanted(Want::Fresh(max_age))) {
+                    if seen.as_ref().is_some_and(|f| f.wanted(Want::Fresh(max_age))) {
                         inner.refetch(&KeySource { uri: &uri, client: &client, source }, seen).await;
                     }
                     drop(one);

@@ -220,6 +220,7 @@ impl Proxy {
                     | ProxyError::UpstreamTimeout
                     | ProxyError::RateLimiterUnavailable
                     | ProxyError::UserTokenKeysUnavailable
+                    | ProxyError::UserTokensNotConfigured
                     | ProxyError::Internal => "error",
                     _ => "deny",
                 };
