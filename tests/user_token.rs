@@ -10,6 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
 use http::Response;
+use mcp_tenant_proxy::store::crypto::MasterKey;
 use ring::rand::SystemRandom;
 use ring::signature::{self, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use serde_json::{Value, json};
@@ -430,6 +431,27 @@ async fn old_keys_are_fetched_again_behind_the_requests_so_a_hung_issuer_holds_n
     release.notify_waiters();
 }
 
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+
+/// The app on `config_text` plus a store in `dir` under `master`, with the admin API on [`ADMIN_TOKEN`].
+async fn start_with_store(
+    dir: &std::path::Path,
+    master: &mcp_tenant_proxy::secret::Secret,
+    config_text: &str,
+) -> mcp_tenant_proxy::app::App {
+    std::fs::write(dir.join("master.key"), format!("{}\n", master.expose())).unwrap();
+    std::fs::write(dir.join("admin.token"), ADMIN_TOKEN).unwrap();
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"";
+    assert!(config_text.contains(admin), "base_config's [admin] table moved");
+    let text = config_text.replacen(admin, &format!("{admin}\ntoken_file = \"admin.token\""), 1);
+    let text = format!(
+        "[store]\npath = \"store.db\"\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{text}"
+    );
+    std::fs::write(dir.join("proxy.toml"), text).unwrap();
+    let config = mcp_tenant_proxy::config::Config::load(&dir.join("proxy.toml"), None).unwrap();
+    mcp_tenant_proxy::app::App::start(config).await.unwrap()
+}
+
 /// An admin API call on `admin` with `token`: the status and the JSON answer.
 async fn admin(
     admin: std::net::SocketAddr,
@@ -456,38 +478,25 @@ async fn a_key_made_through_the_admin_api_carries_its_user_token_mode() {
     let dir = tempfile::tempdir().unwrap();
     let ec = IssuerKey::ec("store-test");
     std::fs::write(dir.path().join("jwks.json"), set_of(&[&ec])).unwrap();
-    let master = mcp_tenant_proxy::store::crypto::MasterKey::generate();
-    std::fs::write(dir.path().join("master.key"), format!("{}\n", master.expose())).unwrap();
-    let admin_token = "admin-token-0123456789abcdef";
-    std::fs::write(dir.path().join("admin.token"), admin_token).unwrap();
-    let text = config(upstream, "jwks_file = \"jwks.json\"").replacen(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"",
-        1,
-    );
-    let text = format!(
-        "[store]\npath = \"store.db\"\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{text}"
-    );
-    std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
-    let config = mcp_tenant_proxy::config::Config::load(&dir.path().join("proxy.toml"), None).unwrap();
-    let app = mcp_tenant_proxy::app::App::start(config).await.unwrap();
+    let master = MasterKey::generate();
+    let app = start_with_store(dir.path(), &master, &config(upstream, "jwks_file = \"jwks.json\"")).await;
     let a = app.admin_addr.unwrap();
 
     use http::Method;
-    assert_eq!(admin(a, admin_token, Method::POST, "/admin/v1/users", json!({"id": "erin"})).await.0, 201);
+    assert_eq!(admin(a, ADMIN_TOKEN, Method::POST, "/admin/v1/users", json!({"id": "erin"})).await.0, 201);
     let cred = json!({"secret": "cred-erin"});
     assert_eq!(
-        admin(a, admin_token, Method::PUT, "/admin/v1/users/erin/credentials/github/default", cred).await.0 / 100,
+        admin(a, ADMIN_TOKEN, Method::PUT, "/admin/v1/users/erin/credentials/github/default", cred).await.0 / 100,
         2
     );
     let bad = json!({"user": "erin", "kind": "standard", "user_token": "sometimes"});
-    let (status, body) = admin(a, admin_token, Method::POST, "/admin/v1/keys", bad).await;
+    let (status, body) = admin(a, ADMIN_TOKEN, Method::POST, "/admin/v1/keys", bad).await;
     assert_eq!((status, &body["error"]["field"]), (400, &json!("user_token")));
     let new = json!({"user": "erin", "kind": "standard", "user_token": "required"});
-    let (status, key) = admin(a, admin_token, Method::POST, "/admin/v1/keys", new).await;
+    let (status, key) = admin(a, ADMIN_TOKEN, Method::POST, "/admin/v1/keys", new).await;
     assert_eq!((status, &key["user_token"]), (201, &json!("required")), "{key}");
     let erin_key = key["key"].as_str().unwrap().to_owned();
-    let (_, listed) = admin(a, admin_token, Method::GET, "/admin/v1/keys?user=erin", Value::Null).await;
+    let (_, listed) = admin(a, ADMIN_TOKEN, Method::GET, "/admin/v1/keys?user=erin", Value::Null).await;
     assert_eq!(listed["keys"][0]["user_token"], "required");
 
     let url = format!("http://{}/mcp/github", app.proxy_addr);
@@ -530,10 +539,7 @@ async fn a_proven_user_the_proxy_does_not_know_is_refused_even_with_unknown_user
 async fn a_store_key_that_requires_tokens_fails_closed_when_the_config_reads_none() {
     let (upstream, seen) = recording_upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let master = mcp_tenant_proxy::store::crypto::MasterKey::generate();
-    std::fs::write(dir.path().join("master.key"), format!("{}\n", master.expose())).unwrap();
-    let admin_token = "admin-token-0123456789abcdef";
-    std::fs::write(dir.path().join("admin.token"), admin_token).unwrap();
+    let master = MasterKey::generate();
     // Made while the config had [identity.user_token]; the section is gone now.
     let store = mcp_tenant_proxy::store::SqliteStore::open(&dir.path().join("store.db"), Some(&master)).unwrap();
     use mcp_tenant_proxy::store::Store;
@@ -549,17 +555,7 @@ async fn a_store_key_that_requires_tokens_fails_closed_when_the_config_reads_non
         })
         .unwrap();
     drop(store);
-    let text = base_config(upstream, "").replacen(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"",
-        1,
-    );
-    let text = format!(
-        "[store]\npath = \"store.db\"\nmaster_key_file = \"master.key\"\n[audit]\npath = \"audit.log\"\n{text}"
-    );
-    std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
-    let config = mcp_tenant_proxy::config::Config::load(&dir.path().join("proxy.toml"), None).unwrap();
-    let app = mcp_tenant_proxy::app::App::start(config).await.unwrap();
+    let app = start_with_store(dir.path(), &master, &base_config(upstream, "")).await;
 
     // The user header alone must not decide for a key that requires proof.
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
@@ -572,7 +568,7 @@ async fn a_store_key_that_requires_tokens_fails_closed_when_the_config_reads_non
     assert!(seen.lock().unwrap().is_empty());
     // And the admin API does not make such keys while the config cannot check tokens.
     let new = json!({"user": "svc", "kind": "standard", "user_token": "required"});
-    let (status, body) = admin(app.admin_addr.unwrap(), admin_token, http::Method::POST, "/admin/v1/keys", new).await;
+    let (status, body) = admin(app.admin_addr.unwrap(), ADMIN_TOKEN, http::Method::POST, "/admin/v1/keys", new).await;
     assert_eq!((status, &body["error"]["field"]), (400, &json!("user_token")), "{body}");
     app.shutdown().await;
 }
