@@ -51,6 +51,8 @@ pub enum ProxyError {
     UserTokenMismatch,
     #[error("the user token's issuer keys cannot be fetched: retry shortly")]
     UserTokenKeysUnavailable,
+    #[error("too many invalid user tokens from this API key: retry shortly")]
+    TooManyInvalidUserTokens,
     #[error("this API key requires a user token, and the proxy has no [identity.user_token] to check one")]
     UserTokensNotConfigured,
     #[error("this API key acts only as its own user and cannot name another")]
@@ -113,6 +115,7 @@ impl ProxyError {
             UserTokenMismatch => (StatusCode::BAD_REQUEST, "user_token_mismatch"),
             UserTokenKeysUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "user_token_keys_unavailable"),
             UserTokensNotConfigured => (StatusCode::SERVICE_UNAVAILABLE, "user_tokens_not_configured"),
+            TooManyInvalidUserTokens => (StatusCode::TOO_MANY_REQUESTS, "too_many_invalid_user_tokens"),
             UserOverrideForbidden => (StatusCode::FORBIDDEN, "user_override_forbidden"),
             UserNotPermitted => (StatusCode::FORBIDDEN, "user_not_permitted"),
             UnknownUser => (StatusCode::FORBIDDEN, "unknown_user"),
@@ -154,7 +157,13 @@ impl ProxyError {
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if matches!(self, ProxyError::KeyBodiesExhausted | ProxyError::ProxyBusy | ProxyError::RateLimiterUnavailable) {
+        if matches!(
+            self,
+            ProxyError::KeyBodiesExhausted
+                | ProxyError::ProxyBusy
+                | ProxyError::RateLimiterUnavailable
+                | ProxyError::TooManyInvalidUserTokens
+        ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let ProxyError::RateLimited(refusal) = self {

@@ -572,3 +572,32 @@ async fn a_store_key_that_requires_tokens_fails_closed_when_the_config_reads_non
     assert_eq!((status, &body["error"]["field"]), (400, &json!("user_token")), "{body}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_key_that_sends_invalid_tokens_in_a_burst_gets_429_before_any_more_are_checked() {
+    let (upstream, seen) = recording_upstream().await;
+    let key = IssuerKey::ed("k");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, set_of(&[&key])).unwrap();
+    let h = Harness::start(&config(upstream, &format!("jwks_file = \"{}\"", file.display()))).await;
+    let forged = IssuerKey::ed("k").token("alice"); // the right kid, another key: a bad signature
+    // At most 50 failed checks per key and second: the first 429 comes after at least 50 of them (a
+    // slow machine only moves it later), and within a few hundred at the speed of any machine.
+    let mut failures = 0;
+    let refused = loop {
+        let (status, body) = call(&h, PORTAL_KEY, Some(&forged), &[]).await;
+        match (status, code(&body)) {
+            (401, "invalid_user_token") => failures += 1,
+            (429, "too_many_invalid_user_tokens") => break body,
+            other => panic!("{other:?}: {body}"),
+        }
+        assert!(failures < 500, "no 429 after {failures} invalid tokens");
+    };
+    assert!(failures >= 50, "429 after only {failures} failures");
+    assert_eq!(refused["id"], "call-1");
+    // Another key's users are not held up by it.
+    let (status, _) = call(&h, ENTERPRISE_KEY, Some(&key.token("bob")), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}

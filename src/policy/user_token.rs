@@ -58,10 +58,43 @@ pub fn presented<'h>(
     }
 }
 
+/// Failed token checks a key may cause per second. Past that its token requests are refused (429) for
+/// the rest of the second without being checked: a token check is a signature verification (up to an
+/// RSA-8192 one per key of the set), and refusals come before any rate limit.
+const MAX_FAILURES_PER_SECOND: u32 = 50;
+
+/// What the request path keeps for user tokens: the fetched keys and the failures per API key.
+#[derive(Default)]
+pub struct UserTokens {
+    keys: UrlKeys,
+    /// Per API key id: the start of its current one-second window and its failures in it.
+    failures: dashmap::DashMap<Arc<str>, (Instant, u32)>,
+}
+
+impl UserTokens {
+    /// Verifies `token`, sent with `key`, and returns the user it names (not yet checked as a user id).
+    pub async fn prove(&self, settings: &UserTokenSettings, key: &ApiKey, token: &str) -> Result<String, ProxyError> {
+        let now = Instant::now();
+        let in_window = |(start, _): &(Instant, u32)| now.duration_since(*start) < Duration::from_secs(1);
+        if self.failures.get(&key.id).is_some_and(|f| in_window(&f) && f.1 >= MAX_FAILURES_PER_SECOND) {
+            return Err(ProxyError::TooManyInvalidUserTokens);
+        }
+        let proven = self.keys.prove(settings, token).await;
+        if matches!(proven, Err(ProxyError::InvalidUserToken(_))) {
+            let mut entry = self.failures.entry(key.id.clone()).or_insert((now, 0));
+            if !in_window(&entry) {
+                *entry = (now, 0);
+            }
+            entry.1 += 1;
+        }
+        proven
+    }
+}
+
 /// The keys fetched from `jwks_url`, shared by every request and kept across reloads of the same URL
 /// and CA.
 #[derive(Default)]
-pub struct UrlKeys(Arc<Inner>);
+struct UrlKeys(Arc<Inner>);
 
 #[derive(Default)]
 struct Inner {
@@ -89,8 +122,7 @@ struct Fetched {
 }
 
 impl UrlKeys {
-    /// Verifies `token` and returns the user it names (not yet checked as a user id).
-    pub async fn prove(&self, settings: &UserTokenSettings, token: &str) -> Result<String, ProxyError> {
+    async fn prove(&self, settings: &UserTokenSettings, token: &str) -> Result<String, ProxyError> {
         let expect = Expect {
             typ: settings.typ.as_deref(),
             issuer: &settings.issuer,

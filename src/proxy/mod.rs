@@ -25,7 +25,7 @@ use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
 use crate::policy::ratelimit_redis::{Names, RedisLimiter};
 use crate::policy::session::{self, SessionBinder};
-use crate::policy::user_token::{self, UrlKeys};
+use crate::policy::user_token::{self, UserTokens};
 use crate::policy::{auth, credential, identity};
 use crate::store::{KeyKind, UserRef, check_user_id};
 use crate::telemetry::audit::{AuditEvent, AuditSink};
@@ -94,8 +94,8 @@ pub struct Proxy {
     bodies: BodyBudget,
     /// Random per process, so request ids from restarts and replicas do not collide.
     instance: u32,
-    /// The issuer keys fetched for user tokens (`jwks_url`), kept across reloads.
-    user_tokens: UrlKeys,
+    /// The issuer keys fetched for user tokens (`jwks_url`, kept across reloads) and failed checks per key.
+    user_tokens: UserTokens,
 }
 
 impl Proxy {
@@ -129,7 +129,7 @@ impl Proxy {
             bodies: BodyBudget::default(),
             request_seq: AtomicU64::new(0),
             instance: rand::random(),
-            user_tokens: UrlKeys::default(),
+            user_tokens: UserTokens::default(),
         }
     }
 
@@ -493,7 +493,7 @@ impl Proxy {
         ctx.requested_user = requested.map(str::to_owned);
         let token = user_token::presented(settings.user_token.as_ref(), &settings.token_header, key, &parts.headers)?;
         let proven = match (token, &settings.user_token) {
-            (Some(token), Some(token_settings)) => Some(self.user_tokens.prove(token_settings, token).await?),
+            (Some(token), Some(token_settings)) => Some(self.user_tokens.prove(token_settings, key, token).await?),
             _ => None,
         };
         let requested = match (requested, proven.as_deref()) {
