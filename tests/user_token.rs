@@ -117,6 +117,13 @@ fn set_of(keys: &[&IssuerKey]) -> String {
     json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}).to_string()
 }
 
+/// `keys` written as a key file in `dir`, and the config line that names it.
+fn key_file(dir: &std::path::Path, keys: &[&IssuerKey]) -> String {
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, set_of(keys)).unwrap();
+    format!("jwks_file = \"{}\"", file.display())
+}
+
 /// The issuer's key-set endpoint: serves whatever `set` holds and counts the fetches.
 struct KeyServer {
     addr: std::net::SocketAddr,
@@ -346,9 +353,7 @@ async fn an_unreachable_key_set_is_a_clear_503_and_a_key_file_needs_no_network()
     assert!(seen.lock().unwrap().is_empty());
 
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("jwks.json");
-    std::fs::write(&file, set_of(&[&ec])).unwrap();
-    let h = Harness::start(&config(upstream, &format!("jwks_file = \"{}\"", file.display()))).await;
+    let h = Harness::start(&config(upstream, &key_file(dir.path(), &[&ec]))).await;
     let (status, _) = call(&h, PORTAL_KEY, Some(&ec.token("alice")), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(seen.lock().unwrap()[0].headers["authorization"], "Bearer cred-alice");
@@ -477,9 +482,9 @@ async fn a_key_made_through_the_admin_api_carries_its_user_token_mode() {
     let (upstream, seen) = recording_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let ec = IssuerKey::ec("store-test");
-    std::fs::write(dir.path().join("jwks.json"), set_of(&[&ec])).unwrap();
+    let keys_line = key_file(dir.path(), &[&ec]);
     let master = MasterKey::generate();
-    let app = start_with_store(dir.path(), &master, &config(upstream, "jwks_file = \"jwks.json\"")).await;
+    let app = start_with_store(dir.path(), &master, &config(upstream, &keys_line)).await;
     let a = app.admin_addr.unwrap();
 
     use http::Method;
@@ -518,12 +523,7 @@ async fn a_proven_user_the_proxy_does_not_know_is_refused_even_with_unknown_user
     let (upstream, seen) = recording_upstream().await;
     let key = IssuerKey::ed("k");
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("jwks.json");
-    std::fs::write(&file, set_of(&[&key])).unwrap();
-    let text = format!(
-        "[identity]\nunknown_user = \"default\"\n{}",
-        config(upstream, &format!("jwks_file = \"{}\"", file.display()))
-    );
+    let text = format!("[identity]\nunknown_user = \"default\"\n{}", config(upstream, &key_file(dir.path(), &[&key])));
     let h = Harness::start(&text).await;
     // Named in the header, an unknown user falls back to the key's own user, as configured...
     let (status, _) = call(&h, ENTERPRISE_KEY, None, &[("x-alloy-userid", "mallory")]).await;
@@ -578,9 +578,7 @@ async fn a_key_that_sends_invalid_tokens_in_a_burst_gets_429_before_any_more_are
     let (upstream, seen) = recording_upstream().await;
     let key = IssuerKey::ed("k");
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("jwks.json");
-    std::fs::write(&file, set_of(&[&key])).unwrap();
-    let h = Harness::start(&config(upstream, &format!("jwks_file = \"{}\"", file.display()))).await;
+    let h = Harness::start(&config(upstream, &key_file(dir.path(), &[&key]))).await;
     let forged = IssuerKey::ed("k").token("alice"); // the right kid, another key: a bad signature
     // At most 50 failed checks per key and second: the first 429 comes after at least 50 of them (a
     // slow machine only moves it later), and within a few hundred at the speed of any machine.

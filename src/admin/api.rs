@@ -300,16 +300,8 @@ impl AdminApi {
                     Some(days @ 1..=36_500) => Some(now() + i64::from(days) * 86_400),
                     Some(_) => return Err(ApiError::invalid("expires_in_days", "must be 1 to 36500")),
                 };
-                let user_token = match body.user_token.as_deref().map(|m| (m, TokenMode::parse(m))) {
-                    None => None,
-                    Some((_, Some(mode))) => Some(mode),
-                    Some(_) => {
-                        return Err(ApiError::invalid(
-                            "user_token",
-                            "must be \"required\", \"allowed\" or \"ignored\"",
-                        ));
-                    }
-                };
+                let user_token = body.user_token.as_deref().map(TokenMode::parse).transpose();
+                let user_token = user_token.map_err(|why| ApiError::invalid("user_token", why))?;
                 // Without the section no token can be checked: `required` would refuse every request.
                 if user_token.is_some() && self.proxy.config().identity.user_token.is_none() {
                     return Err(ApiError::invalid(

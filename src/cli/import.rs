@@ -131,11 +131,8 @@ fn parse(text: &str) -> Result<ImportUser, String> {
                 "enterprise" => KeyKind::Enterprise,
                 _ => return Err("keys[].kind: standard or enterprise".to_owned()),
             };
-            let user_token = match k.user_token.as_deref().map(|m| (m, TokenMode::parse(m))) {
-                None => None,
-                Some((_, Some(mode))) => Some(mode),
-                Some(_) => return Err("keys[].user_token: required, allowed or ignored".to_owned()),
-            };
+            let user_token = k.user_token.as_deref().map(TokenMode::parse).transpose();
+            let user_token = user_token.map_err(|why| format!("keys[].user_token: {why}"))?;
             Ok(ImportKey { id: k.id, kind, act_as: k.act_as, expires_at: k.expires_at, user_token })
         })
         .collect::<Result<_, String>>()?;

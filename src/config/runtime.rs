@@ -205,7 +205,7 @@ pub struct UserTokenSettings {
     /// The header's `typ` must be this (lowercase, with or without `application/`), when set.
     pub typ: Option<String>,
     pub claim: String,
-    pub issuer: String,
+    pub issuer: Arc<str>,
     pub audience: String,
     pub leeway: Duration,
     pub keys: TokenKeys,
@@ -772,10 +772,7 @@ impl Builder<'_> {
                 self.problem(format!("{path}.{field}"), "must not be empty");
             }
         }
-        let mode = TokenMode::parse(&t.mode);
-        if mode.is_none() {
-            self.problem(format!("{path}.mode"), "must be \"required\", \"allowed\" or \"ignored\"");
-        }
+        let mode = TokenMode::parse(&t.mode).map_err(|why| self.problem(format!("{path}.mode"), why)).ok();
         let leeway = self.duration(&format!("{path}.leeway"), &t.leeway);
         if leeway.is_some_and(|l| l > Duration::from_secs(600)) {
             self.problem(format!("{path}.leeway"), "must be at most 10m");
@@ -845,7 +842,7 @@ impl Builder<'_> {
         Some(UserTokenSettings {
             typ,
             claim: t.claim.clone(),
-            issuer: t.issuer.clone(),
+            issuer: t.issuer.as_str().into(),
             audience: t.audience.clone(),
             leeway: leeway?,
             keys: keys?,
@@ -1082,13 +1079,9 @@ impl Builder<'_> {
         dir.add_user(&key.user);
         let Some(user) = dir.user_ref(&key.user) else { return };
         let act_as = key.act_as.iter().map(|p| UserPattern::parse(p)).collect();
-        let user_token = match key.user_token.as_deref().map(|m| (m, TokenMode::parse(m))) {
-            None => None,
-            Some((_, Some(mode))) => Some(mode),
-            Some(_) => {
-                self.problem(format!("{path}.user_token"), "must be \"required\", \"allowed\" or \"ignored\"");
-                return;
-            }
+        let user_token = match key.user_token.as_deref().map(TokenMode::parse).transpose() {
+            Ok(mode) => mode,
+            Err(why) => return self.problem(format!("{path}.user_token"), why),
         };
         let id = key.id.as_str().into();
         let key = ApiKey { index: 0, id, kind, user, act_as, rate_limit, expires_at: None, user_token };

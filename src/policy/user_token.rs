@@ -14,12 +14,12 @@ use arc_swap::ArcSwapOption;
 use http::{HeaderMap, Request, Uri};
 use http_body_util::BodyExt;
 
-use crate::config::runtime::{TokenKeys, UserTokenSettings};
+use crate::config::runtime::{IdentitySettings, TokenKeys, UserTokenSettings};
 use crate::error::ProxyError;
 use crate::jwt::{self, Expect, KeySet, TokenError};
 use crate::proxy::forward::UpstreamClient;
 use crate::proxy::headers::single;
-use crate::store::{ApiKey, TokenMode};
+use crate::store::{ApiKey, TokenMode, check_user_id};
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keys that could not be fetched again for this long are no longer used (token requests get 503):
@@ -30,14 +30,15 @@ const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 const MAX_KEY_SET_BYTES: usize = 256 * 1024;
 
-/// The user token a request carries, when its key reads tokens: `Ok(None)` when it sent none (or its
-/// key ignores them); refused when the key requires one and it is missing, or when it is sent twice.
-pub fn presented<'h>(
-    settings: Option<&UserTokenSettings>,
+/// The user token a request carries, when its key reads tokens, with the settings to check it by:
+/// `Ok(None)` when it sent none (or its key ignores them); refused when the key requires one and it is
+/// missing, or when it is sent twice.
+fn presented<'h, 's>(
+    settings: Option<&'s UserTokenSettings>,
     header: &http::HeaderName,
     key: &ApiKey,
     headers: &'h HeaderMap,
-) -> Result<Option<&'h str>, ProxyError> {
+) -> Result<Option<(&'h str, &'s UserTokenSettings)>, ProxyError> {
     let Some(settings) = settings else {
         // A store key may require tokens while the config reads none: fail closed, never let the
         // user header alone decide for it.
@@ -54,7 +55,10 @@ pub fn presented<'h>(
     match (token, mode) {
         (None, TokenMode::Required) => Err(ProxyError::UserTokenRequired),
         (None, _) => Ok(None),
-        (Some(value), _) => value.to_str().map(Some).map_err(|_| ProxyError::InvalidUserToken(TokenError::Malformed)),
+        (Some(value), _) => match value.to_str() {
+            Ok(token) => Ok(Some((token, settings))),
+            Err(_) => Err(ProxyError::InvalidUserToken(TokenError::Malformed)),
+        },
     }
 }
 
@@ -72,8 +76,29 @@ pub struct UserTokens {
 }
 
 impl UserTokens {
+    /// The user a request's token proves, where its key reads one, with the token's issuer: a valid
+    /// user id, and the one the user header `named`, if it named one.
+    pub async fn proven_user(
+        &self,
+        identity: &IdentitySettings,
+        key: &ApiKey,
+        headers: &HeaderMap,
+        named: Option<&str>,
+    ) -> Result<Option<(String, Arc<str>)>, ProxyError> {
+        let Some((token, settings)) = presented(identity.user_token.as_ref(), &identity.token_header, key, headers)?
+        else {
+            return Ok(None);
+        };
+        let user = self.prove(settings, key, token).await?;
+        if named.is_some_and(|named| named != user) {
+            return Err(ProxyError::UserTokenMismatch);
+        }
+        check_user_id(&user, identity.max_user_id_len).map_err(ProxyError::InvalidUserId)?;
+        Ok(Some((user, settings.issuer.clone())))
+    }
+
     /// Verifies `token`, sent with `key`, and returns the user it names (not yet checked as a user id).
-    pub async fn prove(&self, settings: &UserTokenSettings, key: &ApiKey, token: &str) -> Result<String, ProxyError> {
+    async fn prove(&self, settings: &UserTokenSettings, key: &ApiKey, token: &str) -> Result<String, ProxyError> {
         let now = Instant::now();
         let in_window = |(start, _): &(Instant, u32)| now.duration_since(*start) < Duration::from_secs(1);
         if self.failures.get(&key.id).is_some_and(|f| in_window(&f) && f.1 >= MAX_FAILURES_PER_SECOND) {

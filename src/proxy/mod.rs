@@ -25,9 +25,9 @@ use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
 use crate::policy::ratelimit_redis::{Names, RedisLimiter};
 use crate::policy::session::{self, SessionBinder};
-use crate::policy::user_token::{self, UserTokens};
+use crate::policy::user_token::UserTokens;
 use crate::policy::{auth, credential, identity};
-use crate::store::{KeyKind, UserRef, check_user_id};
+use crate::store::{KeyKind, UserRef};
 use crate::telemetry::audit::{AuditEvent, AuditSink};
 use crate::telemetry::metrics::{self, Metrics};
 use crate::telemetry::trace::TraceContext;
@@ -64,7 +64,7 @@ struct RequestCtx {
     /// The JSON-RPC messages of the body, once read.
     rpc: Option<Rpc>,
     /// The issuer of the user token that proved the acting user.
-    token_issuer: Option<String>,
+    token_issuer: Option<Arc<str>>,
 }
 
 /// The config in force and the limiters it resolves to, swapped together on reload.
@@ -491,22 +491,12 @@ impl Proxy {
         let settings = &config.identity;
         let requested = identity::requested_user(settings, &parts.headers)?;
         ctx.requested_user = requested.map(str::to_owned);
-        let token = user_token::presented(settings.user_token.as_ref(), &settings.token_header, key, &parts.headers)?;
-        let proven = match (token, &settings.user_token) {
-            (Some(token), Some(token_settings)) => Some(self.user_tokens.prove(token_settings, key, token).await?),
-            _ => None,
-        };
-        let requested = match (requested, proven.as_deref()) {
-            (Some(named), Some(proven)) if named != proven => return Err(ProxyError::UserTokenMismatch),
-            (_, Some(proven)) => {
-                check_user_id(proven, settings.max_user_id_len).map_err(ProxyError::InvalidUserId)?;
-                ctx.requested_user = Some(proven.to_owned());
-                ctx.token_issuer = settings.user_token.as_ref().map(|t| t.issuer.clone());
-                Some(proven)
-            }
-            (named, None) => named,
-        };
-        let who = identity::resolve(settings, config, key, requested, proven.is_some())?;
+        let proven = self.user_tokens.proven_user(settings, key, &parts.headers, requested).await?;
+        let is_proven = proven.is_some();
+        if let Some((user, issuer)) = proven {
+            (ctx.requested_user, ctx.token_issuer) = (Some(user), Some(issuer));
+        }
+        let who = identity::resolve(settings, config, key, ctx.requested_user.as_deref(), is_proven)?;
         let acting_user = &who.user.name;
         ctx.acting_user = Some(acting_user.clone());
         ctx.fallback = who.fallback;

@@ -70,12 +70,13 @@ impl TokenMode {
         }
     }
 
-    pub fn parse(mode: &str) -> Option<TokenMode> {
+    /// The error says what is accepted, for the caller to put next to the field it read.
+    pub fn parse(mode: &str) -> Result<TokenMode, &'static str> {
         match mode {
-            "required" => Some(TokenMode::Required),
-            "allowed" => Some(TokenMode::Allowed),
-            "ignored" => Some(TokenMode::Ignored),
-            _ => None,
+            "required" => Ok(TokenMode::Required),
+            "allowed" => Ok(TokenMode::Allowed),
+            "ignored" => Ok(TokenMode::Ignored),
+            _ => Err("must be \"required\", \"allowed\" or \"ignored\""),
         }
     }
 }

@@ -778,7 +778,7 @@ fn key_from_row(r: &Row) -> StoreResult<KeyInfo> {
 }
 
 fn token_mode(mode: Option<&str>) -> StoreResult<Option<TokenMode>> {
-    mode.map(|m| TokenMode::parse(m).ok_or_else(|| corrupt("unknown user_token mode"))).transpose()
+    mode.map(|m| TokenMode::parse(m).map_err(|_| corrupt("unknown user_token mode"))).transpose()
 }
 
 fn token_from_row(r: &Row) -> TokenInfo {

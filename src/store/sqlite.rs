@@ -433,7 +433,7 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<KeyInfo> {
 }
 
 fn token_mode_from_str(col: usize, mode: Option<String>) -> rusqlite::Result<Option<TokenMode>> {
-    mode.map(|m| TokenMode::parse(&m).ok_or_else(|| conversion(col, Type::Text, "unknown user_token mode"))).transpose()
+    mode.map(|m| TokenMode::parse(&m).map_err(|_| conversion(col, Type::Text, "unknown user_token mode"))).transpose()
 }
 
 fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenInfo> {
