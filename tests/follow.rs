@@ -17,7 +17,7 @@ impl FileSide for NoFile {
     fn has_key(&self, _: &[u8; 32], _: &str) -> bool {
         false
     }
-    fn render(&self, _: &str, _: &Secret) -> Rendered {
+    fn render(&self, _: &str, _: &str, _: &Secret) -> Rendered {
         Rendered::NotServed
     }
 }
@@ -58,6 +58,10 @@ impl Store for Flaky {
         usage(user: Option<&str>) -> StoreResult<Vec<Usage>>;
         import_users(users: &[mcp_tenant_proxy::store::import::ImportUser]) -> StoreResult<Vec<CreatedKey>>;
         load_snapshot() -> StoreResult<Snapshot>;
+        use_once(nonce: &[u8; 32], expires_at: UnixTime) -> StoreResult<bool>;
+        take_lease(user: &str, upstream: &str, holder: &str, until: UnixTime) -> StoreResult<bool>;
+        drop_lease(user: &str, upstream: &str, holder: &str) -> StoreResult<()>;
+        derive_key(label: &str) -> StoreResult<[u8; 32]>;
     }
     fn load_user(&self, id: &str) -> StoreResult<Option<UserSnapshot>> {
         if self.fail_next.swap(false, Ordering::SeqCst) {

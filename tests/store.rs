@@ -190,6 +190,11 @@ both_backends!(
     concurrent_writers_from_several_threads_and_connections,
     load_user_reads_one_user_as_the_request_path_needs_it,
     import_users_is_all_or_nothing_and_returns_each_key_once,
+    oauth_nonces_are_used_once_and_expired_ones_pruned,
+    oauth_leases_are_exclusive_reentrant_and_expire,
+    derived_keys_follow_the_master_key,
+    replicas_racing_for_a_lease_or_a_nonce_win_once,
+    a_version_2_store_upgrades_to_the_oauth_tables,
 );
 
 fn quota(requests: u32, per_ms: u64, burst: u32) -> Limit {
@@ -1402,4 +1407,199 @@ fn pg_watch_notices_a_server_that_stops_answering_within_seconds() {
         assert!(health.is_up());
         watcher.abort();
     });
+}
+
+fn oauth_nonces_are_used_once_and_expired_ones_pruned(b: Backend) {
+    let f = Fixture::new(b);
+    // No master key needed.
+    let store = f.open_with(None).unwrap();
+    let (link, state) = ([1u8; 32], [2u8; 32]);
+    assert!(store.use_once(&link, T0 + 600).unwrap());
+    assert!(!store.use_once(&link, T0 + 600).unwrap(), "a replay is refused");
+    assert!(!store.use_once(&link, T0 + 900).unwrap(), "whatever expiry the replay claims");
+    assert!(store.use_once(&state, T0 + 60).unwrap());
+    let replica = f.open_with(None).unwrap();
+    assert!(!replica.use_once(&state, T0 + 60).unwrap(), "used on another replica (or process)");
+    assert_eq!(f.count("SELECT count(*) FROM oauth_once"), 2);
+
+    // Kept through its last second; the first use after it prunes it, and only it.
+    f.advance(60);
+    assert!(!store.use_once(&state, T0 + 60).unwrap());
+    f.advance(1);
+    assert!(store.use_once(&[3; 32], T0 + 1000).unwrap());
+    assert_eq!(f.count(&format!("SELECT count(*) FROM oauth_once WHERE expires_at < {}", T0 + 61)), 0);
+    assert_eq!(f.count("SELECT count(*) FROM oauth_once"), 2, "the link's and the new nonce's rows");
+    assert!(!store.use_once(&link, T0 + 600).unwrap(), "the link is still kept until it expires");
+    // Pruned, an expired nonce is new again: callers refuse expired links and states themselves.
+    assert!(store.use_once(&state, T0 + 60).unwrap());
+
+    f.advance(1000);
+    assert!(store.use_once(&[4; 32], T0 + 3000).unwrap());
+    assert_eq!(f.count("SELECT count(*) FROM oauth_once"), 1, "every expired row is gone");
+}
+
+fn oauth_leases_are_exclusive_reentrant_and_expire(b: Backend) {
+    let f = Fixture::new(b);
+    let store = f.open_with(None).unwrap();
+    let lease = |holder: &str, until: i64| store.take_lease("alice", "github", holder, until).unwrap();
+    assert!(lease("replica-1", T0 + 30), "nobody held it");
+    assert!(!lease("replica-2", T0 + 30), "replica-1 holds it");
+    assert!(lease("replica-1", T0 + 60), "re-entrant: its holder takes it again (until later)");
+    // Each (user, upstream) is a lease of its own.
+    assert!(store.take_lease("bob", "github", "replica-2", T0 + 30).unwrap());
+    assert!(store.take_lease("alice", "slack", "replica-2", T0 + 30).unwrap());
+
+    // Another holder's drop does nothing; neither does a drop of a lease nobody holds.
+    store.drop_lease("alice", "github", "replica-2").unwrap();
+    store.drop_lease("carol", "github", "replica-2").unwrap();
+    assert!(!lease("replica-2", T0 + 90));
+
+    // Held through its last second, taken over after it.
+    f.advance(60);
+    assert!(!lease("replica-2", T0 + 90));
+    f.advance(1);
+    assert!(lease("replica-2", T0 + 90), "expired: another holder takes over");
+    assert!(!lease("replica-1", T0 + 120), "the old holder lost it");
+
+    // The holder's drop ends it at once.
+    store.drop_lease("alice", "github", "replica-2").unwrap();
+    assert!(lease("replica-1", T0 + 120));
+    assert_eq!(f.count("SELECT count(*) FROM oauth_leases"), 3);
+
+    for (user, upstream, holder, field) in [
+        ("bad user", "github", "replica-1", "user"),
+        ("alice", "a/b", "replica-1", "upstream"),
+        ("alice", "github", "", "holder"),
+        ("alice", "github", "new\nline", "holder"),
+    ] {
+        let take = store.take_lease(user, upstream, holder, T0 + 200);
+        assert!(matches!(take, Err(StoreError::Invalid { field: got, .. }) if got == field), "{take:?}");
+        let drop = store.drop_lease(user, upstream, holder);
+        assert!(matches!(drop, Err(StoreError::Invalid { field: got, .. }) if got == field), "{drop:?}");
+    }
+}
+
+fn derived_keys_follow_the_master_key(b: Backend) {
+    let f = Fixture::new(b);
+    let store = f.open();
+    let connect = store.derive_key("oauth connect v1").unwrap();
+    assert_eq!(store.derive_key("oauth connect v1").unwrap(), connect, "stable");
+    assert_ne!(store.derive_key("oauth state v1").unwrap(), connect, "one key per label");
+    assert_eq!(connect, MasterKey::parse(&f.master).unwrap().derive("oauth connect v1"));
+    let replica = f.open();
+    assert_eq!(replica.derive_key("oauth connect v1").unwrap(), connect, "replicas sharing a master key agree");
+    drop(replica);
+    let elsewhere = Fixture::new(b);
+    assert_ne!(elsewhere.open().derive_key("oauth connect v1").unwrap(), connect, "another master key");
+
+    let keyless = f.open_with(None).unwrap();
+    assert!(matches!(keyless.derive_key("oauth connect v1"), Err(StoreError::NoMasterKey)));
+    drop(keyless);
+
+    // Derived from the current key: a rotation changes it.
+    let new = MasterKey::generate();
+    store.rotate_master_key(&f.master, &new).unwrap();
+    let rotated = store.derive_key("oauth connect v1").unwrap();
+    assert_ne!(rotated, connect);
+    assert_eq!(rotated, MasterKey::parse(&new).unwrap().derive("oauth connect v1"));
+}
+
+fn replicas_racing_for_a_lease_or_a_nonce_win_once(b: Backend) {
+    const REPLICAS: usize = 8;
+    const ROUNDS: usize = 20;
+    let f = Fixture::new(b);
+    let barrier = Arc::new(std::sync::Barrier::new(REPLICAS));
+    let threads: Vec<_> = (0..REPLICAS)
+        .map(|r| {
+            // A store (pool, or file connection) each, as replicas have.
+            let store = f.open_with(None).unwrap();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let holder = format!("replica-{r}");
+                (0..ROUNDS)
+                    .map(|round| {
+                        barrier.wait();
+                        let leased = store.take_lease("alice", &format!("up{round}"), &holder, T0 + 60).unwrap();
+                        barrier.wait();
+                        let used = store.use_once(&[round as u8; 32], T0 + 60).unwrap();
+                        (leased, used)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    // won[replica][round]
+    let won: Vec<Vec<(bool, bool)>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let store = f.open_with(None).unwrap();
+    for round in 0..ROUNDS {
+        let holders: Vec<usize> = won.iter().enumerate().filter(|(_, w)| w[round].0).map(|(r, _)| r).collect();
+        assert_eq!(holders.len(), 1, "round {round}: lease taken by {holders:?}");
+        let upstream = format!("up{round}");
+        for r in 0..REPLICAS {
+            let again = store.take_lease("alice", &upstream, &format!("replica-{r}"), T0 + 60).unwrap();
+            assert_eq!(again, r == holders[0], "round {round}: replica-{r}");
+        }
+        let used = won.iter().filter(|w| w[round].1).count();
+        assert_eq!(used, 1, "round {round}: the nonce was used {used} times");
+    }
+}
+
+fn a_version_2_store_upgrades_to_the_oauth_tables(b: Backend) {
+    let f = Fixture::new(b);
+    // A store as the previous release left it: migrations 1 and 2, with a user and a key.
+    let applied = match b {
+        Backend::Sqlite => {
+            std::fs::create_dir_all(f.path.parent().unwrap()).unwrap();
+            let raw = f.raw();
+            for script in &MIGRATIONS[..2] {
+                raw.execute_batch(script).unwrap();
+            }
+            raw.pragma_update(None, "user_version", 2).unwrap();
+            "PRAGMA user_version"
+        }
+        Backend::Postgres => {
+            let mut raw = connect(&f.pg().config);
+            for script in &mcp_tenant_proxy::store::postgres::MIGRATIONS[..2] {
+                raw.batch_execute(script).unwrap();
+            }
+            raw.batch_execute(
+                "CREATE TABLE mcp_schema_migrations (
+                     version    INTEGER PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 );
+                 INSERT INTO mcp_schema_migrations (version) VALUES (1), (2);",
+            )
+            .unwrap();
+            "SELECT max(version)::int8 FROM mcp_schema_migrations"
+        }
+    };
+    f.exec(&format!(
+        "INSERT INTO users (id, created_at) VALUES ('alice', {T0});
+         INSERT INTO api_keys (id, sha256, kind, user_id, prefix, created_at, user_token)
+         VALUES ('k1', {}, 'standard', 'alice', 'mtp_0000', {T0}, 'required');",
+        match b {
+            Backend::Sqlite => format!("X'{}'", "ab".repeat(32)),
+            Backend::Postgres => format!("'\\x{}'", "ab".repeat(32)),
+        }
+    ));
+    assert_eq!(f.count(applied), 2);
+
+    let store = f.open();
+    assert_eq!(f.count(applied), 3);
+    assert_eq!(store.get_user("alice").unwrap().id, "alice", "rows survive the upgrade");
+    assert_eq!(store.list_keys(Some("alice")).unwrap()[0].user_token, Some(TokenMode::Required));
+    assert!(store.use_once(&[7; 32], T0 + 60).unwrap());
+    assert!(!store.use_once(&[7; 32], T0 + 60).unwrap());
+    assert!(store.take_lease("alice", "github", "replica-1", T0 + 60).unwrap());
+    assert!(!store.take_lease("alice", "github", "replica-2", T0 + 60).unwrap());
+    // The new tables' constraints hold.
+    match b {
+        Backend::Sqlite => {
+            assert!(f.raw().execute("INSERT INTO oauth_once (nonce, expires_at) VALUES (X'00', 0)", []).is_err());
+        }
+        Backend::Postgres => {
+            let short = connect(&f.pg().config).batch_execute("INSERT INTO oauth_once VALUES ('\\x00', 0)");
+            assert!(short.is_err(), "a nonce of 1 byte");
+        }
+    }
 }

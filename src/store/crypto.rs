@@ -4,10 +4,15 @@
 //! (user, upstream, credential id), so a ciphertext copied into another row does not decrypt. The
 //! master key itself is never stored: the store keeps a check value (SHA-256 of a label and the key)
 //! per key version, to tell "wrong key" apart from "damaged row" at open time.
+//!
+//! The master key also derives other keys ([`MasterKey::derive`]), so replicas that share it share
+//! those too without another secret to distribute.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::secret::Secret;
 
@@ -18,6 +23,9 @@ pub const NONCE_LEN: usize = 12;
 pub struct MasterKey {
     cipher: Aes256Gcm,
     check: [u8; 32],
+    /// HMAC-SHA256 keyed with the key bytes, for [`MasterKey::derive`] (cloned per use, so the bytes
+    /// themselves are not kept).
+    deriver: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -48,7 +56,8 @@ impl MasterKey {
         let cipher = Aes256Gcm::new_from_slice(key).expect("32-byte key");
         let mut labelled = b"mcp-tenant-proxy master key check v1\0".to_vec();
         labelled.extend_from_slice(key);
-        MasterKey { cipher, check: crate::secret::sha256(&labelled) }
+        let deriver = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+        MasterKey { cipher, check: crate::secret::sha256(&labelled), deriver }
     }
 
     /// A new random master key, base64-encoded (what `[store] master_key_file` should contain).
@@ -60,6 +69,15 @@ impl MasterKey {
     /// Identifies the key without revealing it: SHA-256 over a fixed label and the 32 key bytes.
     pub fn check_value(&self) -> [u8; 32] {
         self.check
+    }
+
+    /// A key for another purpose, named by `label`: HMAC-SHA256 over `label`, keyed with the 32 key
+    /// bytes. The same master key and label give the same key on every replica; different labels give
+    /// unrelated keys, and none of them reveals the master key or its check value.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        let mut mac = self.deriver.clone();
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
     }
 
     /// Encrypts `plaintext` for the row `aad`; returns (nonce, ciphertext with the 16-byte tag).
@@ -158,5 +176,18 @@ mod tests {
         assert_eq!(a.check_value(), b.check_value());
         assert_ne!(a.check_value(), c.check_value());
         assert_eq!(format!("{a:?}"), "MasterKey(***)");
+    }
+
+    #[test]
+    fn derive_is_hmac_sha256_of_the_label() {
+        let bytes: [u8; 32] = rand::random();
+        let key = MasterKey::from_bytes(&bytes);
+        let mut mac = Hmac::<Sha256>::new_from_slice(&bytes).unwrap();
+        mac.update(b"oauth connect v1");
+        let expected: [u8; 32] = mac.finalize().into_bytes().into();
+        assert_eq!(key.derive("oauth connect v1"), expected);
+        assert_eq!(key.derive("oauth connect v1"), MasterKey::from_bytes(&bytes).derive("oauth connect v1"));
+        assert_ne!(key.derive("oauth connect v1"), key.derive("oauth state v1"));
+        assert_ne!(key.derive(""), key.check_value());
     }
 }

@@ -335,4 +335,26 @@ pub trait Store: Send + Sync {
     fn load_snapshot(&self) -> StoreResult<Snapshot>;
     /// What the request path needs of one user; `None` when the user does not exist (deleted).
     fn load_user(&self, id: &str) -> StoreResult<Option<UserSnapshot>>;
+
+    // OAuth flows. "Now" below is the store's clock (the one that dates every other row), so replicas'
+    // clocks must agree to well within a lease or a link's lifetime.
+
+    /// Records a single-use value (an OAuth connect link's or flow state's nonce), kept until
+    /// `expires_at`: true the first time, false when it was already used, on any replica sharing the
+    /// store. The same transaction deletes the entries that expired before now, so the table stays
+    /// small; a nonce past its expiry may therefore be accepted again, and callers refuse expired links
+    /// and states themselves.
+    fn use_once(&self, nonce: &[u8; 32], expires_at: UnixTime) -> StoreResult<bool>;
+    /// Takes the lease on (user, upstream) for `holder` until `until`: true when there was none, it had
+    /// expired (its `until` is before now) or `holder` already held it (then `until` is extended or
+    /// shortened). One atomic statement, so of replicas racing for it exactly one wins: the lease is how
+    /// only one of them spends a rotating OAuth refresh token.
+    fn take_lease(&self, user: &str, upstream: &str, holder: &str, until: UnixTime) -> StoreResult<bool>;
+    /// Ends the lease on (user, upstream) if `holder` holds it; else (another holder, none) does nothing.
+    fn drop_lease(&self, user: &str, upstream: &str, holder: &str) -> StoreResult<()>;
+    /// A 32-byte key for `label`, derived from the current master key ([`super::crypto::MasterKey::derive`]):
+    /// replicas sharing a master key derive the same one, without another secret to distribute (OAuth
+    /// connect links are signed, flow states encrypted with such keys). A rotation changes it, so
+    /// links and states made before one stop verifying. `NoMasterKey` without a key.
+    fn derive_key(&self, label: &str) -> StoreResult<[u8; 32]>;
 }

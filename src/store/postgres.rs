@@ -9,7 +9,8 @@
 //!
 //! Semantics follow [`super::sqlite`]: the same validation and errors, keys and token URLs stored as
 //! SHA-256, credentials as AES-256-GCM ciphertexts with the same associated data, one check value per
-//! master key version (never the key). Times come from the store's [`Clock`], as in SQLite.
+//! master key version (never the key). Times come from the store's [`Clock`], as in SQLite, OAuth lease
+//! and nonce expiries included (not the server's `now()`): one time source per store, and tests move it.
 //!
 //! Schema changes are [`MIGRATIONS`], append only, applied under an advisory lock in one transaction
 //! and recorded in `mcp_schema_migrations`; a database written by a newer release is refused.
@@ -116,6 +117,23 @@ CREATE TABLE usage (
     r#"
 -- Whether the key's requests prove their user with a user token; NULL: [identity.user_token] mode.
 ALTER TABLE api_keys ADD COLUMN user_token TEXT CHECK (user_token IN ('required', 'allowed', 'ignored'));
+"#,
+    r#"
+-- OAuth: nonces of connect links and flow states already used, kept until they expire (then pruned).
+CREATE TABLE oauth_once (
+    nonce      BYTEA PRIMARY KEY CHECK (length(nonce) = 32),
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX oauth_once_expires ON oauth_once(expires_at);
+-- OAuth: which replica may spend (user, upstream)'s rotating refresh token, until when. No foreign
+-- key: config-file users have OAuth tokens too, and a lease expires by itself.
+CREATE TABLE oauth_leases (
+    user_id  TEXT COLLATE "C" NOT NULL,
+    upstream TEXT COLLATE "C" NOT NULL,
+    holder   TEXT COLLATE "C" NOT NULL,
+    until    BIGINT NOT NULL,
+    PRIMARY KEY (user_id, upstream)
+);
 "#,
 ];
 
@@ -486,7 +504,8 @@ impl PgStore {
     }
 }
 
-/// The tables of the schema, in the order a copy fills them.
+/// The tables of the schema, in the order a copy fills them. Not the OAuth nonces and leases
+/// (`oauth_once`, `oauth_leases`): they last minutes and are not worth copying.
 pub const TABLES: [&str; 6] = ["master_keys", "users", "api_keys", "credentials", "token_urls", "usage"];
 
 /// Multi-row inserts from arrays (`unnest`), a few thousand rows per statement.
@@ -1493,6 +1512,63 @@ impl Store for PgStore {
         let Snapshot { mut users, keys, credentials, tokens, taken_at } =
             self.read(|tx| read_snapshot(tx, guard.as_ref(), Some(id), now))?;
         Ok(users.pop().map(|user| UserSnapshot { user, keys, credentials, tokens, taken_at }))
+    }
+
+    // No notifications below: the request path does not read these tables.
+
+    fn use_once(&self, nonce: &[u8; 32], expires_at: UnixTime) -> StoreResult<bool> {
+        let now = self.now();
+        self.write(None, |tx| {
+            // SKIP LOCKED: replicas pruning at the same moment skip each other's rows instead of waiting
+            // on (or deadlocking with) each other; a skipped row goes with a later call.
+            tx.execute(
+                "DELETE FROM oauth_once WHERE nonce IN
+                     (SELECT nonce FROM oauth_once WHERE expires_at < $1 FOR UPDATE SKIP LOCKED)",
+                &[&now],
+            )?;
+            // A replica inserting the same nonce concurrently makes this wait for its commit, then
+            // conflict: exactly one of them inserts.
+            let inserted = tx.execute(
+                "INSERT INTO oauth_once (nonce, expires_at) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING",
+                &[&&nonce[..], &expires_at],
+            )?;
+            Ok(inserted == 1)
+        })
+    }
+
+    fn take_lease(&self, user: &str, upstream: &str, holder: &str, until: UnixTime) -> StoreResult<bool> {
+        check_user("user", user)?;
+        check_upstream(upstream)?;
+        check_name("holder", holder)?;
+        let now = self.now();
+        self.with_client(|c| {
+            // One statement: ON CONFLICT locks the existing row and evaluates the WHERE on its latest
+            // version, so of replicas racing, one updates (or inserts) and the others see its lease.
+            let taken = c.execute(
+                "INSERT INTO oauth_leases (user_id, upstream, holder, until) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (user_id, upstream) DO UPDATE SET holder = excluded.holder, until = excluded.until
+                 WHERE oauth_leases.until < $5 OR oauth_leases.holder = excluded.holder",
+                &[&user, &upstream, &holder, &until, &now],
+            )?;
+            Ok(taken == 1)
+        })
+    }
+
+    fn drop_lease(&self, user: &str, upstream: &str, holder: &str) -> StoreResult<()> {
+        check_user("user", user)?;
+        check_upstream(upstream)?;
+        check_name("holder", holder)?;
+        self.with_client(|c| {
+            c.execute(
+                "DELETE FROM oauth_leases WHERE user_id = $1 AND upstream = $2 AND holder = $3",
+                &[&user, &upstream, &holder],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn derive_key(&self, label: &str) -> StoreResult<[u8; 32]> {
+        self.key_guard().as_ref().map(|(_, key)| key.derive(label)).ok_or(StoreError::NoMasterKey)
     }
 }
 

@@ -99,6 +99,23 @@ CREATE TABLE usage (
 -- Whether the key's requests prove their user with a user token; NULL: [identity.user_token] mode.
 ALTER TABLE api_keys ADD COLUMN user_token TEXT CHECK (user_token IN ('required', 'allowed', 'ignored'));
 "#,
+    r#"
+-- OAuth: nonces of connect links and flow states already used, kept until they expire (then pruned).
+CREATE TABLE oauth_once (
+    nonce      BLOB PRIMARY KEY NOT NULL CHECK (length(nonce) = 32),
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX oauth_once_expires ON oauth_once(expires_at);
+-- OAuth: which replica may spend (user, upstream)'s rotating refresh token, until when. No foreign
+-- key: config-file users have OAuth tokens too, and a lease expires by itself.
+CREATE TABLE oauth_leases (
+    user_id  TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    holder   TEXT NOT NULL,
+    until    INTEGER NOT NULL,
+    PRIMARY KEY (user_id, upstream)
+);
+"#,
 ];
 
 const USER_COLS: &str = "id, rl_unlimited, rl_requests, rl_per_ms, rl_burst, created_at";
@@ -1025,6 +1042,53 @@ impl Store for SqliteStore {
             read_snapshot(&tx, key.as_ref(), Some(id), now)?;
         tx.commit()?;
         Ok(users.pop().map(|user| UserSnapshot { user, keys, credentials, tokens, taken_at }))
+    }
+
+    fn use_once(&self, nonce: &[u8; 32], expires_at: UnixTime) -> StoreResult<bool> {
+        let now = self.now();
+        let mut inner = self.lock();
+        // IMMEDIATE: another process using the same nonce waits for this one's commit.
+        let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM oauth_once WHERE expires_at < ?1", [now])?;
+        let inserted = tx.execute(
+            "INSERT INTO oauth_once (nonce, expires_at) VALUES (?1, ?2) ON CONFLICT (nonce) DO NOTHING",
+            params![nonce, expires_at],
+        )?;
+        tx.commit()?;
+        Ok(inserted == 1)
+    }
+
+    fn take_lease(&self, user: &str, upstream: &str, holder: &str, until: UnixTime) -> StoreResult<bool> {
+        check_user("user", user)?;
+        check_upstream(upstream)?;
+        check_name("holder", holder)?;
+        let now = self.now();
+        let inner = self.lock();
+        // One statement: the upsert's WHERE decides, so no other writer gets in between.
+        let taken = inner.conn.execute(
+            "INSERT INTO oauth_leases (user_id, upstream, holder, until) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (user_id, upstream) DO UPDATE SET holder = excluded.holder, until = excluded.until
+             WHERE oauth_leases.until < ?5 OR oauth_leases.holder = excluded.holder",
+            params![user, upstream, holder, until, now],
+        )?;
+        Ok(taken == 1)
+    }
+
+    fn drop_lease(&self, user: &str, upstream: &str, holder: &str) -> StoreResult<()> {
+        check_user("user", user)?;
+        check_upstream(upstream)?;
+        check_name("holder", holder)?;
+        let inner = self.lock();
+        inner.conn.execute(
+            "DELETE FROM oauth_leases WHERE user_id = ?1 AND upstream = ?2 AND holder = ?3",
+            [user, upstream, holder],
+        )?;
+        Ok(())
+    }
+
+    fn derive_key(&self, label: &str) -> StoreResult<[u8; 32]> {
+        let inner = self.lock();
+        inner.key.as_ref().map(|(_, key)| key.derive(label)).ok_or(StoreError::NoMasterKey)
     }
 }
 
