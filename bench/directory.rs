@@ -51,7 +51,7 @@ impl FileSide for Config {
     fn has_key(&self, _: &[u8; 32], _: &str) -> bool {
         false
     }
-    fn render(&self, _: &str, secret: &Secret) -> Rendered {
+    fn render(&self, _: &str, _: &str, secret: &Secret) -> Rendered {
         let mut value = HeaderValue::from_str(&format!("Bearer {}", secret.expose())).unwrap();
         value.set_sensitive(true);
         Rendered::Value(self.0.clone(), value)

@@ -158,6 +158,12 @@ impl App {
             Some(st) => Some(st.open().map_err(|e| io::Error::other(e.to_string()))?),
             None => None,
         };
+        // Upstream OAuth keeps connections in the store and signs links with a key derived from its
+        // master key (config validation saw to both being there).
+        if let (Some(store), Some(_)) = (&usage_store, &config.oauth) {
+            let broker = crate::oauth::Broker::new(store.clone()).map_err(|e| io::Error::other(e.to_string()))?;
+            proxy.attach_oauth(Arc::new(broker));
+        }
         // A shared store tells this replica about every write: changes are applied as they arrive, and
         // `/readyz` and the admin API say when it cannot be reached.
         let store_health = Arc::new(StoreHealth::default());

@@ -87,9 +87,36 @@ pub enum ProxyError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("{}", .0)]
+    OAuthConnect(Box<ConnectError>),
+    #[error("the upstream's OAuth provider cannot refresh this user's token now: retry shortly")]
+    OAuthRefreshUnavailable,
     #[error("the proxy failed to handle this request")]
     Internal,
 }
+
+/// The acting user has no usable OAuth connection to the upstream: the error carries a connect link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectError {
+    pub url: String,
+    pub upstream: String,
+    /// The provider refused the last refresh (rather than: never connected).
+    pub reconnect: bool,
+    /// The client declared URL-mode elicitation: the error is MCP's -32042.
+    pub elicit: bool,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.reconnect {
+            true => write!(f, "your {} account must be connected again: open {}", self.upstream, self.url),
+            false => write!(f, "connect your {} account to use this server: open {}", self.upstream, self.url),
+        }
+    }
+}
+
+/// MCP's URLElicitationRequiredError (2025-11-25).
+pub const JSONRPC_URL_ELICITATION_REQUIRED: i64 = -32042;
 
 impl ProxyError {
     /// The table: HTTP status, stable error code and JSON-RPC error code for every variant.
@@ -132,6 +159,12 @@ impl ProxyError {
             SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            OAuthConnect(c) => {
+                let code = if c.reconnect { "oauth_reconnect_required" } else { "oauth_not_connected" };
+                let rpc = if c.elicit { JSONRPC_URL_ELICITATION_REQUIRED } else { JSONRPC_PROXY_ERROR };
+                return (StatusCode::FORBIDDEN, code, rpc);
+            }
+            OAuthRefreshUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "oauth_refresh_unavailable"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         };
         (status, code, JSONRPC_PROXY_ERROR)
@@ -148,7 +181,12 @@ impl ProxyError {
     /// The response for this error. `jsonrpc_id` is `Some` when the request was an MCP JSON-RPC POST: the
     /// body is then a JSON-RPC error object carrying that id (`null` for a batch or an unreadable id).
     pub fn into_response(&self, jsonrpc_id: Option<&RawValue>) -> Response<ProxyBody> {
-        let status = self.status();
+        let status = match (self, jsonrpc_id) {
+            // An MCP client acts on a JSON-RPC error only in a successful HTTP answer: the connect link
+            // must reach it as one (the spec's servers answer -32042 so too).
+            (ProxyError::OAuthConnect(_), Some(_)) => StatusCode::OK,
+            _ => self.status(),
+        };
         let body = self.body(jsonrpc_id);
         let mut response = Response::new(full(Bytes::from(body)));
         *response.status_mut() = status;
@@ -163,6 +201,7 @@ impl ProxyError {
                 | ProxyError::ProxyBusy
                 | ProxyError::RateLimiterUnavailable
                 | ProxyError::TooManyInvalidUserTokens
+                | ProxyError::OAuthRefreshUnavailable
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -194,13 +233,25 @@ impl ProxyError {
         struct ErrorObject<'a> {
             code: i64,
             message: &'a str,
-            data: Data,
+            data: Data<'a>,
         }
         #[derive(Serialize)]
-        struct Data {
+        struct Data<'a> {
             code: &'static str,
             status: u16,
             retry_after: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            connect_url: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            elicitations: Option<[Elicitation<'a>; 1]>,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Elicitation<'a> {
+            mode: &'static str,
+            elicitation_id: String,
+            url: &'a str,
+            message: &'a str,
         }
         #[derive(Serialize)]
         struct Plain<'a> {
@@ -211,6 +262,8 @@ impl ProxyError {
             code: &'static str,
             message: &'a str,
             retry_after: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            connect_url: Option<&'a str>,
         }
         let (status, code, jsonrpc_code) = self.describe();
         let message = self.to_string();
@@ -218,6 +271,15 @@ impl ProxyError {
             ProxyError::RateLimited(refusal) => Some(ceil_secs(refusal.retry_after)),
             _ => None,
         };
+        let connect = match self {
+            ProxyError::OAuthConnect(c) => Some(c),
+            _ => None,
+        };
+        let connect_url = connect.map(|c| c.url.as_str());
+        let elicitations = connect.filter(|c| c.elicit).map(|c| {
+            let elicitation_id = hex::encode(rand::random::<[u8; 16]>());
+            [Elicitation { mode: "url", elicitation_id, url: &c.url, message: &message }]
+        });
         let written = match jsonrpc_id {
             Some(id) => serde_json::to_string(&RpcError {
                 jsonrpc: "2.0",
@@ -225,10 +287,12 @@ impl ProxyError {
                 error: ErrorObject {
                     code: jsonrpc_code,
                     message: &message,
-                    data: Data { code, status: status.as_u16(), retry_after },
+                    data: Data { code, status: status.as_u16(), retry_after, connect_url, elicitations },
                 },
             }),
-            None => serde_json::to_string(&Plain { error: PlainError { code, message: &message, retry_after } }),
+            None => serde_json::to_string(&Plain {
+                error: PlainError { code, message: &message, retry_after, connect_url },
+            }),
         };
         // Serializing these plain structs cannot fail; should it ever, the answer is still JSON.
         written.unwrap_or_else(|_| format!(r#"{{"error":{{"code":"{code}"}}}}"#))

@@ -9,6 +9,7 @@ pub mod error;
 pub mod heap;
 pub mod json;
 pub mod jwt;
+pub mod oauth;
 pub mod policy;
 pub mod proxy;
 pub mod secret;

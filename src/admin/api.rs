@@ -25,6 +25,7 @@ use crate::policy::ratelimit::Limit;
 use crate::proxy::Proxy;
 use crate::proxy::body::{ProxyBody, full};
 use crate::secret::{Secret, sha256};
+use crate::store::connection::{CONNECTION_ID, Tokens};
 use crate::store::json::{cred_json, key_json, token_json, user_json};
 use crate::store::model::{MAX_PAGE, NewKey, PutOutcome, UserLimit};
 use crate::store::{KeyKind, Store, StoreError, TokenMode};
@@ -51,6 +52,9 @@ pub enum Op {
     ListCredentials,
     PutCredential,
     DeleteCredential,
+    ListConnections,
+    ConnectLink,
+    Disconnect,
     CreateToken,
     ListTokens,
     RevokeToken,
@@ -69,6 +73,9 @@ pub const ROUTES: &[(&str, &str, Op)] = &[
     ("GET", "/admin/v1/users/{id}/credentials", Op::ListCredentials),
     ("PUT", "/admin/v1/users/{id}/credentials/{upstream}/{credential_id}", Op::PutCredential),
     ("DELETE", "/admin/v1/users/{id}/credentials/{upstream}/{credential_id}", Op::DeleteCredential),
+    ("GET", "/admin/v1/users/{id}/connections", Op::ListConnections),
+    ("POST", "/admin/v1/users/{id}/connections/{upstream}/link", Op::ConnectLink),
+    ("DELETE", "/admin/v1/users/{id}/connections/{upstream}", Op::Disconnect),
     ("POST", "/admin/v1/keys", Op::CreateKey),
     ("GET", "/admin/v1/keys", Op::ListKeys),
     ("DELETE", "/admin/v1/keys/{id}", Op::RevokeKey),
@@ -340,6 +347,9 @@ impl AdminApi {
             }
             Op::PutCredential => {
                 let (user, upstream, cred) = (param(0), param(1), param(2));
+                if cred == CONNECTION_ID {
+                    return Err(ApiError::invalid("credential_id", "\"oauth\" is reserved for OAuth connections"));
+                }
                 let body: PutCredential = read_json(request).await?;
                 // The secret goes into a header: refuse what no header can carry before storing it.
                 if body.secret.is_empty() {
@@ -367,6 +377,49 @@ impl AdminApi {
                     StatusCode::OK,
                     json!({ "deleted": { "user": user, "upstream": upstream, "credential_id": cred } }),
                 ))
+            }
+            Op::ListConnections => {
+                let id = param(0);
+                let secrets = self
+                    .blocking(move |s| {
+                        s.get_user(&id)?;
+                        s.credential_secrets(Some(&id))
+                    })
+                    .await?;
+                let connections: Vec<Value> = secrets
+                    .iter()
+                    .filter(|c| c.credential_id == CONNECTION_ID)
+                    .filter_map(|c| Tokens::parse(&c.secret).map(|t| connection_json(&c.upstream, &t)))
+                    .collect();
+                Ok((StatusCode::OK, json!({ "connections": connections })))
+            }
+            Op::ConnectLink => {
+                let (user, upstream) = (param(0), param(1));
+                let config = self.proxy.config();
+                let (Some(settings), Some(broker)) = (&config.oauth, self.proxy.oauth()) else {
+                    return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no upstream uses OAuth"));
+                };
+                if !config.upstreams.iter().any(|u| *u.name == *upstream && u.oauth.is_some()) {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("upstream {upstream:?} does not use OAuth"),
+                    ));
+                }
+                let id = user.clone();
+                self.blocking(move |s| s.get_user(&id)).await?;
+                let url = broker.connect_url(settings, &user, &upstream);
+                let ttl = settings.link_ttl.as_secs();
+                Ok((
+                    StatusCode::CREATED,
+                    json!({ "user": user, "upstream": upstream, "connect_url": url, "expires_in": ttl }),
+                ))
+            }
+            Op::Disconnect => {
+                let (user, upstream) = (param(0), param(1));
+                self.blocking(move |s| s.delete_credential(&user, &upstream, CONNECTION_ID)).await?;
+                self.apply(&param(0)).await?;
+                Ok((StatusCode::OK, json!({ "deleted": { "user": param(0), "upstream": param(1) } })))
             }
             Op::CreateToken => {
                 let body: CreateToken = read_json(request).await?;
@@ -451,6 +504,19 @@ impl AdminApi {
             Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the reload panicked")),
         }
     }
+}
+
+/// A connection as listed: never a token.
+fn connection_json(upstream: &str, t: &Tokens) -> Value {
+    json!({
+        "upstream": upstream,
+        "account": t.account,
+        "scope": t.scope,
+        "expires_at": t.expires_at,
+        "connected_at": t.connected_at,
+        "refreshed_at": t.refreshed_at,
+        "needs_reconnect": t.needs_reconnect.is_some(),
+    })
 }
 
 fn authorized(request: &Request<Incoming>, token: &Secret) -> bool {

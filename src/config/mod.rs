@@ -1,5 +1,6 @@
 //! Configuration: [`raw`] is the file as written, [`runtime`] the validated form the proxy runs on.
 
+pub mod oauth;
 pub mod raw;
 pub mod runtime;
 pub mod watch;

@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub rate_limiter: Option<RawRateLimiter>,
     pub sessions: Option<RawSessions>,
     pub store: Option<RawStore>,
+    /// Where users' browsers reach the proxy to connect their upstream accounts (`[upstreams.*.oauth]`).
+    pub oauth: Option<RawOAuth>,
     #[serde(default)]
     pub log: RawLog,
 }
@@ -55,6 +57,9 @@ impl RawConfig {
         for u in self.upstreams.values() {
             files
                 .extend([&u.ca_file, &u.client_cert_file, &u.client_key_file].into_iter().filter_map(|f| f.as_deref()));
+            if let Some(o) = &u.oauth {
+                files.extend([&o.client_secret_file, &o.ca_file].into_iter().filter_map(|f| f.as_deref()));
+            }
         }
         if let Some(st) = &self.store {
             files.extend([&st.password_file, &st.master_key_file].into_iter().filter_map(|f| f.as_deref()));
@@ -313,6 +318,53 @@ pub struct RawUpstream {
     /// Per user, per tool: `"create_issue" = { requests = 10, per = "1m" }`.
     #[serde(default)]
     pub tool_limits: BTreeMap<String, RawLimit>,
+    /// Each user connects an account of the upstream's OAuth provider; its access token is the credential.
+    pub oauth: Option<RawUpstreamOAuth>,
+}
+
+/// `[oauth]`: the proxy's address as users' browsers reach it. The provider redirects to
+/// `<public_url><path>/callback`, which must be registered with it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth {
+    pub public_url: String,
+    #[serde(default = "default_oauth_path")]
+    pub path: String,
+    /// How long a connect link stays valid.
+    #[serde(default = "default_link_ttl")]
+    pub link_ttl: String,
+}
+
+fn default_oauth_path() -> String {
+    "/oauth".into()
+}
+
+fn default_link_ttl() -> String {
+    "15m".into()
+}
+
+/// `[upstreams.<name>.oauth]`: the upstream's OAuth client registration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamOAuth {
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub client_id: String,
+    pub client_secret_env: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// RFC 8707 resource indicator sent with every authorization and token request.
+    pub resource: Option<String>,
+    /// Tokens are refreshed once they expire within this long.
+    #[serde(default = "default_refresh_before")]
+    pub refresh_before: String,
+    /// Extra PEM CA certificates trusted for an `https://` token endpoint.
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_refresh_before() -> String {
+    "60s".into()
 }
 
 #[derive(Debug, Deserialize)]

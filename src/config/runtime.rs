@@ -11,12 +11,14 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
+use super::oauth::{OAuthSettings, UpstreamOAuth};
 use super::raw::{RawConfig, RawCredential, RawKey, RawLimit, RawRule, RawUpstream};
 use crate::jwt::KeySet;
 use crate::policy::mcp::Rule;
 use crate::policy::ratelimit::Limit;
 use crate::proxy::forward::UpstreamClient;
 use crate::secret::{Secret, sha256};
+use crate::store::connection::{CONNECTION_ID, Connection, Tokens};
 use crate::store::live::{FileSide, Rendered};
 use crate::store::{
     ApiKey, Credential, Directory, KeyKind, LiveDirectory, STORE_USER_BIT, TokenGrant, TokenMode, UpstreamId,
@@ -43,6 +45,8 @@ pub struct Config {
     pub store: Option<StoreSettings>,
     /// Where rate-limit state lives (`[rate_limiter]`).
     pub rate_limiter: RateLimiterBackend,
+    /// Where browsers reach the proxy to connect upstream accounts; set when an upstream uses OAuth.
+    pub oauth: Option<OAuthSettings>,
 }
 
 /// How operational logs are written (`[log] format`).
@@ -260,6 +264,8 @@ pub struct Upstream {
     /// Per user, per tool.
     pub tool_limits: Vec<(Box<str>, Limit)>,
     pub client: UpstreamClient,
+    /// Users connect their own account; its access token is the credential (`crate::oauth`).
+    pub oauth: Option<Arc<UpstreamOAuth>>,
 }
 
 impl Upstream {
@@ -463,11 +469,25 @@ impl FileSide for Config {
         self.directory.key_by_hash(sha256).is_some() || self.directory.keys().any(|k| *k.id == *id)
     }
 
-    fn render(&self, upstream: &str, secret: &Secret) -> Rendered {
+    fn render(&self, upstream: &str, id: &str, secret: &Secret) -> Rendered {
         let Some(upstream) = self.upstreams.iter().find(|u| *u.name == *upstream) else { return Rendered::NotServed };
-        match upstream.render_credential(secret) {
-            Some(value) => Rendered::Value(upstream.name.clone(), value),
-            None => Rendered::Unsendable,
+        // An OAuth upstream takes the user's connection only; a connection goes nowhere else (its
+        // refresh token must never reach an upstream as a static credential).
+        match (upstream.oauth.is_some(), id == CONNECTION_ID) {
+            (true, true) => {
+                let Some(tokens) = Tokens::parse(secret) else { return Rendered::Unsendable };
+                match upstream.render_credential(&Secret::new(tokens.access_token.as_str())) {
+                    Some(header_value) => {
+                        Rendered::Connection(upstream.name.clone(), Connection { tokens, header_value })
+                    }
+                    None => Rendered::Unsendable,
+                }
+            }
+            (false, false) => match upstream.render_credential(secret) {
+                Some(value) => Rendered::Value(upstream.name.clone(), value),
+                None => Rendered::Unsendable,
+            },
+            _ => Rendered::NotServed,
         }
     }
 }
@@ -508,9 +528,9 @@ impl fmt::Display for ProblemList<'_> {
     }
 }
 
-struct Builder<'a> {
+pub(super) struct Builder<'a> {
     problems: Vec<Problem>,
-    base_dir: &'a Path,
+    pub(super) base_dir: &'a Path,
     previous: Option<&'a Directory>,
 }
 
@@ -518,7 +538,7 @@ struct Builder<'a> {
 use crate::store::model::{MAX_NAME_LEN, MAX_USER_ID_LEN};
 
 impl Builder<'_> {
-    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem { path: path.into(), message: message.into() });
     }
 
@@ -586,6 +606,7 @@ impl Builder<'_> {
         let directory = self.directory(&raw, &upstreams, max_len);
         // `None` only after a problem was reported: then no `Config` is built.
         let rate_limiter = self.rate_limiter(raw.rate_limiter.as_ref()).unwrap_or_default();
+        let oauth = self.oauth_needs(&raw, &upstreams, store.as_ref());
 
         match (self.problems.is_empty(), server, identity, session_secret, admin_token) {
             (true, Some(server), Some(identity), Some(session_secret), Some(admin_token)) => Ok(Config {
@@ -602,9 +623,42 @@ impl Builder<'_> {
                 session_secret,
                 store,
                 rate_limiter,
+                oauth,
             }),
             _ => Err(ConfigError::Invalid(self.problems)),
         }
+    }
+
+    /// `[oauth]` with the upstreams that use it: connections live in the store, encrypted, so both are
+    /// needed; the proxy's own routes must not shadow an upstream's.
+    fn oauth_needs(
+        &mut self,
+        raw: &RawConfig,
+        upstreams: &[Upstream],
+        store: Option<&StoreSettings>,
+    ) -> Option<OAuthSettings> {
+        let users = upstreams.iter().filter(|u| u.oauth.is_some()).map(|u| u.name.clone()).collect::<Vec<_>>();
+        let settings = raw.oauth.as_ref().and_then(|o| self.oauth(o));
+        if let Some(first) = users.first() {
+            if raw.oauth.is_none() {
+                self.problem(format!("upstreams.{first}.oauth"), "needs an [oauth] section (public_url)");
+            }
+            if store.is_none_or(|st| st.master_key.is_none()) {
+                self.problem(format!("upstreams.{first}.oauth"), "needs a [store] with a master key");
+            }
+        }
+        if let Some(settings) = &settings {
+            let under = |prefix: &str| {
+                prefix == settings.path || prefix.strip_prefix(&settings.path).is_some_and(|rest| rest.starts_with('/'))
+            };
+            for upstream in upstreams.iter().filter(|u| under(&u.prefix)) {
+                self.problem(
+                    format!("upstreams.{}.path", upstream.name),
+                    format!("is under oauth.path {}", settings.path),
+                );
+            }
+        }
+        settings
     }
 
     fn store_backend(&mut self, st: &crate::config::raw::RawStore) -> Option<StoreBackend> {
@@ -926,6 +980,10 @@ impl Builder<'_> {
             })
             .collect::<Option<Vec<_>>>()
             .map(|l| l.into_iter().flatten().collect());
+        let oauth = match &u.oauth {
+            None => Some(None),
+            Some(raw) => self.upstream_oauth(path, raw).map(Some),
+        };
         let url = url?;
         let is_https = url.scheme_str() == Some("https");
         if u.http2_prior_knowledge && is_https {
@@ -981,6 +1039,7 @@ impl Builder<'_> {
             users: users?,
             tool_limits: tool_limits?,
             client,
+            oauth: oauth?,
         })
     }
 
@@ -1134,7 +1193,7 @@ impl Builder<'_> {
 
     /// Resolves `secret` / `secret_env` / `secret_file`: exactly one must be set, or none when an API key
     /// gives its `sha256` (`sha256` is `None` for credentials, which have no such field).
-    fn secret(
+    pub(super) fn secret(
         &mut self,
         path: &str,
         inline: Option<&Secret>,
@@ -1337,7 +1396,7 @@ impl Builder<'_> {
         }))
     }
 
-    fn duration(&mut self, path: &str, value: &str) -> Option<Duration> {
+    pub(super) fn duration(&mut self, path: &str, value: &str) -> Option<Duration> {
         humantime::parse_duration(value)
             .map_err(|_| self.problem(path, format!("{value:?} is not a duration such as \"30s\" or \"1m\"")))
             .ok()
@@ -1345,7 +1404,7 @@ impl Builder<'_> {
 }
 
 /// A URL whose host is `localhost` or a loopback address.
-fn is_loopback(uri: &Uri) -> bool {
+pub(super) fn is_loopback(uri: &Uri) -> bool {
     match uri.host() {
         Some("localhost") => true,
         Some(host) => host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),

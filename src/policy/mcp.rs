@@ -52,6 +52,8 @@ pub struct Message {
     /// `None` for responses (a client answering a server request).
     pub method: Option<Box<str>>,
     pub target: Option<Target>,
+    /// An `initialize` whose client declares URL-mode elicitation (`capabilities.elicitation.url`).
+    pub url_elicitation: bool,
 }
 
 /// What a request acts on.
@@ -125,6 +127,19 @@ struct WireParams<'a> {
     name: Option<Cow<'a, str>>,
     #[serde(borrow)]
     uri: Option<Cow<'a, str>>,
+    /// Read only for `initialize`, and leniently: a shape this proxy does not know is no reason to refuse.
+    #[serde(borrow)]
+    capabilities: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct WireCapabilities {
+    elicitation: Option<WireElicitation>,
+}
+
+#[derive(Deserialize)]
+struct WireElicitation {
+    url: Option<serde::de::IgnoredAny>,
 }
 
 /// Parses a JSON-RPC POST body. Invalid JSON is `-32700`; JSON that is not JSON-RPC 2.0 is `-32600`.
@@ -164,8 +179,13 @@ fn message(json: &[u8]) -> Result<Message, ProxyError> {
     if wire.method.as_deref() == Some("tools/call") && target.is_none() {
         return Err(ProxyError::InvalidRequest); // a tool call must name its tool: policy depends on it
     }
+    let url_elicitation = wire.method.as_deref() == Some("initialize")
+        && wire.params.as_ref().and_then(|p| p.capabilities).is_some_and(|c| {
+            serde_json::from_str::<WireCapabilities>(c.get())
+                .is_ok_and(|c| c.elicitation.is_some_and(|e| e.url.is_some()))
+        });
     let id = wire.id.map(Id::parse).transpose()?;
-    Ok(Message { id, method: wire.method.map(|m| m.into()), target })
+    Ok(Message { id, method: wire.method.map(|m| m.into()), target, url_elicitation })
 }
 
 /// Protocol 2026-07-28 mirrors the method and name in `Mcp-Method` and `Mcp-Name`. The proxy enforces

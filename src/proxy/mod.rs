@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::oauth::Broker;
 use crate::policy::mcp::{self, Rpc, Target};
 use crate::policy::ratelimit::{self, Level, LimitPlan, LimitRequest, RateLimits};
 use crate::policy::ratelimit_redis::{Names, RedisLimiter};
@@ -65,6 +66,8 @@ struct RequestCtx {
     rpc: Option<Rpc>,
     /// The issuer of the user token that proved the acting user.
     token_issuer: Option<Arc<str>>,
+    /// A browser route of the OAuth connect flow: its decision and reason.
+    browser: Option<(&'static str, &'static str)>,
 }
 
 /// The config in force and the limiters it resolves to, swapped together on reload.
@@ -96,6 +99,8 @@ pub struct Proxy {
     instance: u32,
     /// The issuer keys fetched for user tokens (`jwks_url`, kept across reloads) and failed checks per key.
     user_tokens: UserTokens,
+    /// Upstream OAuth connections, once the store is open (`App` attaches it).
+    oauth: std::sync::OnceLock<Arc<Broker>>,
 }
 
 impl Proxy {
@@ -130,7 +135,17 @@ impl Proxy {
             request_seq: AtomicU64::new(0),
             instance: rand::random(),
             user_tokens: UserTokens::default(),
+            oauth: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Serves upstream OAuth (connect routes and tokens) from now on; once.
+    pub fn attach_oauth(&self, broker: Arc<Broker>) {
+        let _ = self.oauth.set(broker);
+    }
+
+    pub fn oauth(&self) -> Option<&Arc<Broker>> {
+        self.oauth.get()
     }
 
     /// Usage counted since the last flush (the app flushes it to the store on a schedule).
@@ -202,7 +217,10 @@ impl Proxy {
             .unwrap_or_else(|_| Err(Refusal { error: ProxyError::Internal, detail: Some("panic".into()) }));
         let ctx = &mut record.ctx;
         let (response, decision, reason) = match outcome {
-            Ok(response) => (response, "allow", "ok"),
+            Ok(response) => match ctx.browser.take() {
+                Some((decision, reason)) => (response, decision, reason),
+                None => (response, "allow", "ok"),
+            },
             Err(Refusal { error, detail }) => {
                 let response = match self.deliver_on_legacy_stream(ctx, &error) {
                     true => accepted(),
@@ -221,6 +239,7 @@ impl Proxy {
                     | ProxyError::RateLimiterUnavailable
                     | ProxyError::UserTokenKeysUnavailable
                     | ProxyError::UserTokensNotConfigured
+                    | ProxyError::OAuthRefreshUnavailable
                     | ProxyError::Internal => "error",
                     _ => "deny",
                 };
@@ -249,8 +268,17 @@ impl Proxy {
         peer: Peer,
         ids: Ids<'_>,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let (mut parts, body) = request.into_parts();
         let config = &active.config;
+        // The OAuth connect flow's pages are for browsers: no API key, no upstream.
+        if let (Some(settings), Some(broker)) = (&config.oauth, self.oauth.get())
+            && Broker::is_route(settings, request.uri().path())
+        {
+            let (response, outcome) = broker.browse(config, request).await;
+            (ctx.acting_user, ctx.upstream) = (outcome.user.map(Arc::from), outcome.upstream);
+            ctx.browser = Some((outcome.decision, outcome.reason));
+            return Ok(response);
+        }
+        let (mut parts, body) = request.into_parts();
         let server = &config.server;
 
         // Admit and judge on the headers alone: the key, the acting user, the session, the user rule and
@@ -308,14 +336,24 @@ impl Proxy {
             };
             tools?;
         }
-        // The acting user's own credential for this upstream: never the caller's key, never another user's.
-        let credentials = config.credentials(&user, upstream);
-        let credential = credential::select(credentials.as_deref().unwrap_or_default(), &parts.headers)?;
+        // The acting user's own credential for this upstream: never the caller's key, never another user's;
+        // for an OAuth upstream, the user's connected account (refreshed first when it is about to expire).
+        let credential = match (&upstream.oauth, self.oauth.get()) {
+            (None, _) => {
+                let credentials = config.credentials(&user, upstream);
+                credential::select(credentials.as_deref().unwrap_or_default(), &parts.headers)?.header_value.clone()
+            }
+            (Some(oauth), Some(broker)) => {
+                let elicit = ctx.rpc.as_ref().and_then(Rpc::single).is_some_and(|m| m.url_elicitation);
+                broker.credential(config, &user, upstream, oauth, elicit).await?
+            }
+            (Some(_), None) => return Err(ProxyError::MissingCredential.into()),
+        };
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
         let rewrite = headers::Rewrite {
             user_header: &config.identity.user_header,
             token_header: &config.identity.token_header,
-            credential: &credential.header_value,
+            credential: &credential,
             acting_user,
             peer: peer.addr,
             tls: peer.tls,

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use http::HeaderValue;
 
+use super::connection::Connection;
 use super::model::{CredentialSecret, Snapshot, SnapshotKey, SnapshotToken, Store, StoreResult, User, UserSnapshot};
 use super::{ApiKey, Credential, TokenGrant, UserId, UserPattern, UserRef};
 use crate::secret::Secret;
@@ -35,13 +36,15 @@ pub trait FileSide: Sync {
     fn has_user(&self, name: &str) -> bool;
     /// The config file declares a key with this hash or id.
     fn has_key(&self, sha256: &[u8; 32], id: &str) -> bool;
-    /// The header value that carries `secret` to `upstream`.
-    fn render(&self, upstream: &str, secret: &Secret) -> Rendered;
+    /// The header value that carries the credential `id`'s `secret` to `upstream`.
+    fn render(&self, upstream: &str, id: &str, secret: &Secret) -> Rendered;
 }
 
 pub enum Rendered {
     /// The upstream's name (shared, not copied per user) and the header value.
     Value(Arc<str>, HeaderValue),
+    /// The user's OAuth connection to an upstream that uses OAuth.
+    Connection(Arc<str>, Connection),
     /// This config serves no such upstream: the credential stays in the store, unused.
     NotServed,
     /// The secret cannot go in a header.
@@ -63,6 +66,7 @@ struct LiveUser {
     tokens: Box<[[u8; 32]]>,
     /// By upstream name (a reload may renumber upstreams; names stay).
     credentials: Box<[UpstreamCredentials]>,
+    connections: Box<[(Arc<str>, Arc<Connection>)]>,
 }
 
 #[derive(Debug)]
@@ -125,6 +129,12 @@ impl LiveDirectory {
     pub fn credentials(&self, user: &str, upstream: &str) -> Option<Arc<[Credential]>> {
         let entry = self.users.get(user)?;
         entry.credentials.iter().find(|(name, _)| **name == *upstream).map(|(_, list)| list.clone())
+    }
+
+    /// The user's OAuth connection to the upstream called `upstream`.
+    pub fn connection(&self, user: &str, upstream: &str) -> Option<Arc<Connection>> {
+        let entry = self.users.get(user)?;
+        entry.connections.iter().find(|(name, _)| **name == *upstream).map(|(_, c)| c.clone())
     }
 
     /// Store users being served.
@@ -318,9 +328,14 @@ impl LiveDirectory {
             tokens.push(token.sha256);
         }
         let mut credentials: Vec<(Arc<str>, Vec<Credential>)> = Vec::new();
+        let mut connections = Vec::new();
         for cred in snapshot.credentials {
-            let (upstream, header_value) = match side.render(&cred.upstream, &cred.secret) {
+            let (upstream, header_value) = match side.render(&cred.upstream, &cred.credential_id, &cred.secret) {
                 Rendered::Value(upstream, value) => (upstream, value),
+                Rendered::Connection(upstream, connection) => {
+                    connections.push((upstream, Arc::new(connection)));
+                    continue;
+                }
                 Rendered::NotServed => continue,
                 Rendered::Unsendable => {
                     problems.push(format!(
@@ -344,6 +359,7 @@ impl LiveDirectory {
             keys: keys.into(),
             tokens: tokens.into(),
             credentials: credentials.into_iter().map(|(upstream, list)| (upstream, list.into())).collect(),
+            connections: connections.into(),
         };
         // The new entries are in before the old ones go, so a key that stays never blinks out.
         if let Some(old) = self.users.insert(name.clone(), entry) {
@@ -441,7 +457,7 @@ mod tests {
         fn has_key(&self, _: &[u8; 32], id: &str) -> bool {
             id == "file-key"
         }
-        fn render(&self, upstream: &str, secret: &Secret) -> Rendered {
+        fn render(&self, upstream: &str, _: &str, secret: &Secret) -> Rendered {
             match upstream {
                 "gh" => {
                     Rendered::Value("gh".into(), HeaderValue::from_str(&format!("Bearer {}", secret.expose())).unwrap())

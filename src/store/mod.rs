@@ -5,6 +5,7 @@
 //! lookups. Users are interned to a small [`UserId`] so per-user state elsewhere (limiters) can key on
 //! a `u32`.
 
+pub mod connection;
 pub mod crypto;
 pub mod follow;
 pub mod health;

@@ -1,0 +1,93 @@
+//! A user's OAuth connection to an upstream as the store keeps it: the provider's token set, as JSON,
+//! is the secret of the credential [`CONNECTION_ID`] of (user, upstream), so it is encrypted, rotated
+//! with the master key, copied by `store migrate`, deleted with the user and announced to replicas
+//! exactly like every other credential.
+
+use std::fmt;
+
+use http::HeaderValue;
+use serde::{Deserialize, Serialize};
+
+use super::model::UnixTime;
+use crate::secret::Secret;
+
+/// The credential id that holds a connection. Reserved: the admin API and the CLI refuse it for
+/// credentials of their own, and a connection is never injected as a static credential.
+pub const CONNECTION_ID: &str = "oauth";
+
+/// The token set and what the user was told about it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tokens {
+    pub access_token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// When the access token expires; `None`: the provider did not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<UnixTime>,
+    /// The scopes granted (space-separated), as the provider reported them.
+    #[serde(default)]
+    pub scope: String,
+    /// The provider's name for the account (e.g. its login), as shown on the success page.
+    #[serde(default)]
+    pub account: String,
+    pub connected_at: UnixTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshed_at: Option<UnixTime>,
+    /// Why the provider refused the last refresh: the user must connect again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_reconnect: Option<String>,
+}
+
+impl Tokens {
+    pub fn parse(secret: &Secret) -> Option<Tokens> {
+        serde_json::from_str(secret.expose()).ok()
+    }
+
+    pub fn to_secret(&self) -> Secret {
+        Secret::new(serde_json::to_string(self).expect("plain strings and integers serialize"))
+    }
+}
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokens")
+            .field("access_token", &"***")
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "***"))
+            .field("expires_at", &self.expires_at)
+            .field("scope", &self.scope)
+            .field("account", &self.account)
+            .field("needs_reconnect", &self.needs_reconnect)
+            .finish()
+    }
+}
+
+/// A connection as the request path holds it: the tokens and the access token already rendered into
+/// the header value the upstream expects (sensitive).
+#[derive(Debug)]
+pub struct Connection {
+    pub tokens: Tokens,
+    pub header_value: HeaderValue,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_hide_in_debug() {
+        let tokens = Tokens {
+            access_token: "at-secret".into(),
+            refresh_token: Some("rt-secret".into()),
+            expires_at: Some(100),
+            scope: "repo".into(),
+            account: "octocat".into(),
+            connected_at: 1,
+            refreshed_at: None,
+            needs_reconnect: None,
+        };
+        assert_eq!(Tokens::parse(&tokens.to_secret()), Some(tokens.clone()));
+        let debug = format!("{tokens:?}");
+        assert!(!debug.contains("secret") && debug.contains("octocat"), "{debug}");
+        assert_eq!(Tokens::parse(&Secret::new("ghp_static")), None, "a static credential is not a connection");
+    }
+}
