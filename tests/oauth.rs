@@ -1,0 +1,393 @@
+//! Per-user upstream OAuth against a real provider (npm `oidc-provider`, tests/oauth/provider.mjs) and a
+//! real browser (headless Chromium driven by tests/oauth/connect.mjs): connect, use, expire, refresh
+//! with rotation, revoke, reconnect; two users never see each other's token.
+//!
+//! Needs `npm ci --prefix tests/oauth` and Debian's `chromium` (scripts/test installs both).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{body, json, recording_upstream};
+use http::{Method, Request};
+use http_body_util::BodyExt;
+use mcp_tenant_proxy::secret::Secret;
+use mcp_tenant_proxy::store::Store;
+use mcp_tenant_proxy::store::connection::{CONNECTION_ID, Tokens};
+use mcp_tenant_proxy::store::crypto::MasterKey;
+use serde_json::{Value, json};
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+const CLIENT_SECRET: &str = "proxy-client-secret-0123456789";
+/// Short, so the test sees tokens expire; the proxy refreshes 1 s before.
+const ACCESS_TTL: u64 = 4;
+
+fn peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oauth")
+}
+
+/// The provider, stopped when this is dropped (it exits when its stdin closes).
+struct Provider {
+    child: Child,
+    meta: Value,
+    /// Kept open: a provider writing to a closed pipe would die.
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Provider {
+    fn start(redirect_uri: &str) -> Provider {
+        assert!(
+            peers_dir().join("node_modules/oidc-provider").exists(),
+            "run `npm ci --prefix tests/oauth` first (scripts/test does)"
+        );
+        let settings = json!({
+            "redirect_uris": [redirect_uri],
+            "client_id": "mcp-proxy",
+            "client_secret": CLIENT_SECRET,
+            "access_token_ttl": ACCESS_TTL,
+            "scopes": ["repo"],
+        });
+        let mut child = Command::new("node")
+            .arg(peers_dir().join("provider.mjs"))
+            .arg(settings.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node runs");
+        let mut line = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
+        let meta: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("provider said {line:?}"));
+        Provider { child, meta, _stdout: stdout }
+    }
+
+    fn endpoint(&self, name: &str) -> String {
+        self.meta[name].as_str().unwrap().to_owned()
+    }
+
+    /// What the provider says about a token it issued (RFC 7662).
+    async fn introspect(&self, token: &str) -> Value {
+        self.post("introspection_endpoint", &format!("token={token}")).await.1
+    }
+
+    async fn revoke(&self, refresh_token: &str) {
+        let (status, _) =
+            self.post("revocation_endpoint", &format!("token={refresh_token}&token_type_hint=refresh_token")).await;
+        assert_eq!(status, 200);
+    }
+
+    async fn post(&self, endpoint: &str, form: &str) -> (u16, Value) {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("mcp-proxy:{CLIENT_SECRET}"));
+        let request = Request::post(self.endpoint(endpoint))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("authorization", format!("Basic {basic}"))
+            .body(body(form.to_owned()))
+            .unwrap();
+        let response = client().request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}
+
+fn client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, common::TestBody>
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// The browser: opens `url`, signs in at the provider as `login`, consents; the page it ends on.
+async fn browse(options: Value) -> Value {
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node").arg(peers_dir().join("connect.mjs")).arg(options.to_string()).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "connect.mjs: {stdout} {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+}
+
+struct Setup {
+    app: mcp_tenant_proxy::app::App,
+    provider: Provider,
+    dir: tempfile::TempDir,
+    master: Secret,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<common::Seen>>>,
+    keys: Vec<(String, String)>,
+}
+
+impl Setup {
+    async fn start(users: &[&str]) -> Setup {
+        let (upstream, seen) = recording_upstream().await;
+        // The provider must know the callback, and the proxy the provider: reserve the proxy's port.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let public_url = format!("http://127.0.0.1:{port}");
+        let provider = Provider::start(&format!("{public_url}/oauth/callback"));
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterKey::generate();
+        std::fs::write(dir.path().join("master.key"), master.expose()).unwrap();
+        std::fs::write(dir.path().join("admin.token"), ADMIN_TOKEN).unwrap();
+        std::fs::write(dir.path().join("client.secret"), CLIENT_SECRET).unwrap();
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+[admin]
+listen = "127.0.0.1:0"
+token_file = "admin.token"
+[store]
+path = "store.db"
+master_key_file = "master.key"
+[audit]
+path = "audit.log"
+[oauth]
+public_url = "{public_url}"
+[upstreams.github]
+url = "http://{upstream}/mcp"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+forward_user_header = "x-forwarded-user"
+[upstreams.github.oauth]
+authorization_endpoint = "{auth}"
+token_endpoint = "{token}"
+client_id = "mcp-proxy"
+client_secret_file = "client.secret"
+scopes = ["openid", "repo"]
+refresh_before = "1s"
+"#,
+            auth = provider.endpoint("authorization_endpoint"),
+            token = provider.endpoint("token_endpoint"),
+        );
+        std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
+        let config = mcp_tenant_proxy::config::Config::load(&dir.path().join("proxy.toml"), None).unwrap();
+        let app = mcp_tenant_proxy::app::App::start(config).await.unwrap();
+        let mut setup = Setup { app, provider, dir, master, seen, keys: Vec::new() };
+        for user in users {
+            assert_eq!(setup.admin(Method::POST, "/admin/v1/users", json!({"id": user})).await.0, 201);
+            let (status, key) =
+                setup.admin(Method::POST, "/admin/v1/keys", json!({"user": user, "kind": "standard"})).await;
+            assert_eq!(status, 201, "{key}");
+            setup.keys.push((user.to_string(), key["key"].as_str().unwrap().to_owned()));
+        }
+        setup
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.app.admin_addr.unwrap()))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(common::body(body.to_string()))
+            .unwrap();
+        let response = client().request(request).await.unwrap();
+        (response.status().as_u16(), json(response).await)
+    }
+
+    /// An MCP request as `user`: the HTTP status and the JSON answer.
+    async fn call(&self, user: &str, message: Value) -> (u16, Value) {
+        let key = &self.keys.iter().find(|(u, _)| u == user).unwrap().1;
+        let request = Request::post(format!("http://{}/mcp/github", self.app.proxy_addr))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("authorization", format!("Bearer {key}"))
+            .body(body(message.to_string()))
+            .unwrap();
+        let response = client().request(request).await.unwrap();
+        (response.status().as_u16(), json(response).await)
+    }
+
+    async fn tool_call(&self, user: &str) -> (u16, Value) {
+        self.call(user, json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"whoami"}})).await
+    }
+
+    /// Connects `user`'s provider account `login` through the connect link the proxy answered with.
+    async fn connect(&self, user: &str, login: &str) -> Value {
+        let (status, answer) = self.tool_call(user).await;
+        assert_eq!(status, 200, "{answer}");
+        let url = answer["error"]["data"]["connect_url"].as_str().unwrap().to_owned();
+        browse(json!({"url": url, "login": login, "expect_text": "Account connected"})).await
+    }
+
+    /// The access token the upstream got with its last request for `user`.
+    fn last_token_of(&self, user: &str) -> String {
+        let seen = self.seen.lock().unwrap();
+        let last = seen.iter().rev().find(|s| s.headers["x-forwarded-user"] == user).expect("a request for the user");
+        last.headers["authorization"].to_str().unwrap().strip_prefix("Bearer ").unwrap().to_owned()
+    }
+
+    /// The connection as stored (read with a second handle on the store file).
+    fn stored(&self, user: &str) -> Tokens {
+        let store =
+            mcp_tenant_proxy::store::SqliteStore::open(&self.dir.path().join("store.db"), Some(&self.master)).unwrap();
+        let secrets = store.credential_secrets(Some(user)).unwrap();
+        let secret = secrets.into_iter().find(|c| c.credential_id == CONNECTION_ID).expect("connected");
+        Tokens::parse(&secret.secret).unwrap()
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+fn code(answer: &Value) -> &str {
+    answer["error"]["data"]["code"].as_str().unwrap_or_default()
+}
+
+async fn until_expired(tokens: &Tokens) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let left = tokens.expires_at.unwrap() - now;
+    tokio::time::sleep(Duration::from_secs(left.max(0) as u64 + 1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
+    let s = Setup::start(&["alice"]).await;
+
+    // Not connected: a client that takes URL elicitation gets -32042 with the link, others the link in data.
+    let initialize = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+        "protocolVersion":"2025-11-25","clientInfo":{"name":"t","version":"1"},
+        "capabilities":{"elicitation":{"url":{}}}}});
+    let (status, answer) = s.call("alice", initialize).await;
+    assert_eq!((status, answer["error"]["code"].as_i64()), (200, Some(-32042)), "{answer}");
+    let elicitation = &answer["error"]["data"]["elicitations"][0];
+    assert_eq!(elicitation["mode"], "url");
+    assert!(elicitation["url"].as_str().unwrap().contains("/oauth/connect?link="));
+    let (status, answer) = s.tool_call("alice").await;
+    assert_eq!((status, answer["error"]["code"].as_i64(), code(&answer)), (200, Some(-32001), "oauth_not_connected"));
+    assert!(s.seen.lock().unwrap().is_empty(), "nothing reached the upstream");
+
+    // Connect in the browser: the provider's login and consent, then the proxy's success page.
+    let url = answer["error"]["data"]["connect_url"].as_str().unwrap().to_owned();
+    let page = browse(json!({"url": url, "login": "alice-gh", "expect_text": "Account connected"})).await;
+    assert!(page["text"].as_str().unwrap().contains("Connected alice-gh to github for alice"), "{page}");
+    // The link was for one use.
+    let again = client().request(Request::get(&url).body(body("")).unwrap()).await.unwrap();
+    assert_eq!(again.status(), 410);
+
+    // Connected: the upstream gets alice's own access token, which the provider vouches for.
+    let (status, _) = s.tool_call("alice").await;
+    assert_eq!(status, 200);
+    let first = s.last_token_of("alice");
+    let about = s.provider.introspect(&first).await;
+    assert_eq!((&about["active"], &about["sub"]), (&json!(true), &json!("alice-gh")), "{about}");
+    let stored = s.stored("alice");
+    assert_eq!(stored.access_token, first);
+    let rotated_from = stored.refresh_token.clone().unwrap();
+
+    // Expired: twenty concurrent requests wait on one refresh and all carry the one new token.
+    until_expired(&stored).await;
+    let calls: Vec<_> = (0..20).map(|_| s.tool_call("alice")).collect();
+    for (status, answer) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200, "{answer}");
+    }
+    let after: std::collections::HashSet<String> = {
+        let seen = s.seen.lock().unwrap();
+        seen.iter().rev().take(20).map(|s| s.headers["authorization"].to_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(after.len(), 1, "one refresh for all of them: {after:?}");
+    let second = s.last_token_of("alice");
+    assert_ne!(second, first);
+    assert_eq!(s.provider.introspect(&second).await["active"], true);
+    let stored = s.stored("alice");
+    assert_ne!(stored.refresh_token.as_deref(), Some(rotated_from.as_str()), "the rotated refresh token is kept");
+
+    // A second refresh spends the rotated token (the provider would refuse the first one, and revoke all).
+    until_expired(&stored).await;
+    assert_eq!(s.tool_call("alice").await.0, 200);
+    let third = s.last_token_of("alice");
+    assert_ne!(third, second);
+    assert_eq!(s.provider.introspect(&third).await["active"], true);
+
+    // Revoked at the provider: the next refresh is refused, and the client is told to connect again.
+    let stored = s.stored("alice");
+    s.provider.revoke(stored.refresh_token.as_deref().unwrap()).await;
+    until_expired(&stored).await;
+    let (status, answer) = s.tool_call("alice").await;
+    assert_eq!((status, code(&answer)), (200, "oauth_reconnect_required"), "{answer}");
+    assert!(s.stored("alice").needs_reconnect.is_some());
+    let before = s.seen.lock().unwrap().len();
+    assert_eq!(s.tool_call("alice").await.0, 200);
+    assert_eq!(s.seen.lock().unwrap().len(), before, "a refused connection reaches no upstream");
+
+    // Reconnect, and it works again.
+    s.connect("alice", "alice-gh").await;
+    assert_eq!(s.tool_call("alice").await.0, 200);
+    assert_eq!(s.provider.introspect(&s.last_token_of("alice")).await["active"], true);
+
+    // The audit trail says why each refused request was refused, and records the flow's steps.
+    let audit = s.audit();
+    let reasons: Vec<&str> = audit.iter().filter_map(|l| l["reason"].as_str()).collect();
+    for reason in ["oauth_not_connected", "oauth_connect_started", "oauth_connected", "oauth_link_used"] {
+        assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
+    }
+    assert!(reasons.contains(&"oauth_reconnect_required"));
+    let text = std::fs::read_to_string(s.dir.path().join("audit.log")).unwrap();
+    assert!(!text.contains(&first) && !text.contains("link="), "no token or link in the audit trail");
+    s.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser() {
+    let s = Setup::start(&["alice", "bob"]).await;
+    s.connect("alice", "alice-gh").await;
+    s.connect("bob", "bob-gh").await;
+
+    let calls: Vec<_> = (0..30).map(|i| s.tool_call(if i % 2 == 0 { "alice" } else { "bob" })).collect();
+    for (status, _) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200);
+    }
+    let seen = s.seen.lock().unwrap().clone();
+    let mut subjects = std::collections::HashMap::new();
+    for request in &seen {
+        let token = request.headers["authorization"].to_str().unwrap().strip_prefix("Bearer ").unwrap().to_owned();
+        let user = request.headers["x-forwarded-user"].to_str().unwrap().to_owned();
+        if !subjects.contains_key(&token) {
+            let about = s.provider.introspect(&token).await;
+            subjects.insert(token.clone(), about["sub"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(subjects[&token], format!("{user}-gh"), "{user} got another account's token");
+    }
+    assert_eq!(subjects.len(), 2);
+
+    // A flow finished by another browser (a code sent elsewhere) connects nothing.
+    let (_, answer) = s.admin(Method::POST, "/admin/v1/users/bob/connections/github/link", Value::Null).await;
+    let url = answer["connect_url"].as_str().unwrap().to_owned();
+    let stolen = browse(json!({"url": url, "login": "mallory-gh", "steal": true})).await;
+    let callback = stolen["callback_url"].as_str().unwrap();
+    let replay = client().request(Request::get(callback).body(body("")).unwrap()).await.unwrap();
+    assert_eq!(replay.status(), 403);
+    let text = String::from_utf8_lossy(&replay.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(text.contains("Finish connecting in the browser"), "{text}");
+    assert_eq!(s.stored("bob").account, "bob-gh", "bob's connection is untouched");
+
+    // Admin API: list (never a token) and disconnect.
+    let (status, listed) = s.admin(Method::GET, "/admin/v1/users/bob/connections", Value::Null).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (&listed["connections"][0]["upstream"], &listed["connections"][0]["account"]),
+        (&json!("github"), &json!("bob-gh"))
+    );
+    assert!(!listed.to_string().contains(&s.stored("bob").access_token));
+    let (status, _) = s.admin(Method::DELETE, "/admin/v1/users/bob/connections/github", Value::Null).await;
+    assert_eq!(status, 200);
+    assert_eq!(code(&s.tool_call("bob").await.1), "oauth_not_connected");
+    assert_eq!(s.tool_call("alice").await.0, 200);
+    // A static credential may not take the connection's reserved id.
+    let (status, _) =
+        s.admin(Method::PUT, "/admin/v1/users/bob/credentials/github/oauth", json!({"secret": "x"})).await;
+    assert_eq!(status, 400);
+    s.app.shutdown().await;
+}
