@@ -46,6 +46,7 @@ impl Store for Flaky {
         revoke_key(id: &str) -> StoreResult<KeyInfo>;
         touch_keys(used: &[(String, UnixTime)]) -> StoreResult<()>;
         put_credential(user: &str, upstream: &str, credential_id: &str, secret: &Secret) -> StoreResult<PutOutcome>;
+        swap_credential(user: &str, upstream: &str, credential_id: &str, expected: Option<&[u8; 32]>, secret: &Secret) -> StoreResult<bool>;
         delete_credential(user: &str, upstream: &str, credential_id: &str) -> StoreResult<()>;
         list_credentials(user: &str) -> StoreResult<Vec<CredentialInfo>>;
         credential_secrets(user: Option<&str>) -> StoreResult<Vec<CredentialSecret>>;

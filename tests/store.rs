@@ -194,6 +194,8 @@ both_backends!(
     oauth_leases_are_exclusive_reentrant_and_expire,
     derived_keys_follow_the_master_key,
     replicas_racing_for_a_lease_or_a_nonce_win_once,
+    swapped_credentials_are_written_only_over_the_expected_value,
+    replicas_swapping_one_credential_from_the_same_value_win_once,
     a_version_2_store_upgrades_to_the_oauth_tables,
 );
 
@@ -1422,8 +1424,9 @@ fn oauth_nonces_are_used_once_and_expired_ones_pruned(b: Backend) {
     assert!(!replica.use_once(&state, T0 + 60).unwrap(), "used on another replica (or process)");
     assert_eq!(f.count("SELECT count(*) FROM oauth_once"), 2);
 
-    // Kept through its last second; the first use after it prunes it, and only it.
-    f.advance(60);
+    // Kept through its last second and ONCE_KEPT_AFTER more (replicas' clocks differ); the first use
+    // after that prunes it, and only it.
+    f.advance(60 + ONCE_KEPT_AFTER);
     assert!(!store.use_once(&state, T0 + 60).unwrap());
     f.advance(1);
     assert!(store.use_once(&[3; 32], T0 + 1000).unwrap());
@@ -1542,6 +1545,74 @@ fn replicas_racing_for_a_lease_or_a_nonce_win_once(b: Backend) {
         let used = won.iter().filter(|w| w[round].1).count();
         assert_eq!(used, 1, "round {round}: the nonce was used {used} times");
     }
+}
+
+fn swapped_credentials_are_written_only_over_the_expected_value(b: Backend) {
+    let f = Fixture::new(b);
+    let store = f.open();
+    store.create_user("alice", UserLimit::Default).unwrap();
+    let swap = |expected: Option<&str>, new: &str| {
+        let digest = expected.map(|e| sha256(e.as_bytes()));
+        store.swap_credential("alice", "github", "oauth", digest.as_ref(), &Secret::new(new)).unwrap()
+    };
+    let value = || store.credential_secrets(Some("alice")).unwrap().pop().map(|c| c.secret.expose().to_owned());
+    assert!(!swap(Some("v0"), "v1"), "nothing stored: a swap from a value writes nothing");
+    assert_eq!(value(), None);
+    assert!(swap(None, "v1"), "from none");
+    assert!(!swap(None, "v1b"), "one exists now: a second swap from none loses");
+    assert!(!swap(Some("v0"), "v2"), "from another value");
+    assert_eq!(value().as_deref(), Some("v1"));
+    assert!(swap(Some("v1"), "v2"));
+    assert_eq!(value().as_deref(), Some("v2"));
+    // A deleted credential is not written back by a swap that started before the delete.
+    store.delete_credential("alice", "github", "oauth").unwrap();
+    assert!(!swap(Some("v2"), "v3"));
+    assert_eq!(value(), None);
+    let missing = store.swap_credential("bob", "github", "oauth", None, &Secret::new("v1"));
+    assert!(matches!(missing, Err(StoreError::NotFound { what: "user", .. })), "{missing:?}");
+    let empty = store.swap_credential("alice", "github", "oauth", None, &Secret::new(""));
+    assert!(matches!(empty, Err(StoreError::Invalid { field: "secret", .. })), "{empty:?}");
+    let keyless = f.open_with(None).unwrap();
+    assert!(matches!(
+        keyless.swap_credential("alice", "github", "oauth", None, &Secret::new("v1")),
+        Err(StoreError::NoMasterKey)
+    ));
+}
+
+fn replicas_swapping_one_credential_from_the_same_value_win_once(b: Backend) {
+    const REPLICAS: usize = 8;
+    const ROUNDS: usize = 10;
+    let f = Fixture::new(b);
+    f.open().create_user("alice", UserLimit::Default).unwrap();
+    let barrier = Arc::new(std::sync::Barrier::new(REPLICAS));
+    let threads: Vec<_> = (0..REPLICAS)
+        .map(|r| {
+            let store = f.open();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                // Round 0 swaps from none (two first connects), the others from the previous winner's value.
+                let mut wins = Vec::new();
+                for round in 0..ROUNDS {
+                    barrier.wait();
+                    let current = store.credential_secrets(Some("alice")).unwrap().pop();
+                    let expected = current.map(|c| sha256(c.secret.expose().as_bytes()));
+                    barrier.wait();
+                    let new = Secret::new(format!("round{round}-replica{r}"));
+                    wins.push(store.swap_credential("alice", "github", "oauth", expected.as_ref(), &new).unwrap());
+                }
+                wins
+            })
+        })
+        .collect();
+    let won: Vec<Vec<bool>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut last = 0;
+    for round in 0..ROUNDS {
+        let winners: Vec<usize> = won.iter().enumerate().filter(|(_, w)| w[round]).map(|(r, _)| r).collect();
+        assert_eq!(winners.len(), 1, "round {round}: swapped by {winners:?}");
+        last = winners[0];
+    }
+    let stored = f.open().credential_secrets(Some("alice")).unwrap().pop().unwrap();
+    assert_eq!(stored.secret.expose(), format!("round{}-replica{last}", ROUNDS - 1));
 }
 
 fn a_version_2_store_upgrades_to_the_oauth_tables(b: Backend) {

@@ -279,6 +279,10 @@ pub struct RawRows {
 ///
 /// Calls block (the embedded backend does file I/O): call them from `spawn_blocking` in async code.
 /// Every write is durable when it returns.
+/// How long a spent nonce is kept past its expiry: a replica whose clock is behind the pruning one's by
+/// less than this still sees the nonce as spent while it accepts its link.
+pub const ONCE_KEPT_AFTER: UnixTime = 300;
+
 pub trait Store: Send + Sync {
     /// `Conflict` when the id exists.
     fn create_user(&self, id: &str, rate_limit: UserLimit) -> StoreResult<User>;
@@ -306,6 +310,19 @@ pub trait Store: Send + Sync {
         credential_id: &str,
         secret: &Secret,
     ) -> StoreResult<PutOutcome>;
+    /// Puts `secret` only if the credential's decrypted value has the SHA-256 `expected` now (`None`:
+    /// only if there is none): true when it did, false (nothing written) when the value is another. One
+    /// transaction that reads and writes under a lock, so of writers swapping from the same value,
+    /// exactly one wins, and a deleted credential is not written back (an OAuth refresh finishing
+    /// after a disconnect, or after another replica's refresh, stores nothing).
+    fn swap_credential(
+        &self,
+        user: &str,
+        upstream: &str,
+        credential_id: &str,
+        expected: Option<&[u8; 32]>,
+        secret: &Secret,
+    ) -> StoreResult<bool>;
     fn delete_credential(&self, user: &str, upstream: &str, credential_id: &str) -> StoreResult<()>;
     /// Ids and times of one user's credentials (no secrets).
     fn list_credentials(&self, user: &str) -> StoreResult<Vec<CredentialInfo>>;
@@ -341,9 +358,9 @@ pub trait Store: Send + Sync {
 
     /// Records a single-use value (an OAuth connect link's or flow state's nonce), kept until
     /// `expires_at`: true the first time, false when it was already used, on any replica sharing the
-    /// store. The same transaction deletes the entries that expired before now, so the table stays
-    /// small; a nonce past its expiry may therefore be accepted again, and callers refuse expired links
-    /// and states themselves.
+    /// store. The same transaction deletes the entries that expired [`ONCE_KEPT_AFTER`] before now, so
+    /// the table stays small; a nonce past that may be accepted again, and callers refuse expired links
+    /// and states themselves (by their own clocks, which the margin covers).
     fn use_once(&self, nonce: &[u8; 32], expires_at: UnixTime) -> StoreResult<bool>;
     /// Takes the lease on (user, upstream) for `holder` until `until`: true when there was none, it had
     /// expired (its `until` is before now) or `holder` already held it (then `until` is extended or

@@ -324,6 +324,86 @@ fn corrupt(what: &str) -> StoreError {
 }
 
 impl PgStore {
+    /// `put_credential`, or with `expected`, `swap_credential` (`None` back: the value was another).
+    fn write_credential(
+        &self,
+        user: &str,
+        upstream: &str,
+        credential_id: &str,
+        expected: Option<Option<&[u8; 32]>>,
+        secret: &Secret,
+    ) -> StoreResult<Option<PutOutcome>> {
+        check_user("user", user)?;
+        check_upstream(upstream)?;
+        check_name("credential_id", credential_id)?;
+        if secret.expose().is_empty() {
+            return Err(StoreError::invalid("secret", "empty"));
+        }
+        let now = self.now();
+        let guard = self.key_guard();
+        let Some((version, key)) = guard.as_ref() else { return Err(StoreError::NoMasterKey) };
+        let aad = RowAad { user, upstream, credential_id };
+        let (nonce, ciphertext) = key.encrypt(&aad, secret.expose().as_bytes());
+        let version = *version;
+        self.write(Some(user), |tx| {
+            // Shared with other writers, exclusive with a rotation: no row is written under a key that a
+            // concurrent rotation is retiring.
+            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&MASTER_KEY_LOCK])?;
+            if current_version(tx)? != Some(version) {
+                return Err(StoreError::RetiredMasterKey { version });
+            }
+            if let Some(expected) = expected {
+                // The user's row locked first: two swaps of one user's credential (a row that may not
+                // exist yet) queue here, and the second reads what the first wrote.
+                if tx.query_opt("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&user])?.is_none() {
+                    return Err(StoreError::not_found("user", user));
+                }
+                let row = tx.query_opt(
+                    "SELECT key_version, nonce, ciphertext FROM credentials
+                     WHERE user_id = $1 AND upstream = $2 AND credential_id = $3",
+                    &[&user, &upstream, &credential_id],
+                )?;
+                let digest = match row {
+                    None => None,
+                    Some(row) => Some(
+                        (row.get::<_, i32>(0) as u32 == version)
+                            .then(|| key.decrypt(&aad, row.get(1), row.get(2)))
+                            .flatten()
+                            .map(|plain| sha256(&plain))
+                            .ok_or_else(|| StoreError::Undecryptable {
+                                user: user.into(),
+                                upstream: upstream.into(),
+                                credential_id: credential_id.into(),
+                            })?,
+                    ),
+                };
+                if digest.as_ref() != expected {
+                    return Ok(None);
+                }
+            } else {
+                require_user(tx, user)?;
+            }
+            // xmax = 0 only for a row this statement inserted.
+            let inserted: bool = tx
+                .query_one(
+                    "INSERT INTO credentials
+                         (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+                     ON CONFLICT (user_id, upstream, credential_id) DO UPDATE SET
+                         nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext,
+                         key_version = EXCLUDED.key_version, updated_at = EXCLUDED.updated_at
+                     RETURNING (xmax = 0)",
+                    &[&user, &upstream, &credential_id, &&nonce[..], &ciphertext, &(version as i32), &now],
+                )
+                .map_err(|e| match sqlstate(&e) {
+                    Some(FOREIGN_KEY_VIOLATION) => StoreError::not_found("user", user),
+                    _ => e.into(),
+                })?
+                .get(0);
+            Ok(Some(if inserted { PutOutcome::Created } else { PutOutcome::Updated }))
+        })
+    }
+
     /// Connects, applies migrations and registers the master key (the first key given to a database
     /// becomes version 1), as [`super::SqliteStore::open`] does for a file.
     pub fn open(config: &PgConfig, master_key: Option<&Secret>) -> StoreResult<PgStore> {
@@ -1199,44 +1279,18 @@ impl Store for PgStore {
         credential_id: &str,
         secret: &Secret,
     ) -> StoreResult<PutOutcome> {
-        check_user("user", user)?;
-        check_upstream(upstream)?;
-        check_name("credential_id", credential_id)?;
-        if secret.expose().is_empty() {
-            return Err(StoreError::invalid("secret", "empty"));
-        }
-        let now = self.now();
-        let guard = self.key_guard();
-        let Some((version, key)) = guard.as_ref() else { return Err(StoreError::NoMasterKey) };
-        let (nonce, ciphertext) = key.encrypt(&RowAad { user, upstream, credential_id }, secret.expose().as_bytes());
-        let version = *version;
-        self.write(Some(user), |tx| {
-            // Shared with other writers, exclusive with a rotation: no row is written under a key that a
-            // concurrent rotation is retiring.
-            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&MASTER_KEY_LOCK])?;
-            if current_version(tx)? != Some(version) {
-                return Err(StoreError::RetiredMasterKey { version });
-            }
-            require_user(tx, user)?;
-            // xmax = 0 only for a row this statement inserted.
-            let inserted: bool = tx
-                .query_one(
-                    "INSERT INTO credentials
-                         (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-                     ON CONFLICT (user_id, upstream, credential_id) DO UPDATE SET
-                         nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext,
-                         key_version = EXCLUDED.key_version, updated_at = EXCLUDED.updated_at
-                     RETURNING (xmax = 0)",
-                    &[&user, &upstream, &credential_id, &&nonce[..], &ciphertext, &(version as i32), &now],
-                )
-                .map_err(|e| match sqlstate(&e) {
-                    Some(FOREIGN_KEY_VIOLATION) => StoreError::not_found("user", user),
-                    _ => e.into(),
-                })?
-                .get(0);
-            Ok(if inserted { PutOutcome::Created } else { PutOutcome::Updated })
-        })
+        self.write_credential(user, upstream, credential_id, None, secret).map(|put| put.expect("unconditional"))
+    }
+
+    fn swap_credential(
+        &self,
+        user: &str,
+        upstream: &str,
+        credential_id: &str,
+        expected: Option<&[u8; 32]>,
+        secret: &Secret,
+    ) -> StoreResult<bool> {
+        self.write_credential(user, upstream, credential_id, Some(expected), secret).map(|put| put.is_some())
     }
 
     fn delete_credential(&self, user: &str, upstream: &str, credential_id: &str) -> StoreResult<()> {
@@ -1524,7 +1578,7 @@ impl Store for PgStore {
             tx.execute(
                 "DELETE FROM oauth_once WHERE nonce IN
                      (SELECT nonce FROM oauth_once WHERE expires_at < $1 FOR UPDATE SKIP LOCKED)",
-                &[&now],
+                &[&(now - ONCE_KEPT_AFTER)],
             )?;
             // A replica inserting the same nonce concurrently makes this wait for its commit, then
             // conflict: exactly one of them inserts.

@@ -144,6 +144,74 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// `put_credential`, or with `expected`, `swap_credential` (`None` back: the value was another).
+    fn write_credential(
+        &self,
+        user: &str,
+        upstream: &str,
+        credential_id: &str,
+        expected: Option<Option<&[u8; 32]>>,
+        secret: &Secret,
+    ) -> StoreResult<Option<PutOutcome>> {
+        check_user("user", user)?;
+        check_upstream(upstream)?;
+        check_name("credential_id", credential_id)?;
+        if secret.expose().is_empty() {
+            return Err(StoreError::invalid("secret", "empty"));
+        }
+        let now = self.now();
+        let mut inner = self.lock();
+        let Inner { conn, key } = &mut *inner;
+        let Some((version, key)) = key.as_ref() else { return Err(StoreError::NoMasterKey) };
+        // IMMEDIATE: the write lock from the first read on, so no other process writes in between.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process may have rotated the key since this one opened the file.
+        if current_version(&tx)? != Some(*version) {
+            return Err(StoreError::RetiredMasterKey { version: *version });
+        }
+        require_user(&tx, user)?;
+        let aad = RowAad { user, upstream, credential_id };
+        let current = tx
+            .query_row(
+                "SELECT key_version, nonce, ciphertext FROM credentials
+                 WHERE user_id = ?1 AND upstream = ?2 AND credential_id = ?3",
+                [user, upstream, credential_id],
+                |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?)),
+            )
+            .optional()?;
+        if let Some(expected) = expected {
+            let digest = match &current {
+                None => None,
+                Some((row_version, nonce, ciphertext)) => Some(
+                    (row_version == version)
+                        .then(|| key.decrypt(&aad, nonce, ciphertext))
+                        .flatten()
+                        .map(|plain| sha256(&plain))
+                        .ok_or_else(|| StoreError::Undecryptable {
+                            user: user.into(),
+                            upstream: upstream.into(),
+                            credential_id: credential_id.into(),
+                        })?,
+                ),
+            };
+            if digest.as_ref() != expected {
+                return Ok(None);
+            }
+        }
+        let (nonce, ciphertext) = key.encrypt(&aad, secret.expose().as_bytes());
+        tx.execute(
+            "INSERT INTO credentials
+                 (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+             ON CONFLICT (user_id, upstream, credential_id) DO UPDATE SET
+                 nonce = excluded.nonce, ciphertext = excluded.ciphertext,
+                 key_version = excluded.key_version, updated_at = excluded.updated_at",
+            params![user, upstream, credential_id, nonce, ciphertext, version, now],
+        )?;
+        tx.commit()?;
+        Ok(Some(if current.is_some() { PutOutcome::Updated } else { PutOutcome::Created }))
+    }
+
     /// Opens (creating it, and its directory, on first use) the store file. Without a master key every
     /// operation except those on credentials works; with one, the key must be the file's current key
     /// (the first key given to a file becomes version 1).
@@ -725,42 +793,18 @@ impl Store for SqliteStore {
         credential_id: &str,
         secret: &Secret,
     ) -> StoreResult<PutOutcome> {
-        check_user("user", user)?;
-        check_upstream(upstream)?;
-        check_name("credential_id", credential_id)?;
-        if secret.expose().is_empty() {
-            return Err(StoreError::invalid("secret", "empty"));
-        }
-        let now = self.now();
-        let mut inner = self.lock();
-        let Inner { conn, key } = &mut *inner;
-        let Some((version, key)) = key.as_ref() else { return Err(StoreError::NoMasterKey) };
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Another process may have rotated the key since this one opened the file.
-        if current_version(&tx)? != Some(*version) {
-            return Err(StoreError::RetiredMasterKey { version: *version });
-        }
-        require_user(&tx, user)?;
-        let exists = tx
-            .query_row(
-                "SELECT 1 FROM credentials WHERE user_id = ?1 AND upstream = ?2 AND credential_id = ?3",
-                [user, upstream, credential_id],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        let (nonce, ciphertext) = key.encrypt(&RowAad { user, upstream, credential_id }, secret.expose().as_bytes());
-        tx.execute(
-            "INSERT INTO credentials
-                 (user_id, upstream, credential_id, nonce, ciphertext, key_version, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
-             ON CONFLICT (user_id, upstream, credential_id) DO UPDATE SET
-                 nonce = excluded.nonce, ciphertext = excluded.ciphertext,
-                 key_version = excluded.key_version, updated_at = excluded.updated_at",
-            params![user, upstream, credential_id, nonce, ciphertext, version, now],
-        )?;
-        tx.commit()?;
-        Ok(if exists { PutOutcome::Updated } else { PutOutcome::Created })
+        self.write_credential(user, upstream, credential_id, None, secret).map(|put| put.expect("unconditional"))
+    }
+
+    fn swap_credential(
+        &self,
+        user: &str,
+        upstream: &str,
+        credential_id: &str,
+        expected: Option<&[u8; 32]>,
+        secret: &Secret,
+    ) -> StoreResult<bool> {
+        self.write_credential(user, upstream, credential_id, Some(expected), secret).map(|put| put.is_some())
     }
 
     fn delete_credential(&self, user: &str, upstream: &str, credential_id: &str) -> StoreResult<()> {
@@ -1049,7 +1093,7 @@ impl Store for SqliteStore {
         let mut inner = self.lock();
         // IMMEDIATE: another process using the same nonce waits for this one's commit.
         let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute("DELETE FROM oauth_once WHERE expires_at < ?1", [now])?;
+        tx.execute("DELETE FROM oauth_once WHERE expires_at < ?1", [now - ONCE_KEPT_AFTER])?;
         let inserted = tx.execute(
             "INSERT INTO oauth_once (nonce, expires_at) VALUES (?1, ?2) ON CONFLICT (nonce) DO NOTHING",
             params![nonce, expires_at],
