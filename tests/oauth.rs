@@ -120,6 +120,35 @@ async fn browse(options: Value) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
 }
 
+/// Opens a connect link's page and presses its button as the browser would: a same-origin POST with the
+/// page's cookie; or, with `origin` or without `cookie`, as another site's page would. The status and
+/// page text of the answer.
+async fn press_connect(url: &str, origin: Option<&str>, cookie: bool) -> (u16, String) {
+    let page = client().request(Request::get(url).body(body("")).unwrap()).await.unwrap();
+    assert_eq!(page.status(), 200, "the link's page");
+    let set_cookie = page.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set_cookie.contains("SameSite=Strict") && set_cookie.contains("HttpOnly"), "{set_cookie}");
+    let cookie_value = set_cookie.split(';').next().unwrap().to_owned();
+    let html = String::from_utf8(page.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let field = |name: &str| {
+        let start = html.find(&format!("name=\"{name}\" value=\"")).unwrap() + name.len() + 15;
+        html[start..].split('"').next().unwrap().to_owned()
+    };
+    let (link, confirm) = (field("link"), field("confirm"));
+    let target = format!("{}/oauth/connect", url.split("/oauth/").next().unwrap());
+    let mut request = Request::post(target).header("content-type", "application/x-www-form-urlencoded");
+    if cookie {
+        request = request.header("cookie", cookie_value);
+    }
+    if let Some(origin) = origin {
+        request = request.header("origin", origin);
+    }
+    let response =
+        client().request(request.body(body(format!("link={link}&confirm={confirm}"))).unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    (status, String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes()).into_owned())
+}
+
 struct Setup {
     app: mcp_tenant_proxy::app::App,
     provider: Provider,
@@ -273,9 +302,12 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
     let url = answer["error"]["data"]["connect_url"].as_str().unwrap().to_owned();
     let page = browse(json!({"url": url, "login": "alice-gh", "expect_text": "Account connected"})).await;
     assert!(page["text"].as_str().unwrap().contains("Connected alice-gh to github for alice"), "{page}");
+    // Before anything happened, the link's page said whom the account would be connected to.
+    let confirm = page["confirm_text"].as_str().unwrap();
+    assert!(confirm.contains("github account to the proxy user \"alice\""), "{confirm}");
     // The link was for one use.
-    let again = client().request(Request::get(&url).body(body("")).unwrap()).await.unwrap();
-    assert_eq!(again.status(), 410);
+    let (status, text) = press_connect(&url, None, true).await;
+    assert_eq!(status, 410, "{text}");
 
     // Connected: the upstream gets alice's own access token, which the provider vouches for.
     let (status, _) = s.tool_call("alice").await;
@@ -330,7 +362,8 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
     // The audit trail says why each refused request was refused, and records the flow's steps.
     let audit = s.audit();
     let reasons: Vec<&str> = audit.iter().filter_map(|l| l["reason"].as_str()).collect();
-    for reason in ["oauth_not_connected", "oauth_connect_started", "oauth_connected", "oauth_link_used"] {
+    let steps = ["oauth_not_connected", "oauth_connect_confirm", "oauth_connect_started", "oauth_connected"];
+    for reason in steps.into_iter().chain(["oauth_link_used"]) {
         assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
     }
     assert!(reasons.contains(&"oauth_reconnect_required"));
@@ -342,8 +375,13 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser() {
     let s = Setup::start(&["alice", "bob"]).await;
+    // A link made while alice had no connection connects only while she has none.
+    let (_, answer) = s.tool_call("alice").await;
+    let early = answer["error"]["data"]["connect_url"].as_str().unwrap().to_owned();
     s.connect("alice", "alice-gh").await;
     s.connect("bob", "bob-gh").await;
+    let (status, text) = press_connect(&early, None, true).await;
+    assert_eq!(status, 409, "a leaked early link cannot replace the connection: {text}");
 
     let calls: Vec<_> = (0..30).map(|i| s.tool_call(if i % 2 == 0 { "alice" } else { "bob" })).collect();
     for (status, _) in futures_util::future::join_all(calls).await {
@@ -373,6 +411,16 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     assert!(text.contains("Finish connecting in the browser"), "{text}");
     assert_eq!(s.stored("bob").account, "bob-gh", "bob's connection is untouched");
 
+    // Another site's page cannot press the button for the person it sent there: a foreign Origin, or no
+    // cookie of the link's page, and the link is not spent.
+    let (_, answer) = s.admin(Method::POST, "/admin/v1/users/bob/connections/github/link", Value::Null).await;
+    let late = answer["connect_url"].as_str().unwrap().to_owned();
+    for (origin, cookie) in [(Some("http://evil.example"), true), (None, false), (Some("null"), true)] {
+        let (status, text) = press_connect(&late, origin, cookie).await;
+        assert_eq!(status, 403, "{origin:?} {cookie}: {text}");
+    }
+    assert_eq!(s.stored("bob").account, "bob-gh");
+
     // Admin API: list (never a token) and disconnect.
     let (status, listed) = s.admin(Method::GET, "/admin/v1/users/bob/connections", Value::Null).await;
     assert_eq!(status, 200);
@@ -385,6 +433,14 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     assert_eq!(status, 200);
     assert_eq!(code(&s.tool_call("bob").await.1), "oauth_not_connected");
     assert_eq!(s.tool_call("alice").await.0, 200);
+    // The disconnect voided the links made for the connection it removed.
+    let (status, text) = press_connect(&late, None, true).await;
+    assert_eq!(status, 409, "{text}");
+    let audit = s.audit();
+    let reasons: Vec<&str> = audit.iter().filter_map(|l| l["reason"].as_str()).collect();
+    for reason in ["oauth_link_superseded", "oauth_not_confirmed", "oauth_browser_mismatch"] {
+        assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
+    }
     // A static credential may not take the connection's reserved id.
     let (status, _) =
         s.admin(Method::PUT, "/admin/v1/users/bob/credentials/github/oauth", json!({"secret": "x"})).await;

@@ -406,9 +406,16 @@ impl AdminApi {
                         format!("upstream {upstream:?} does not use OAuth"),
                     ));
                 }
-                let id = user.clone();
-                self.blocking(move |s| s.get_user(&id)).await?;
-                let url = broker.connect_url(settings, &user, &upstream);
+                let (id, name) = (user.clone(), upstream.clone());
+                // The link may replace the connection there is now, and no later one.
+                let current = self
+                    .blocking(move |s| {
+                        s.get_user(&id)?;
+                        crate::oauth::stored_connection(s, &id, &name)
+                    })
+                    .await?;
+                let over = current.map(|(tokens, _)| tokens.grant);
+                let url = broker.connect_url(settings, &user, &upstream, over.as_deref());
                 let ttl = settings.link_ttl.as_secs();
                 Ok((
                     StatusCode::CREATED,

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand, ValueEnum};
 use mcp_tenant_proxy::policy::ratelimit::Limit;
 use mcp_tenant_proxy::secret::Secret;
+use mcp_tenant_proxy::store::connection::CONNECTION_ID;
 use mcp_tenant_proxy::store::crypto::MasterKey;
 use mcp_tenant_proxy::store::json::{cred_json, key_json, token_json, user_json};
 use mcp_tenant_proxy::store::model::{MAX_PAGE, NewKey, PutOutcome, UnixTime, User, UserLimit};
@@ -506,6 +507,10 @@ fn keys(opts: &StoreOpts, command: KeysCommand) -> CmdResult {
 fn creds(opts: &StoreOpts, command: CredsCommand) -> CmdResult {
     match command {
         CredsCommand::Set { user, upstream, credential_id, secret_file } => {
+            if credential_id == CONNECTION_ID {
+                let reason = "\"oauth\" is reserved for OAuth connections".into();
+                return Err(StoreError::Invalid { field: "credential_id", reason }.into());
+            }
             // Refuse before reading a secret that could not be stored anyway.
             let key = master_key(opts)?.ok_or(StoreError::NoMasterKey)?;
             let store = SqliteStore::open(store_path(opts)?, Some(&key))?;

@@ -64,16 +64,30 @@ impl std::fmt::Debug for UpstreamOAuth {
 impl Builder<'_> {
     pub(super) fn oauth(&mut self, raw: &RawOAuth) -> Option<OAuthSettings> {
         let public_url = raw.public_url.trim_end_matches('/');
-        let uri = public_url.parse::<Uri>().ok().filter(|u| u.authority().is_some() && u.query().is_none());
+        // An origin only: the routes are at `path` of the requests the proxy itself receives.
+        let uri = public_url
+            .parse::<Uri>()
+            .ok()
+            .filter(|u| u.authority().is_some() && u.query().is_none() && matches!(u.path(), "" | "/"));
         let https = uri.as_ref().is_some_and(|u| u.scheme_str() == Some("https"));
         let http_loopback = uri.as_ref().is_some_and(|u| u.scheme_str() == Some("http") && is_loopback(u));
         if !(https || http_loopback) {
             // The callback carries authorization codes and the flow cookie: plain http only to this host.
-            self.problem("oauth.public_url", "must be an https:// URL (http:// only on a loopback address)");
+            self.problem(
+                "oauth.public_url",
+                "must be an https:// origin without a path (http:// only on a loopback address)",
+            );
         }
         let path = raw.path.as_str();
-        if !path.starts_with('/') || path.len() < 2 || path.ends_with('/') || path.contains(['?', '#', '%']) {
-            self.problem("oauth.path", "must start with / and not end with /");
+        // It goes into cookies' Path attributes and pages' form actions as it is.
+        let path_bytes = |b: u8| b.is_ascii_alphanumeric() || b"/._-".contains(&b);
+        if !path.starts_with('/')
+            || path.len() < 2
+            || path.ends_with('/')
+            || path.contains("//")
+            || !path.bytes().all(path_bytes)
+        {
+            self.problem("oauth.path", "must start with / and not end with /, of letters, digits and / . _ -");
         }
         let link_ttl = self.duration("oauth.link_ttl", &raw.link_ttl);
         if link_ttl.is_some_and(|t| t.is_zero() || t > MAX_LINK_TTL) {

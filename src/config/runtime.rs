@@ -478,7 +478,11 @@ impl FileSide for Config {
                 let Some(tokens) = Tokens::parse(secret) else { return Rendered::Unsendable };
                 match upstream.render_credential(&Secret::new(tokens.access_token.as_str())) {
                     Some(header_value) => {
-                        Rendered::Connection(upstream.name.clone(), Connection { tokens, header_value })
+                        let digest = crate::secret::sha256(secret.expose().as_bytes());
+                        Rendered::Connection(
+                            upstream.name.clone(),
+                            Arc::new(Connection { tokens, header_value, digest }),
+                        )
                     }
                     None => Rendered::Unsendable,
                 }
@@ -648,13 +652,16 @@ impl Builder<'_> {
             }
         }
         if let Some(settings) = &settings {
-            let under = |prefix: &str| {
-                prefix == settings.path || prefix.strip_prefix(&settings.path).is_some_and(|rest| rest.starts_with('/'))
+            // Either under the other: the connect routes come first, and would hide the upstream's paths.
+            let under = |inner: &str, outer: &str| {
+                inner == outer || outer == "/" || inner.strip_prefix(outer).is_some_and(|rest| rest.starts_with('/'))
             };
-            for upstream in upstreams.iter().filter(|u| under(&u.prefix)) {
+            for upstream in
+                upstreams.iter().filter(|u| under(&u.prefix, &settings.path) || under(&settings.path, &u.prefix))
+            {
                 self.problem(
                     format!("upstreams.{}.path", upstream.name),
-                    format!("is under oauth.path {}", settings.path),
+                    format!("{} and oauth.path {} must not contain one another", upstream.prefix, settings.path),
                 );
             }
         }

@@ -36,6 +36,10 @@ pub struct Link {
     pub expires_at: UnixTime,
     #[serde(rename = "n", with = "hex32")]
     pub nonce: [u8; 32],
+    /// The grant this link may replace ([`crate::store::connection::Tokens::grant`]); `None`: it only
+    /// connects a user who has no connection.
+    #[serde(rename = "g", default, skip_serializing_if = "Option::is_none")]
+    pub over: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +58,9 @@ pub struct State {
     /// SHA-256 of the cookie set in the browser that opened the link.
     #[serde(rename = "c", with = "hex32")]
     pub cookie: [u8; 32],
+    /// The link's `over`.
+    #[serde(rename = "g", default, skip_serializing_if = "Option::is_none")]
+    pub over: Option<String>,
 }
 
 impl std::fmt::Debug for State {
@@ -159,7 +166,7 @@ mod tests {
     use super::*;
 
     fn link(expires_at: UnixTime) -> Link {
-        Link { user: "alice".into(), upstream: "gh".into(), expires_at, nonce: [7; 32] }
+        Link { user: "alice".into(), upstream: "gh".into(), expires_at, nonce: [7; 32], over: Some("g1".into()) }
     }
 
     #[test]
@@ -193,6 +200,7 @@ mod tests {
             nonce: [9; 32],
             verifier: verifier.clone(),
             cookie: [4; 32],
+            over: None,
         };
         let sealed = seal_state(&key, &state);
         assert!(!sealed.contains(&verifier) && !sealed.contains("alice"));

@@ -3,8 +3,9 @@
 //! upstream, injects the access token, and refreshes it before it expires.
 //!
 //! - **Connect** (`<oauth.path>/connect?link=...`, then the provider, then `<oauth.path>/callback`): a
-//!   signed, single-use link names (user, upstream); the flow's state is sealed and bound to a cookie of
-//!   the browser that opened the link ([`link`]).
+//!   signed, single-use link names (user, upstream) and the grant it may replace; its page says whom the
+//!   account would be connected to, and only its button (a same-origin POST) spends the link and starts
+//!   the flow. The flow's state is sealed and bound to a cookie of the browser that pressed it ([`link`]).
 //! - **Request path** ([`Broker::credential`]): the connection is read from the live directory (no store
 //!   call); missing or refused, the caller gets a connect link in a JSON-RPC error.
 //! - **Refresh**: once per (user, upstream) at a time in this process (one task, every request waiting on
@@ -17,10 +18,12 @@ pub mod pages;
 pub mod provider;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
@@ -33,17 +36,30 @@ use crate::store::connection::{CONNECTION_ID, Connection, Tokens};
 use crate::store::model::UnixTime;
 use crate::store::{STORE_USER_BIT, Store, StoreError, UserRef};
 use link::{Link, Refused, State};
-use pages::page;
+use pages::{form_page, page};
 use provider::{TokenError, query_param};
 
 /// How long a browser has between opening a link and coming back from the provider.
 const FLOW_TTL: i64 = 600;
 /// A replica refreshing a connection holds it this long at most (the token call's timeout and margin).
 const LEASE_SECS: i64 = 30;
+/// The lease's time left when the token call starts is at least the call's timeout and this: the
+/// tokens it brings are stored before another replica may take the lease over.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// How often a replica waiting on another's refresh looks at the store.
 const LEASE_POLL: Duration = Duration::from_millis(200);
+/// Longest a request with an expired token waits for its refresh.
+const REFRESH_WAIT: Duration = Duration::from_secs(15);
+/// After a refresh failed (provider or store unreachable), this long: no new refresh of that
+/// connection, and its requests with an expired token are refused at once.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
 /// The cookie that ties a flow to the browser that opened the link.
 const COOKIE: &str = "mtp_oauth_flow";
+/// The cookie the confirmation page sets and its form repeats (`SameSite=Strict`: another site's form
+/// posted to the proxy has none).
+const CONFIRM_COOKIE: &str = "mtp_oauth_confirm";
+/// Largest confirmation form read: a link and a cookie value.
+const MAX_FORM_BYTES: usize = 4096;
 
 /// What a refresh ended in, shared by every request that waited on it.
 #[derive(Clone, Debug)]
@@ -56,6 +72,7 @@ enum Refreshed {
 }
 
 type Flight = watch::Receiver<Option<Refreshed>>;
+type Key = (Arc<str>, Arc<str>);
 
 pub struct Broker {
     store: Arc<dyn Store>,
@@ -63,7 +80,9 @@ pub struct Broker {
     state_key: [u8; 32],
     /// This process, as the holder of refresh leases.
     holder: String,
-    flights: DashMap<(Arc<str>, Arc<str>), Flight>,
+    flights: DashMap<Key, Flight>,
+    /// When each connection's last refresh failed, for [`FAILURE_BACKOFF`].
+    failed: DashMap<Key, Instant>,
 }
 
 /// What a browser route did, for the audit line: decision, reason, and whose flow it was.
@@ -72,6 +91,31 @@ pub struct BrowserOutcome {
     pub reason: &'static str,
     pub user: Option<String>,
     pub upstream: Option<Arc<str>>,
+}
+
+/// A connection as stored now, with the SHA-256 of its secret (what a swap is made from); `None`
+/// when there is none. Blocking: a store call.
+pub fn stored_connection(
+    store: &dyn Store,
+    user: &str,
+    upstream: &str,
+) -> Result<Option<(Tokens, [u8; 32])>, StoreError> {
+    let secrets = store.credential_secrets(Some(user))?;
+    let stored = secrets.into_iter().find(|c| c.upstream == upstream && c.credential_id == CONNECTION_ID);
+    Ok(stored.and_then(|c| Some((Tokens::parse(&c.secret)?, sha256(c.secret.expose().as_bytes())))))
+}
+
+/// Removes a flight from the map when its task ends, also by a panic (its waiters then see the
+/// sender gone and answer 503).
+struct Landing {
+    broker: Arc<Broker>,
+    key: Key,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        self.broker.flights.remove(&self.key);
+    }
 }
 
 impl Broker {
@@ -83,13 +127,21 @@ impl Broker {
             store,
             holder: format!("{:016x}", rand::random::<u64>()),
             flights: DashMap::new(),
+            failed: DashMap::new(),
         })
     }
 
-    /// A connect link for (user, upstream), valid for `oauth.link_ttl`.
-    pub fn connect_url(&self, settings: &OAuthSettings, user: &str, upstream: &str) -> String {
+    /// A connect link for (user, upstream), valid for `oauth.link_ttl`, that may replace the grant
+    /// `over` (`None`: only while the user has no connection).
+    pub fn connect_url(&self, settings: &OAuthSettings, user: &str, upstream: &str, over: Option<&str>) -> String {
         let expires_at = now().saturating_add(settings.link_ttl.as_secs() as i64);
-        let link = Link { user: user.into(), upstream: upstream.into(), expires_at, nonce: rand::random() };
+        let link = Link {
+            user: user.into(),
+            upstream: upstream.into(),
+            expires_at,
+            nonce: rand::random(),
+            over: over.map(str::to_owned),
+        };
         settings.connect_url(&link::sign_link(&self.link_key, &link))
     }
 
@@ -108,34 +160,52 @@ impl Broker {
         if user.id.0 & STORE_USER_BIT == 0 {
             return Err(ProxyError::MissingCredential);
         }
-        let connect = |reconnect| self.connect_error(config, &user.name, &upstream.name, reconnect, elicit);
+        let connect = |over: Option<&str>, reconnect| {
+            self.connect_error(config, &user.name, &upstream.name, over, reconnect, elicit)
+        };
         let Some(connection) = config.live.connection(&user.name, &upstream.name) else {
-            return Err(connect(false));
+            return Err(connect(None, false));
         };
         if connection.tokens.needs_reconnect.is_some() {
-            return Err(connect(true));
+            return Err(connect(Some(&connection.tokens.grant), true));
         }
         let now = now();
         let Some(expires_at) = connection.tokens.expires_at else { return Ok(connection.header_value.clone()) };
-        if now.saturating_add(oauth.refresh_before.as_secs() as i64) < expires_at {
+        if now.saturating_add(refresh_window(oauth, &connection.tokens)) < expires_at {
             return Ok(connection.header_value.clone());
         }
-        let mut flight = self.flight(config, user.name.clone(), upstream.name.clone(), oauth, connection.clone());
+        let key = (user.name.clone(), upstream.name.clone());
+        let backing_off = self.failed.get(&key).is_some_and(|at| at.elapsed() < FAILURE_BACKOFF);
         // Not yet expired: this request goes on with the current token; the refresh runs behind it.
         if now < expires_at {
+            if !backing_off {
+                self.flight(config, key, oauth, connection.clone());
+            }
             return Ok(connection.header_value.clone());
         }
-        let answer = flight.wait_for(Option::is_some).await.map(|a| a.clone()).ok().flatten();
-        match answer {
+        if backing_off {
+            return Err(ProxyError::OAuthRefreshUnavailable);
+        }
+        let mut flight = self.flight(config, key, oauth, connection.clone());
+        let answer = tokio::time::timeout(REFRESH_WAIT, flight.wait_for(Option::is_some)).await;
+        match answer.ok().and_then(|a| a.ok().and_then(|a| a.clone())) {
             Some(Refreshed::Ok(value)) => Ok(value),
-            Some(Refreshed::Reconnect) => Err(connect(true)),
+            Some(Refreshed::Reconnect) => Err(connect(Some(&connection.tokens.grant), true)),
             Some(Refreshed::Unavailable) | None => Err(ProxyError::OAuthRefreshUnavailable),
         }
     }
 
-    fn connect_error(&self, config: &Config, user: &str, upstream: &str, reconnect: bool, elicit: bool) -> ProxyError {
+    fn connect_error(
+        &self,
+        config: &Config,
+        user: &str,
+        upstream: &str,
+        over: Option<&str>,
+        reconnect: bool,
+        elicit: bool,
+    ) -> ProxyError {
         let Some(settings) = &config.oauth else { return ProxyError::MissingCredential };
-        let url = self.connect_url(settings, user, upstream);
+        let url = self.connect_url(settings, user, upstream, over);
         ProxyError::OAuthConnect(Box::new(ConnectError { url, upstream: upstream.into(), reconnect, elicit }))
     }
 
@@ -143,13 +213,11 @@ impl Broker {
     fn flight(
         self: &Arc<Self>,
         config: &Arc<Config>,
-        user: Arc<str>,
-        upstream: Arc<str>,
+        key: Key,
         oauth: &Arc<UpstreamOAuth>,
         spent: Arc<Connection>,
     ) -> Flight {
         use dashmap::mapref::entry::Entry;
-        let key = (user, upstream);
         match self.flights.entry(key.clone()) {
             Entry::Occupied(flight) => flight.get().clone(),
             Entry::Vacant(slot) => {
@@ -157,9 +225,19 @@ impl Broker {
                 slot.insert(flight.clone());
                 let (broker, config, oauth) = (self.clone(), config.clone(), oauth.clone());
                 tokio::spawn(async move {
-                    let answer = broker.refresh(&config, &key.0, &key.1, &oauth, &spent.tokens).await;
+                    let landing = Landing { broker, key };
+                    let (broker, (user, upstream)) = (&landing.broker, &landing.key);
+                    let answer = broker.refresh(&config, user, upstream, &oauth, &spent).await;
+                    match answer {
+                        Refreshed::Unavailable => {
+                            broker.failed.insert(landing.key.clone(), Instant::now());
+                        }
+                        _ => {
+                            broker.failed.remove(&landing.key);
+                        }
+                    }
                     // Out of the map first: a request from now on sees the refreshed connection itself.
-                    broker.flights.remove(&key);
+                    drop(landing);
                     let _ = done.send(Some(answer));
                 });
                 flight
@@ -174,9 +252,11 @@ impl Broker {
         user: &str,
         upstream: &str,
         oauth: &UpstreamOAuth,
-        spent: &Tokens,
+        spent: &Connection,
     ) -> Refreshed {
         let (u, s, holder) = (user.to_owned(), upstream.to_owned(), self.holder.clone());
+        // Counted from before the call: the lease may run from any moment within it.
+        let leased_at = Instant::now();
         let until = now() + LEASE_SECS;
         let leased = self.blocking(move |store| store.take_lease(&u, &s, &holder, until)).await;
         let outcome = match leased {
@@ -185,7 +265,7 @@ impl Broker {
                 return Refreshed::Unavailable;
             }
             Ok(false) => self.await_other_replica(config, user, upstream, spent).await,
-            Ok(true) => self.refresh_leased(config, user, upstream, oauth, spent).await,
+            Ok(true) => self.refresh_leased(config, user, upstream, oauth, spent, leased_at).await,
         };
         let (u, s, holder) = (user.to_owned(), upstream.to_owned(), self.holder.clone());
         if let Err(e) = self.blocking(move |store| store.drop_lease(&u, &s, &holder)).await {
@@ -200,39 +280,61 @@ impl Broker {
         user: &str,
         upstream: &str,
         oauth: &UpstreamOAuth,
-        spent: &Tokens,
+        spent: &Connection,
+        leased_at: Instant,
     ) -> Refreshed {
         // Another replica may have refreshed between this one's snapshot and the lease.
         match self.stored(user, upstream).await {
-            Ok(Some(stored)) if stored != *spent => return self.apply(config, user, upstream).await,
+            Ok(Some((_, digest))) if digest != spent.digest => return self.apply(config, user, upstream).await,
             Ok(Some(_)) => {}
             Ok(None) => return Refreshed::Reconnect,
             Err(()) => return Refreshed::Unavailable,
         }
-        let tokens = match provider::refresh(oauth, spent, now()).await {
+        // The store was slow: too little of the lease is left to spend the refresh token and store
+        // what it brings before another replica may take over and spend it too.
+        if leased_at.elapsed() + provider::TOKEN_TIMEOUT + LEASE_MARGIN > Duration::from_secs(LEASE_SECS as u64) {
+            tracing::warn!(
+                user,
+                upstream,
+                "oauth refresh: the store was too slow; not refreshing under a lease this short"
+            );
+            return Refreshed::Unavailable;
+        }
+        let tokens = match provider::refresh(oauth, &spent.tokens, now()).await {
             Ok(tokens) => tokens,
             Err(TokenError::Refused(why)) => {
                 tracing::info!(user, upstream, reason = %why, "oauth refresh refused: the user must connect again");
-                Tokens { needs_reconnect: Some(why), ..spent.clone() }
+                Tokens { needs_reconnect: Some(why), ..spent.tokens.clone() }
             }
             Err(TokenError::Failed(why)) => {
                 tracing::warn!(user, upstream, error = %why, "oauth refresh failed");
                 return Refreshed::Unavailable;
             }
         };
-        if self.put(user, upstream, &tokens).await.is_err() {
+        // From the spent value only: a disconnect or a new connection meanwhile is not overwritten
+        // (those tokens are dropped; what is stored now is what the request path gets).
+        let (u, s, digest, secret) = (user.to_owned(), upstream.to_owned(), spent.digest, tokens.to_secret());
+        let swap = move |store: &dyn Store| store.swap_credential(&u, &s, CONNECTION_ID, Some(&digest), &secret);
+        if let Err(e) = self.blocking(swap).await {
             // Spent at the provider but not stored: with rotation, the user must connect again.
+            tracing::error!(user, upstream, error = %e, "oauth: refreshed tokens not stored");
             return Refreshed::Unavailable;
         }
         self.apply(config, user, upstream).await
     }
 
-    async fn await_other_replica(&self, config: &Arc<Config>, user: &str, upstream: &str, spent: &Tokens) -> Refreshed {
+    async fn await_other_replica(
+        &self,
+        config: &Arc<Config>,
+        user: &str,
+        upstream: &str,
+        spent: &Connection,
+    ) -> Refreshed {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(LEASE_SECS as u64);
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LEASE_POLL).await;
             match self.stored(user, upstream).await {
-                Ok(Some(stored)) if stored != *spent => return self.apply(config, user, upstream).await,
+                Ok(Some((_, digest))) if digest != spent.digest => return self.apply(config, user, upstream).await,
                 Ok(Some(_)) => {}
                 Ok(None) => return Refreshed::Reconnect,
                 Err(()) => return Refreshed::Unavailable,
@@ -241,20 +343,39 @@ impl Broker {
         Refreshed::Unavailable
     }
 
-    /// The connection's tokens as stored now.
-    async fn stored(&self, user: &str, upstream: &str) -> Result<Option<Tokens>, ()> {
+    /// The connection as stored now.
+    async fn stored(&self, user: &str, upstream: &str) -> Result<Option<(Tokens, [u8; 32])>, ()> {
         let (u, s) = (user.to_owned(), upstream.to_owned());
-        let secrets = self.blocking(move |store| store.credential_secrets(Some(&u))).await.map_err(|e| {
+        self.blocking(move |store| stored_connection(store, &u, &s)).await.map_err(|e| {
             tracing::warn!(user, upstream, error = %e, "oauth: the store cannot be read");
-        })?;
-        let stored = secrets.into_iter().find(|c| c.upstream == s && c.credential_id == CONNECTION_ID);
-        Ok(stored.and_then(|c| Tokens::parse(&c.secret)))
+        })
     }
 
-    async fn put(&self, user: &str, upstream: &str, tokens: &Tokens) -> Result<(), StoreError> {
-        let (u, s, secret) = (user.to_owned(), upstream.to_owned(), tokens.to_secret());
-        let put = self.blocking(move |store| store.put_credential(&u, &s, CONNECTION_ID, &secret)).await;
-        put.map(|_| ()).inspect_err(|e| tracing::error!(user, upstream, error = %e, "oauth: tokens not stored"))
+    /// Stores a new connection over the grant `over` (`None`: over none): false when the stored
+    /// connection is another grant by now. A refresh of `over` meanwhile is replaced all the same.
+    async fn replace(
+        &self,
+        user: &str,
+        upstream: &str,
+        over: Option<&str>,
+        tokens: &Tokens,
+    ) -> Result<bool, StoreError> {
+        let (u, s, over, secret) = (user.to_owned(), upstream.to_owned(), over.map(str::to_owned), tokens.to_secret());
+        self.blocking(move |store| {
+            // A few tries: each lost swap is a refresh of the same grant, which is rare.
+            for _ in 0..3 {
+                let current = stored_connection(store, &u, &s)?;
+                if current.as_ref().map(|(t, _)| t.grant.as_str()) != over.as_deref() {
+                    return Ok(false);
+                }
+                let digest = current.map(|(_, d)| d);
+                if store.swap_credential(&u, &s, CONNECTION_ID, digest.as_ref(), &secret)? {
+                    return Ok(true);
+                }
+            }
+            Err(StoreError::Unavailable("the connection kept changing".into()))
+        })
+        .await
     }
 
     /// Re-reads the user into the live directory and answers with what the request path now sees.
@@ -287,32 +408,94 @@ impl Broker {
         path.strip_prefix(settings.path.as_str()).is_some_and(|rest| rest == "/connect" || rest == "/callback")
     }
 
-    /// `<path>/connect` and `<path>/callback`, for a browser.
-    pub async fn browse<B>(&self, config: &Arc<Config>, request: Request<B>) -> (Response<ProxyBody>, BrowserOutcome) {
+    /// `<path>/connect` (GET: the confirmation page; POST: its form, which starts the flow) and
+    /// `<path>/callback`, for a browser.
+    pub async fn browse(
+        &self,
+        config: &Arc<Config>,
+        request: Request<Incoming>,
+    ) -> (Response<ProxyBody>, BrowserOutcome) {
         let settings = config.oauth.as_ref().expect("routes only exist with [oauth]");
         let mut outcome = BrowserOutcome { decision: "deny", reason: "", user: None, upstream: None };
-        let response = match request.method() == http::Method::GET {
-            false => {
+        let connect = request.uri().path().ends_with("/connect");
+        let response = match (request.method(), connect) {
+            (&http::Method::GET, true) => self.confirm(config, settings, &request, &mut outcome),
+            (&http::Method::POST, true) => self.connect(config, settings, request, &mut outcome).await,
+            (&http::Method::GET, false) => self.callback(config, settings, &request, &mut outcome).await,
+            _ => {
                 outcome.reason = "method_not_allowed";
                 page(StatusCode::METHOD_NOT_ALLOWED, "Not allowed", "Open the link in a browser.")
             }
-            true if request.uri().path().ends_with("/connect") => {
-                self.connect(config, settings, &request, &mut outcome).await
-            }
-            true => self.callback(config, settings, &request, &mut outcome).await,
         };
         (response, outcome)
     }
 
-    async fn connect<B>(
+    /// The link's page: whose account it connects, for which proxy user, and a button. Nothing is
+    /// spent: a mail scanner opening the link leaves it usable, and a person sent someone else's link
+    /// sees whom it would connect their account to before anything happens.
+    fn confirm<B>(
         &self,
         config: &Config,
         settings: &OAuthSettings,
         request: &Request<B>,
         outcome: &mut BrowserOutcome,
     ) -> Response<ProxyBody> {
-        let now = now();
         let token = query_param(request.uri().query().unwrap_or(""), "link").unwrap_or_default();
+        let link = match link::open_link(&self.link_key, &token, now()) {
+            Ok(link) => link,
+            Err(why) => return refused(outcome, why, "link"),
+        };
+        outcome.user = Some(link.user.clone());
+        let Some((upstream, _)) = oauth_upstream(config, &link.upstream) else {
+            outcome.reason = "oauth_unknown_upstream";
+            return page(StatusCode::NOT_FOUND, "Not available", "This server no longer connects accounts.");
+        };
+        outcome.upstream = Some(upstream.name.clone());
+        let confirm = link::random_token();
+        let text = format!(
+            "This connects your {} account to the proxy user \"{}\": requests made as \"{}\" will act with \
+             your account. Continue only if you are {} or asked for this link.",
+            upstream.name, link.user, link.user, link.user
+        );
+        let action = format!("{}/connect", settings.path);
+        let mut response =
+            form_page("Connect your account", &text, &action, &[("link", &token), ("confirm", &confirm)], "Connect");
+        let cookie = format!(
+            "{CONFIRM_COOKIE}={confirm}; Path={action}; Max-Age={FLOW_TTL}; HttpOnly; SameSite=Strict{}",
+            secure(settings)
+        );
+        if let Ok(cookie) = HeaderValue::try_from(cookie) {
+            response.headers_mut().insert(header::SET_COOKIE, cookie);
+        }
+        outcome.decision = "allow";
+        outcome.reason = "oauth_connect_confirm";
+        response
+    }
+
+    /// The confirmation form, posted: spends the link and sends the browser to the provider.
+    async fn connect(
+        &self,
+        config: &Config,
+        settings: &OAuthSettings,
+        request: Request<Incoming>,
+        outcome: &mut BrowserOutcome,
+    ) -> Response<ProxyBody> {
+        let now = now();
+        // Another site's page posting here: its Origin says so, and it cannot have the Strict cookie.
+        let own_origin =
+            request.headers().get(header::ORIGIN).is_none_or(|o| o.as_bytes() == settings.public_url.as_bytes());
+        let cookie = named_cookie(&request, CONFIRM_COOKIE);
+        let form = match http_body_util::Limited::new(request.into_body(), MAX_FORM_BYTES).collect().await {
+            Ok(body) => String::from_utf8(body.to_bytes().to_vec()).unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let confirmed = query_param(&form, "confirm");
+        let same = matches!((&cookie, &confirmed), (Some(c), Some(f)) if bool::from(c.as_bytes().ct_eq(f.as_bytes())));
+        if !own_origin || !same {
+            outcome.reason = "oauth_not_confirmed";
+            return page(StatusCode::FORBIDDEN, "Not connected", "Open the link again and press Connect on its page.");
+        }
+        let token = query_param(&form, "link").unwrap_or_default();
         let link = match link::open_link(&self.link_key, &token, now) {
             Ok(link) => link,
             Err(why) => return refused(outcome, why, "link"),
@@ -332,9 +515,14 @@ impl Broker {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "oauth connect: the store cannot be reached");
-                outcome.reason = "oauth_store_unavailable";
-                return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The proxy cannot record this link now.");
+                return store_unavailable(outcome);
             }
+        }
+        // After the nonce: a link used once says so, whatever happened since.
+        match self.stored(&link.user, &link.upstream).await {
+            Ok(current) if current.as_ref().map(|(t, _)| t.grant.as_str()) == link.over.as_deref() => {}
+            Ok(_) => return superseded(outcome),
+            Err(()) => return store_unavailable(outcome),
         }
         let (verifier, challenge) = link::pkce();
         let cookie = link::random_token();
@@ -345,6 +533,7 @@ impl Broker {
             nonce: rand::random(),
             verifier,
             cookie: sha256(cookie.as_bytes()),
+            over: link.over,
         };
         let mut query = vec![
             ("response_type", "code".to_owned()),
@@ -363,15 +552,17 @@ impl Broker {
         let separator = if endpoint.contains('?') { '&' } else { '?' };
         let location = format!("{endpoint}{separator}{}", query.join("&"));
         let mut response = page(StatusCode::SEE_OTHER, "Connecting", "Continue at your account's provider.");
-        let secure = if settings.secure_cookie { "; Secure" } else { "" };
         let set_cookie = format!(
-            "{COOKIE}={cookie}; Path={}/callback; Max-Age={FLOW_TTL}; HttpOnly; SameSite=Lax{secure}",
-            settings.path
+            "{COOKIE}={cookie}; Path={}/callback; Max-Age={FLOW_TTL}; HttpOnly; SameSite=Lax{}",
+            settings.path,
+            secure(settings)
         );
-        match (HeaderValue::try_from(location), HeaderValue::try_from(set_cookie)) {
-            (Ok(location), Ok(cookie)) => {
+        let clear = format!("{CONFIRM_COOKIE}=; Path={}/connect; Max-Age=0; HttpOnly; SameSite=Strict", settings.path);
+        match (HeaderValue::try_from(location), HeaderValue::try_from(set_cookie), HeaderValue::try_from(clear)) {
+            (Ok(location), Ok(cookie), Ok(clear)) => {
                 response.headers_mut().insert(header::LOCATION, location);
-                response.headers_mut().insert(header::SET_COOKIE, cookie);
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+                response.headers_mut().append(header::SET_COOKIE, clear);
             }
             _ => {
                 return page(
@@ -403,7 +594,7 @@ impl Broker {
         outcome.user = Some(state.user.clone());
         // The browser that opened the link, and no other, finishes it: a code sent to someone else's
         // browser (a phished authorization) connects nothing.
-        let presented = flow_cookie(request).map(|c| sha256(c.as_bytes())).unwrap_or_default();
+        let presented = named_cookie(request, COOKIE).map(|c| sha256(c.as_bytes())).unwrap_or_default();
         if !bool::from(presented.ct_eq(&state.cookie)) {
             outcome.reason = "oauth_browser_mismatch";
             return page(
@@ -426,14 +617,19 @@ impl Broker {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "oauth callback: the store cannot be reached");
-                outcome.reason = "oauth_store_unavailable";
-                return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The proxy cannot record this sign-in now.");
+                return store_unavailable(outcome);
             }
         }
         let Some(code) = query_param(query, "code") else {
             outcome.reason = "oauth_provider_refused";
             return page(StatusCode::FORBIDDEN, "Not connected", "The provider did not grant access.");
         };
+        // Checked before the code is spent, and again (atomically) when the tokens are stored.
+        match self.stored(&state.user, &upstream.name).await {
+            Ok(current) if current.as_ref().map(|(t, _)| t.grant.as_str()) == state.over.as_deref() => {}
+            Ok(_) => return superseded(outcome),
+            Err(()) => return store_unavailable(outcome),
+        }
         let tokens = match provider::exchange_code(oauth, &settings.callback_url(), &code, &state.verifier, now).await {
             Ok(tokens) => tokens,
             Err(TokenError::Refused(_)) => {
@@ -446,13 +642,18 @@ impl Broker {
                 return page(StatusCode::BAD_GATEWAY, "Not connected", "The provider could not be reached: try again.");
             }
         };
-        if let Err(e) = self.put(&state.user, &upstream.name, &tokens).await {
-            outcome.reason = "oauth_store_unavailable";
-            let text = match e {
-                StoreError::NotFound { .. } => "This user does not exist any more.",
-                _ => "The account could not be saved: try again.",
-            };
-            return page(StatusCode::SERVICE_UNAVAILABLE, "Not connected", text);
+        match self.replace(&state.user, &upstream.name, state.over.as_deref(), &tokens).await {
+            Ok(true) => {}
+            Ok(false) => return superseded(outcome),
+            Err(e) => {
+                tracing::error!(user = %state.user, upstream = %upstream.name, error = %e, "oauth: tokens not stored");
+                outcome.reason = "oauth_store_unavailable";
+                let text = match e {
+                    StoreError::NotFound { .. } => "This user does not exist any more.",
+                    _ => "The account could not be saved: try again.",
+                };
+                return page(StatusCode::SERVICE_UNAVAILABLE, "Not connected", text);
+            }
         }
         // The request path sees the connection from the next request on.
         self.apply(config, &state.user, &upstream.name).await;
@@ -470,6 +671,33 @@ impl Broker {
         }
         response
     }
+}
+
+/// How long before expiry a token is refreshed: `refresh_before`, but at most half its lifetime, so a
+/// provider issuing tokens shorter than `refresh_before` does not get a refresh per request.
+fn refresh_window(oauth: &UpstreamOAuth, tokens: &Tokens) -> i64 {
+    let before = oauth.refresh_before.as_secs() as i64;
+    let Some(expires_at) = tokens.expires_at else { return before };
+    let issued = tokens.refreshed_at.unwrap_or(tokens.connected_at);
+    before.min(expires_at.saturating_sub(issued).max(0) / 2)
+}
+
+fn secure(settings: &OAuthSettings) -> &'static str {
+    if settings.secure_cookie { "; Secure" } else { "" }
+}
+
+fn superseded(outcome: &mut BrowserOutcome) -> Response<ProxyBody> {
+    outcome.reason = "oauth_link_superseded";
+    page(
+        StatusCode::CONFLICT,
+        "Link out of date",
+        "The account was connected or disconnected since this link was made: ask for a new link.",
+    )
+}
+
+fn store_unavailable(outcome: &mut BrowserOutcome) -> Response<ProxyBody> {
+    outcome.reason = "oauth_store_unavailable";
+    page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The proxy cannot record this now.")
 }
 
 fn oauth_upstream<'a>(config: &'a Config, name: &str) -> Option<(&'a Upstream, &'a Arc<UpstreamOAuth>)> {
@@ -490,13 +718,13 @@ fn refused(outcome: &mut BrowserOutcome, why: Refused, what: &str) -> Response<P
     }
 }
 
-/// The flow cookie, when exactly one is sent.
-fn flow_cookie<B>(request: &Request<B>) -> Option<String> {
+/// The cookie `name`, when exactly one is sent.
+fn named_cookie<B>(request: &Request<B>, name: &str) -> Option<String> {
     let mut found = None;
     for value in request.headers().get_all(header::COOKIE) {
         for pair in value.to_str().ok()?.split(';') {
-            if let Some((name, value)) = pair.trim().split_once('=')
-                && name == COOKIE
+            if let Some((key, value)) = pair.trim().split_once('=')
+                && key == name
             {
                 if found.is_some() {
                     return None;

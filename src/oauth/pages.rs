@@ -7,10 +7,33 @@ use crate::proxy::body::{ProxyBody, full};
 
 /// A page with a title and one paragraph; every piece of text is escaped.
 pub fn page(status: StatusCode, title: &str, text: &str) -> Response<ProxyBody> {
+    html(status, title, text, "")
+}
+
+/// A page whose one button posts `fields` to `action` (same origin): the step a person takes on
+/// purpose, which a link opened by a mail scanner or an attacker's redirect does not.
+pub fn form_page(title: &str, text: &str, action: &str, fields: &[(&str, &str)], button: &str) -> Response<ProxyBody> {
+    let inputs: String = fields
+        .iter()
+        .map(|(name, value)| format!("<input type=\"hidden\" name=\"{}\" value=\"{}\">", escape(name), escape(value)))
+        .collect();
+    let form = format!(
+        "<form method=\"post\" action=\"{}\">{inputs}<button type=\"submit\">{}</button></form>",
+        escape(action),
+        escape(button)
+    );
+    let mut response = html(StatusCode::OK, title, text, &form);
+    // The form's own origin may see the page as its referrer, so the browser sends the page's Origin
+    // with the post (under no-referrer it sends "null", like any sandboxed or privacy-minded site).
+    response.headers_mut().insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    response
+}
+
+fn html(status: StatusCode, title: &str, text: &str, form: &str) -> Response<ProxyBody> {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title>\
          <meta name=\"viewport\" content=\"width=device-width\"></head>\
-         <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\"><h1>{t}</h1><p>{p}</p></body></html>",
+         <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\"><h1>{t}</h1><p>{p}</p>{form}</body></html>",
         t = escape(title),
         p = escape(text)
     );

@@ -32,10 +32,26 @@ pub enum TokenError {
 struct TokenResponse {
     access_token: String,
     token_type: Option<String>,
+    #[serde(default, deserialize_with = "seconds")]
     expires_in: Option<i64>,
     refresh_token: Option<String>,
     scope: Option<String>,
     id_token: Option<String>,
+}
+
+/// `expires_in` as a number, or as a string of digits (some providers send that).
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seconds {
+        Number(i64),
+        Text(String),
+    }
+    match Option::<Seconds>::deserialize(d)? {
+        None => Ok(None),
+        Some(Seconds::Number(n)) => Ok(Some(n)),
+        Some(Seconds::Text(t)) => t.parse().map(Some).map_err(|_| serde::de::Error::custom("expires_in")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -69,6 +85,7 @@ pub async fn exchange_code(
         connected_at: now,
         refreshed_at: None,
         needs_reconnect: None,
+        grant: format!("{:032x}", rand::random::<u128>()),
     })
 }
 
@@ -90,6 +107,7 @@ pub async fn refresh(oauth: &UpstreamOAuth, old: &Tokens, now: UnixTime) -> Resu
         connected_at: old.connected_at,
         refreshed_at: Some(now),
         needs_reconnect: None,
+        grant: old.grant.clone(),
     })
 }
 
@@ -116,6 +134,11 @@ async fn post(oauth: &UpstreamOAuth, form: &[(&str, &str)]) -> Result<TokenRespo
         if status.is_success() {
             let answer: TokenResponse = serde_json::from_slice(&body)
                 .map_err(|_| failed("the token endpoint's answer is not a token response".into()))?;
+            // RFC 6750's b64token characters: it goes into a header as it is.
+            let token_chars = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
+            if answer.access_token.is_empty() || !answer.access_token.bytes().all(token_chars) {
+                return Err(failed("the token endpoint's access token is empty or not a bearer token".into()));
+            }
             if answer.token_type.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("bearer")) {
                 return Err(failed("the token endpoint issued a token that is not a bearer token".into()));
             }
@@ -218,5 +241,16 @@ mod tests {
         let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"sub":"42","email":"a@b.c"}"#);
         assert_eq!(account_of(&format!("h.{claims}.s")), Some("a@b.c".into()));
         assert_eq!(account_of("not a jwt"), None);
+    }
+
+    #[test]
+    fn expires_in_is_a_number_or_a_string_of_digits() {
+        let read = |json: &str| serde_json::from_str::<TokenResponse>(json).ok().map(|r| r.expires_in);
+        assert_eq!(read(r#"{"access_token":"a","expires_in":3600}"#), Some(Some(3600)));
+        assert_eq!(read(r#"{"access_token":"a","expires_in":"3600"}"#), Some(Some(3600)));
+        assert_eq!(read(r#"{"access_token":"a","expires_in":null}"#), Some(None));
+        assert_eq!(read(r#"{"access_token":"a"}"#), Some(None));
+        assert_eq!(read(r#"{"access_token":"a","expires_in":"soon"}"#), None);
+        assert_eq!(read(r#"{"access_token":"a","expires_in":1.5}"#), None);
     }
 }

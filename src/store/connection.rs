@@ -36,6 +36,11 @@ pub struct Tokens {
     /// Why the provider refused the last refresh: the user must connect again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub needs_reconnect: Option<String>,
+    /// A random id of this grant: new at every connect, kept by refreshes. A connect link names the
+    /// grant it replaces (none for a first connect), so a link cannot replace a later connection, and
+    /// a disconnect voids the links made before it.
+    #[serde(default)]
+    pub grant: String,
 }
 
 impl Tokens {
@@ -67,6 +72,8 @@ impl fmt::Debug for Tokens {
 pub struct Connection {
     pub tokens: Tokens,
     pub header_value: HeaderValue,
+    /// SHA-256 of the stored secret: what a refresh swaps from (`Store::swap_credential`).
+    pub digest: [u8; 32],
 }
 
 #[cfg(test)]
@@ -84,6 +91,7 @@ mod tests {
             connected_at: 1,
             refreshed_at: None,
             needs_reconnect: None,
+            grant: "g1".into(),
         };
         assert_eq!(Tokens::parse(&tokens.to_secret()), Some(tokens.clone()));
         let debug = format!("{tokens:?}");

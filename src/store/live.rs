@@ -44,7 +44,7 @@ pub enum Rendered {
     /// The upstream's name (shared, not copied per user) and the header value.
     Value(Arc<str>, HeaderValue),
     /// The user's OAuth connection to an upstream that uses OAuth.
-    Connection(Arc<str>, Connection),
+    Connection(Arc<str>, Arc<Connection>),
     /// This config serves no such upstream: the credential stays in the store, unused.
     NotServed,
     /// The secret cannot go in a header.
@@ -333,7 +333,7 @@ impl LiveDirectory {
             let (upstream, header_value) = match side.render(&cred.upstream, &cred.credential_id, &cred.secret) {
                 Rendered::Value(upstream, value) => (upstream, value),
                 Rendered::Connection(upstream, connection) => {
-                    connections.push((upstream, Arc::new(connection)));
+                    connections.push((upstream, connection));
                     continue;
                 }
                 Rendered::NotServed => continue,

@@ -2,10 +2,11 @@
 //
 //   node connect.mjs '{"url":"http://127.0.0.1:P/connect/...","login":"alice","expect_text":"Connected"}'
 //
-// Opens url, follows the redirects to the provider, signs in on oidc-provider's devInteractions
-// login page (any password), approves the consent page, and prints one JSON line describing the
-// page the redirect chain ends on (the proxy's callback):
-//   {"final_url","status","title","text"}
+// Opens url (the proxy's confirmation page: presses its Connect button), follows the redirects to the
+// provider, signs in on oidc-provider's devInteractions login page (any password), approves the
+// consent page, and prints one JSON line describing the page the redirect chain ends on (the proxy's
+// callback), with the confirmation page's text:
+//   {"final_url","status","title","text","confirm_text"}
 // Options:
 //   steal: true                       don't load the callback; print {"callback_url"} so a test can
 //                                     replay it from another session/user.
@@ -115,6 +116,12 @@ async function main() {
   const page = await ctx.newPage();
 
   let resp = await page.goto(opts.url, { waitUntil: 'load' });
+  // The proxy's own page first: whom the account would be connected to, and its Connect button.
+  let confirmText = null;
+  if (await page.$('form input[name="confirm"]')) {
+    confirmText = await page.evaluate(() => document.body.innerText);
+    resp = await submit(page);
+  }
   for (let step = 0; step < 6 && !callbackUrl; step++) {
     if (await page.$('form input[name="prompt"][value="login"]')) {
       providerOrigin ??= new URL(page.url()).origin;
@@ -128,7 +135,7 @@ async function main() {
     }
   }
 
-  let out = await describe(page, resp);
+  let out = { ...(await describe(page, resp)), confirm_text: confirmText };
   if (/oops! something went wrong/.test(out.title)) fail('the provider rendered an error page', out);
   if (!providerOrigin) fail('never reached the provider login page', out);
   if (intercept && !callbackUrl) fail('never saw the redirect to the callback', out);
@@ -136,7 +143,8 @@ async function main() {
 
   if (opts.fresh_context_for_callback) {
     const other = await (await browser.newContext()).newPage();
-    out = { ...(await describe(other, await other.goto(callbackUrl, { waitUntil: 'load' }))), callback_url: callbackUrl };
+    const loaded = await describe(other, await other.goto(callbackUrl, { waitUntil: 'load' }));
+    out = { ...loaded, callback_url: callbackUrl, confirm_text: confirmText };
   }
   if (new URL(out.final_url).origin === providerOrigin) fail('flow ended on the provider, not the callback', out);
   if (opts.expect_text && !out.text.includes(opts.expect_text)) {
