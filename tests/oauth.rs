@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::pg::TestDb;
 use common::{body, json, recording_upstream};
 use http::{Method, Request};
 use http_body_util::BodyExt;
@@ -18,6 +19,7 @@ use mcp_tenant_proxy::secret::Secret;
 use mcp_tenant_proxy::store::Store;
 use mcp_tenant_proxy::store::connection::{CONNECTION_ID, Tokens};
 use mcp_tenant_proxy::store::crypto::MasterKey;
+use mcp_tenant_proxy::store::postgres::PgStore;
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
@@ -46,13 +48,13 @@ impl Drop for Provider {
 }
 
 impl Provider {
-    fn start(redirect_uri: &str) -> Provider {
+    fn start(redirect_uris: &[String]) -> Provider {
         assert!(
             peers_dir().join("node_modules/oidc-provider").exists(),
             "run `npm ci --prefix tests/oauth` first (scripts/test does)"
         );
         let settings = json!({
-            "redirect_uris": [redirect_uri],
+            "redirect_uris": redirect_uris,
             "client_id": "mcp-proxy",
             "client_secret": CLIENT_SECRET,
             "access_token_ttl": ACCESS_TTL,
@@ -151,39 +153,60 @@ async fn press_connect(url: &str, origin: Option<&str>, cookie: bool) -> (u16, S
 
 struct Setup {
     app: mcp_tenant_proxy::app::App,
+    /// More replicas on the same store (PostgreSQL), each with its own public URL.
+    replicas: Vec<mcp_tenant_proxy::app::App>,
     provider: Provider,
     dir: tempfile::TempDir,
     master: Secret,
     seen: std::sync::Arc<std::sync::Mutex<Vec<common::Seen>>>,
     keys: Vec<(String, String)>,
+    db: Option<TestDb>,
 }
 
 impl Setup {
     async fn start(users: &[&str]) -> Setup {
+        Setup::start_with(users, None, 1, "").await
+    }
+
+    /// `replicas` proxies on one store: a SQLite file, or with `db`, PostgreSQL. `extra` is more config
+    /// (`{upstream}` stands for the recording upstream's address).
+    async fn start_with(users: &[&str], db: Option<TestDb>, replicas: usize, extra: &str) -> Setup {
         let (upstream, seen) = recording_upstream().await;
-        // The provider must know the callback, and the proxy the provider: reserve the proxy's port.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let public_url = format!("http://127.0.0.1:{port}");
-        let provider = Provider::start(&format!("{public_url}/oauth/callback"));
+        // The provider must know the callbacks, and the proxies the provider: reserve the proxies' ports.
+        let ports: Vec<u16> = (0..replicas)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+            .collect();
+        let callbacks: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}/oauth/callback")).collect();
+        let provider = Provider::start(&callbacks);
         let dir = tempfile::tempdir().unwrap();
         let master = MasterKey::generate();
         std::fs::write(dir.path().join("master.key"), master.expose()).unwrap();
         std::fs::write(dir.path().join("admin.token"), ADMIN_TOKEN).unwrap();
         std::fs::write(dir.path().join("client.secret"), CLIENT_SECRET).unwrap();
-        let text = format!(
-            r#"
+        let store = match &db {
+            None => "path = \"store.db\"".to_owned(),
+            Some(db) => {
+                let (url, password) = db.url_and_password();
+                std::fs::write(dir.path().join("pg.password"), password.expose()).unwrap();
+                format!("url = \"{url}\"\npassword_file = \"pg.password\"")
+            }
+        };
+        let mut apps = Vec::new();
+        for (n, port) in ports.iter().enumerate() {
+            let text = format!(
+                r#"
 [server]
 listen = "127.0.0.1:{port}"
 [admin]
 listen = "127.0.0.1:0"
 token_file = "admin.token"
 [store]
-path = "store.db"
+{store}
 master_key_file = "master.key"
 [audit]
-path = "audit.log"
+path = "audit-{n}.log"
 [oauth]
-public_url = "{public_url}"
+public_url = "http://127.0.0.1:{port}"
 [upstreams.github]
 url = "http://{upstream}/mcp"
 inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
@@ -195,14 +218,19 @@ client_id = "mcp-proxy"
 client_secret_file = "client.secret"
 scopes = ["openid", "repo"]
 refresh_before = "1s"
+{extra}
 "#,
-            auth = provider.endpoint("authorization_endpoint"),
-            token = provider.endpoint("token_endpoint"),
-        );
-        std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
-        let config = mcp_tenant_proxy::config::Config::load(&dir.path().join("proxy.toml"), None).unwrap();
-        let app = mcp_tenant_proxy::app::App::start(config).await.unwrap();
-        let mut setup = Setup { app, provider, dir, master, seen, keys: Vec::new() };
+                auth = provider.endpoint("authorization_endpoint"),
+                token = provider.endpoint("token_endpoint"),
+                extra = extra.replace("{upstream}", &upstream.to_string()),
+            );
+            let path = dir.path().join(format!("proxy-{n}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let config = mcp_tenant_proxy::config::Config::load(&path, None).unwrap();
+            apps.push(mcp_tenant_proxy::app::App::start(config).await.unwrap());
+        }
+        let app = apps.remove(0);
+        let mut setup = Setup { app, replicas: apps, provider, dir, master, seen, keys: Vec::new(), db };
         for user in users {
             assert_eq!(setup.admin(Method::POST, "/admin/v1/users", json!({"id": user})).await.0, 201);
             let (status, key) =
@@ -211,6 +239,19 @@ refresh_before = "1s"
             setup.keys.push((user.to_string(), key["key"].as_str().unwrap().to_owned()));
         }
         setup
+    }
+
+    fn open_store(&self) -> Box<dyn Store> {
+        match &self.db {
+            None => Box::new(
+                mcp_tenant_proxy::store::SqliteStore::open(&self.dir.path().join("store.db"), Some(&self.master))
+                    .unwrap(),
+            ),
+            Some(db) => {
+                let (config, master) = (db.config.clone(), self.master.clone());
+                Box::new(common::pg::off_thread(move || PgStore::open(&config, Some(&master)).unwrap()))
+            }
+        }
     }
 
     async fn admin(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
@@ -226,8 +267,18 @@ refresh_before = "1s"
 
     /// An MCP request as `user`: the HTTP status and the JSON answer.
     async fn call(&self, user: &str, message: Value) -> (u16, Value) {
+        self.call_at(&self.app, user, "github", message).await
+    }
+
+    async fn call_at(
+        &self,
+        app: &mcp_tenant_proxy::app::App,
+        user: &str,
+        upstream: &str,
+        message: Value,
+    ) -> (u16, Value) {
         let key = &self.keys.iter().find(|(u, _)| u == user).unwrap().1;
-        let request = Request::post(format!("http://{}/mcp/github", self.app.proxy_addr))
+        let request = Request::post(format!("http://{}/mcp/{upstream}", app.proxy_addr))
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
             .header("authorization", format!("Bearer {key}"))
@@ -256,17 +307,18 @@ refresh_before = "1s"
         last.headers["authorization"].to_str().unwrap().strip_prefix("Bearer ").unwrap().to_owned()
     }
 
-    /// The connection as stored (read with a second handle on the store file).
+    /// The connection to github as stored (read with a second handle on the store).
     fn stored(&self, user: &str) -> Tokens {
-        let store =
-            mcp_tenant_proxy::store::SqliteStore::open(&self.dir.path().join("store.db"), Some(&self.master)).unwrap();
-        let secrets = store.credential_secrets(Some(user)).unwrap();
-        let secret = secrets.into_iter().find(|c| c.credential_id == CONNECTION_ID).expect("connected");
+        let secrets = self.open_store().credential_secrets(Some(user)).unwrap();
+        let secret = secrets
+            .into_iter()
+            .find(|c| c.credential_id == CONNECTION_ID && c.upstream == "github")
+            .expect("connected");
         Tokens::parse(&secret.secret).unwrap()
     }
 
     fn audit(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir.path().join("audit-0.log")).unwrap_or_default();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 }
@@ -367,7 +419,7 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
         assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
     }
     assert!(reasons.contains(&"oauth_reconnect_required"));
-    let text = std::fs::read_to_string(s.dir.path().join("audit.log")).unwrap();
+    let text = std::fs::read_to_string(s.dir.path().join("audit-0.log")).unwrap();
     assert!(!text.contains(&first) && !text.contains("link="), "no token or link in the audit trail");
     s.app.shutdown().await;
 }
@@ -445,5 +497,123 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     let (status, _) =
         s.admin(Method::PUT, "/admin/v1/users/bob/credentials/github/oauth", json!({"secret": "x"})).await;
     assert_eq!(status, 400);
+    s.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_token_endpoint_holds_up_only_its_own_connections_and_is_asked_once() {
+    // A token endpoint that takes connections and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let (accepted_tx, accepted) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+            accepted_tx.send_replace(held.len());
+        }
+    });
+    let extra = format!(
+        r#"
+[upstreams.slow]
+url = "http://{{upstream}}/mcp"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+forward_user_header = "x-forwarded-user"
+[upstreams.slow.oauth]
+authorization_endpoint = "http://{hung_addr}/authorize"
+token_endpoint = "http://{hung_addr}/token"
+client_id = "mcp-proxy"
+client_secret_file = "client.secret"
+"#
+    );
+    let s = Setup::start_with(&["alice"], None, 1, &extra).await;
+    s.connect("alice", "alice-gh").await;
+    // alice's connection to `slow` has expired, and its provider hangs.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let expired = Tokens {
+        access_token: "slow-access".into(),
+        refresh_token: Some("slow-refresh".into()),
+        expires_at: Some(now - 10),
+        scope: String::new(),
+        account: "alice-slow".into(),
+        connected_at: now - 100,
+        refreshed_at: None,
+        needs_reconnect: None,
+        grant: "g-slow".into(),
+    };
+    s.open_store().put_credential("alice", "slow", CONNECTION_ID, &expired.to_secret()).unwrap();
+    // An admin write for alice reloads her into the request path's directory.
+    assert_eq!(s.admin(Method::POST, "/admin/v1/keys", json!({"user": "alice", "kind": "standard"})).await.0, 201);
+
+    let tool = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"whoami"}});
+    let finished = std::sync::atomic::AtomicBool::new(false);
+    let slow = async {
+        let calls = (0..5).map(|_| s.call_at(&s.app, "alice", "slow", tool.clone()));
+        let answers = futures_util::future::join_all(calls).await;
+        finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        answers
+    };
+    let meanwhile = async {
+        // The refresh has reached the hung endpoint: from now on, the slow requests wait on it.
+        accepted.clone().wait_for(|n| *n >= 1).await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(s.tool_call("alice").await.0, 200, "github is not held up by slow's provider");
+        }
+        assert!(!finished.load(std::sync::atomic::Ordering::SeqCst), "the slow requests still wait");
+    };
+    let (answers, ()) = tokio::join!(slow, meanwhile);
+    for (status, answer) in answers {
+        assert_eq!((status, code(&answer)), (503, "oauth_refresh_unavailable"), "{answer}");
+    }
+    assert_eq!(*accepted.borrow(), 1, "five waiting requests, one refresh");
+    // Just failed: the next request is refused at once, without asking the provider again.
+    let (status, answer) = s.call_at(&s.app, "alice", "slow", tool).await;
+    assert_eq!((status, code(&answer)), (503, "oauth_refresh_unavailable"));
+    assert_eq!(*accepted.borrow(), 1, "no new refresh within the back-off");
+    assert_eq!(s.stored("alice").account, "alice-gh");
+    s.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgresql_spend_a_rotating_refresh_token_once() {
+    let s = Setup::start_with(&["alice"], Some(TestDb::create()), 2, "").await;
+    let (a, b) = (&s.app, &s.replicas[0]);
+    s.connect("alice", "alice-gh").await;
+    let tool = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"whoami"}});
+    // The other replica serves the connection made through the first.
+    let mut served = false;
+    for _ in 0..100 {
+        if s.call_at(b, "alice", "github", tool.clone()).await.1["error"].is_null() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "replica b never saw the connection");
+
+    for round in 0..2 {
+        let stored = s.stored("alice");
+        until_expired(&stored).await;
+        let before = s.seen.lock().unwrap().len();
+        // Both replicas find the token expired at once; one refreshes, the other waits for its answer.
+        let calls: Vec<_> =
+            (0..16).map(|i| s.call_at(if i % 2 == 0 { a } else { b }, "alice", "github", tool.clone())).collect();
+        for (status, answer) in futures_util::future::join_all(calls).await {
+            assert_eq!((status, answer["error"].clone()), (200, Value::Null), "round {round}: {answer}");
+        }
+        let tokens: std::collections::HashSet<String> = {
+            let seen = s.seen.lock().unwrap();
+            seen[before..].iter().map(|r| r.headers["authorization"].to_str().unwrap().to_owned()).collect()
+        };
+        assert_eq!(tokens.len(), 1, "round {round}: one refresh for both replicas: {tokens:?}");
+        let now = s.stored("alice");
+        assert_ne!(now.refresh_token, stored.refresh_token, "round {round}: rotated");
+        assert_eq!(s.provider.introspect(now.refresh_token.as_deref().unwrap()).await["active"], true);
+        let token = tokens.into_iter().next().unwrap();
+        assert_eq!(s.provider.introspect(token.strip_prefix("Bearer ").unwrap()).await["active"], true);
+    }
+    for app in s.replicas {
+        app.shutdown().await;
+    }
     s.app.shutdown().await;
 }
