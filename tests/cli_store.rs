@@ -648,3 +648,52 @@ fn store_import_creates_users_with_keys_and_credentials_and_writes_each_key_once
     assert!(err.contains("line 3") && !err.contains("ghp_LEAKED") && !err.contains("4242424242"), "{err}");
     assert!(err.contains("the 2 users before it are imported"), "{err}");
 }
+
+#[test]
+fn connections_are_listed_without_tokens_and_disconnected_and_their_id_is_reserved() {
+    use mcp_tenant_proxy::store::connection::Tokens;
+    let cli = Cli::new();
+    cli.ok(&["users", "add", "alice"], false);
+    let tokens = Tokens {
+        access_token: "gho_access_5d1c".into(),
+        refresh_token: Some("ghr_refresh_93ab".into()),
+        expires_at: Some(2_000_000_000),
+        scope: "repo".into(),
+        account: "alice-gh".into(),
+        connected_at: 1_700_000_000,
+        refreshed_at: None,
+        needs_reconnect: None,
+        grant: "g1".into(),
+    };
+    cli.library().put_credential("alice", "github", "oauth", &tokens.to_secret()).unwrap();
+    cli.library().put_credential("alice", "slack", "default", &Secret::new("xoxb-static")).unwrap();
+
+    let listed = cli.json(&["connections", "list", "--user", "alice"], true);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "static credentials are not connections: {listed}");
+    assert_eq!((&listed[0]["upstream"], &listed[0]["account"]), (&"github".into(), &"alice-gh".into()));
+    let text = cli.ok(&["connections", "list", "--user", "alice"], true);
+    assert!(text.contains("github") && text.contains("alice-gh") && text.contains("connected"), "{text}");
+    for out in [listed.to_string(), text] {
+        assert!(!out.contains("gho_access") && !out.contains("ghr_refresh"), "a token was printed: {out}");
+    }
+    assert_eq!(
+        cli.run(&["connections", "list", "--user", "alice"], false, None).status.code(),
+        Some(1),
+        "needs the key"
+    );
+    assert_eq!(cli.run(&["connections", "list", "--user", "bob"], true, None).status.code(), Some(1));
+
+    // A static credential may not take the id connections live under.
+    let reserved =
+        cli.run(&["creds", "set", "--user", "alice", "--upstream", "github", "--id", "oauth"], true, Some("x"));
+    assert_eq!(reserved.status.code(), Some(1));
+    assert!(reserved.stderr_text().contains("reserved"), "{}", reserved.stderr_text());
+
+    cli.ok(&["connections", "rm", "--user", "alice", "--upstream", "github"], false);
+    assert_eq!(cli.json(&["connections", "list", "--user", "alice"], true), serde_json::json!([]));
+    assert_eq!(
+        cli.run(&["connections", "rm", "--user", "alice", "--upstream", "github"], false, None).status.code(),
+        Some(1)
+    );
+    assert_eq!(cli.library().credential_secrets(Some("alice")).unwrap().len(), 1, "the static credential stays");
+}

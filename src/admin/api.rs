@@ -26,7 +26,7 @@ use crate::proxy::Proxy;
 use crate::proxy::body::{ProxyBody, full};
 use crate::secret::{Secret, sha256};
 use crate::store::connection::{CONNECTION_ID, Tokens};
-use crate::store::json::{cred_json, key_json, token_json, user_json};
+use crate::store::json::{connection_json, cred_json, key_json, token_json, user_json};
 use crate::store::model::{MAX_PAGE, NewKey, PutOutcome, UserLimit};
 use crate::store::{KeyKind, Store, StoreError, TokenMode};
 
@@ -511,19 +511,6 @@ impl AdminApi {
             Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the reload panicked")),
         }
     }
-}
-
-/// A connection as listed: never a token.
-fn connection_json(upstream: &str, t: &Tokens) -> Value {
-    json!({
-        "upstream": upstream,
-        "account": t.account,
-        "scope": t.scope,
-        "expires_at": t.expires_at,
-        "connected_at": t.connected_at,
-        "refreshed_at": t.refreshed_at,
-        "needs_reconnect": t.needs_reconnect.is_some(),
-    })
 }
 
 fn authorized(request: &Request<Incoming>, token: &Secret) -> bool {

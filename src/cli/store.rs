@@ -1,4 +1,5 @@
-//! The offline CLI over the store file: `users`, `keys`, `creds`, `tokens`, `usage` and `store`.
+//! The offline CLI over the store file: `users`, `keys`, `creds`, `connections`, `tokens`, `usage` and
+//! `store`.
 //!
 //! Every command opens the SQLite file named by `--store` directly (no running proxy needed; SQLite's
 //! locking makes it safe next to one). The master key comes from `--master-key-env NAME` or
@@ -19,9 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand, ValueEnum};
 use mcp_tenant_proxy::policy::ratelimit::Limit;
 use mcp_tenant_proxy::secret::Secret;
-use mcp_tenant_proxy::store::connection::CONNECTION_ID;
+use mcp_tenant_proxy::store::connection::{CONNECTION_ID, Tokens};
 use mcp_tenant_proxy::store::crypto::MasterKey;
-use mcp_tenant_proxy::store::json::{cred_json, key_json, token_json, user_json};
+use mcp_tenant_proxy::store::json::{connection_json, cred_json, key_json, token_json, user_json};
 use mcp_tenant_proxy::store::model::{MAX_PAGE, NewKey, PutOutcome, UnixTime, User, UserLimit};
 use mcp_tenant_proxy::store::{KeyKind, SqliteStore, Store, StoreError, TokenMode};
 use serde_json::{Value, json};
@@ -67,6 +68,13 @@ pub enum StoreCommand {
         opts: StoreOpts,
         #[command(subcommand)]
         command: CredsCommand,
+    },
+    /// Users' OAuth connections to upstreams (made by the users themselves, through connect links).
+    Connections {
+        #[command(flatten)]
+        opts: StoreOpts,
+        #[command(subcommand)]
+        command: ConnectionsCommand,
     },
     /// Token URLs (`/mcp/<upstream>/t/<token>`).
     Tokens {
@@ -216,6 +224,28 @@ pub enum CredsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ConnectionsCommand {
+    /// List a user's connections: upstream, account, scopes, expiry (never a token). Needs the master
+    /// key (the tokens are stored encrypted, with what is listed).
+    List {
+        /// The user.
+        #[arg(long)]
+        user: String,
+    },
+    /// Disconnect: delete the user's tokens for the upstream (the provider's grant is not revoked), and
+    /// void the connect links made for this connection. A running proxy serves the change once it reloads
+    /// the user (any write through its admin API, or a restart).
+    Rm {
+        /// The user.
+        #[arg(long)]
+        user: String,
+        /// The upstream name, as in the config.
+        #[arg(long)]
+        upstream: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum TokensCommand {
     /// Create a token URL for (user, upstream) and print it, this once.
     Create {
@@ -307,6 +337,7 @@ fn dispatch(command: StoreCommand) -> CmdResult {
         StoreCommand::Users { opts, command } => users(&opts, command),
         StoreCommand::Keys { opts, command } => keys(&opts, command),
         StoreCommand::Creds { opts, command } => creds(&opts, command),
+        StoreCommand::Connections { opts, command } => connections(&opts, command),
         StoreCommand::Tokens { opts, command } => tokens(&opts, command),
         StoreCommand::Usage { opts, user } => usage(&opts, user.as_deref()),
         StoreCommand::Store { opts, command: MasterKeyCommand::InitMasterKey } => {
@@ -566,6 +597,48 @@ fn creds(opts: &StoreOpts, command: CredsCommand) -> CmdResult {
                         ]
                     }),
                 );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn connections(opts: &StoreOpts, command: ConnectionsCommand) -> CmdResult {
+    match command {
+        ConnectionsCommand::List { user } => {
+            let key = master_key(opts)?.ok_or(StoreError::NoMasterKey)?;
+            let store = SqliteStore::open(store_path(opts)?, Some(&key))?;
+            store.get_user(&user)?;
+            let secrets = store.credential_secrets(Some(&user))?;
+            let connections: Vec<(String, Tokens)> = secrets
+                .into_iter()
+                .filter(|c| c.credential_id == CONNECTION_ID)
+                .filter_map(|c| Some((c.upstream, Tokens::parse(&c.secret)?)))
+                .collect();
+            if opts.json {
+                print_json(&Value::Array(connections.iter().map(|(u, t)| connection_json(u, t)).collect()));
+            } else {
+                table(
+                    &["UPSTREAM", "ACCOUNT", "SCOPE", "EXPIRES", "CONNECTED", "STATE"],
+                    connections.iter().map(|(upstream, t)| {
+                        vec![
+                            upstream.clone(),
+                            t.account.clone(),
+                            t.scope.clone(),
+                            t.expires_at.map_or_else(|| "-".into(), time),
+                            time(t.connected_at),
+                            if t.needs_reconnect.is_some() { "needs reconnect" } else { "connected" }.into(),
+                        ]
+                    }),
+                );
+            }
+        }
+        ConnectionsCommand::Rm { user, upstream } => {
+            open(opts)?.delete_credential(&user, &upstream, CONNECTION_ID)?;
+            if opts.json {
+                print_json(&json!({ "deleted": { "user": user, "upstream": upstream } }));
+            } else {
+                println!("connection {user}/{upstream} deleted");
             }
         }
     }

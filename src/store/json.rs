@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use super::connection::Tokens;
 use super::model::{CredentialInfo, KeyInfo, TokenInfo, User, UserLimit};
 
 pub fn limit_json(limit: UserLimit) -> Value {
@@ -39,5 +40,18 @@ pub fn token_json(t: &TokenInfo) -> Value {
     json!({
         "id": t.id, "user": t.user, "upstream": t.upstream, "created_at": t.created_at,
         "expires_at": t.expires_at, "revoked_at": t.revoked_at,
+    })
+}
+
+/// A user's OAuth connection to `upstream` as the admin API and the CLI list it: never a token.
+pub fn connection_json(upstream: &str, t: &Tokens) -> Value {
+    json!({
+        "upstream": upstream,
+        "account": t.account,
+        "scope": t.scope,
+        "expires_at": t.expires_at,
+        "connected_at": t.connected_at,
+        "refreshed_at": t.refreshed_at,
+        "needs_reconnect": t.needs_reconnect.is_some(),
     })
 }
