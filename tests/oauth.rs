@@ -197,6 +197,7 @@ impl Setup {
                 r#"
 [server]
 listen = "127.0.0.1:{port}"
+body_read_timeout = "2s"
 [admin]
 listen = "127.0.0.1:0"
 token_file = "admin.token"
@@ -493,6 +494,17 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     for reason in ["oauth_link_superseded", "oauth_not_confirmed", "oauth_browser_mismatch"] {
         assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
     }
+    // A confirmation form whose body never comes holds nothing for longer than any request body.
+    let mut slow = tokio::net::TcpStream::connect(s.app.proxy_addr).await.unwrap();
+    let head = "POST /oauth/connect HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nlink=";
+    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = tokio::io::AsyncReadExt::read(&mut slow, &mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
     // A static credential may not take the connection's reserved id.
     let (status, _) =
         s.admin(Method::PUT, "/admin/v1/users/bob/credentials/github/oauth", json!({"secret": "x"})).await;

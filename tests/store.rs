@@ -196,6 +196,7 @@ both_backends!(
     replicas_racing_for_a_lease_or_a_nonce_win_once,
     swapped_credentials_are_written_only_over_the_expected_value,
     replicas_swapping_one_credential_from_the_same_value_win_once,
+    a_swap_racing_a_delete_never_brings_the_credential_back,
     a_version_2_store_upgrades_to_the_oauth_tables,
 );
 
@@ -1613,6 +1614,50 @@ fn replicas_swapping_one_credential_from_the_same_value_win_once(b: Backend) {
     }
     let stored = f.open().credential_secrets(Some("alice")).unwrap().pop().unwrap();
     assert_eq!(stored.secret.expose(), format!("round{}-replica{last}", ROUNDS - 1));
+}
+
+fn a_swap_racing_a_delete_never_brings_the_credential_back(b: Backend) {
+    let f = Fixture::new(b);
+    f.open().create_user("alice", UserLimit::Default).unwrap();
+    let (swapper, deleter) = (f.open(), f.open());
+    let v0 = Secret::new("v0");
+    for round in 0..30 {
+        swapper.put_credential("alice", "github", "oauth", &v0).unwrap();
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                barrier.wait();
+                let digest = sha256(b"v0");
+                swapper.swap_credential("alice", "github", "oauth", Some(&digest), &Secret::new("v1")).unwrap();
+            });
+            scope.spawn(|| {
+                barrier.wait();
+                deleter.delete_credential("alice", "github", "oauth").unwrap();
+            });
+        });
+        // Whichever went first, the delete is the last word: a refresh never undoes a disconnect.
+        assert!(swapper.credential_secrets(Some("alice")).unwrap().is_empty(), "round {round}: brought back");
+    }
+    if b == Backend::Postgres {
+        // The narrow case, made wide: the delete is in flight (uncommitted) when the swap reads.
+        swapper.put_credential("alice", "github", "oauth", &v0).unwrap();
+        let mut deleting = connect(&f.pg().config);
+        let mut tx = deleting.transaction().unwrap();
+        tx.execute("DELETE FROM credentials WHERE user_id = 'alice' AND credential_id = 'oauth'", &[]).unwrap();
+        std::thread::scope(|scope| {
+            let swap = scope.spawn(|| {
+                let digest = sha256(b"v0");
+                swapper.swap_credential("alice", "github", "oauth", Some(&digest), &Secret::new("v1")).unwrap()
+            });
+            // Until the swap waits on the delete's lock.
+            while f.count("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'") == 0 {
+                std::thread::yield_now();
+            }
+            tx.commit().unwrap();
+            assert!(!swap.join().unwrap(), "the swap saw the delete");
+        });
+        assert!(swapper.credential_secrets(Some("alice")).unwrap().is_empty(), "brought back after the delete");
+    }
 }
 
 fn a_version_2_store_upgrades_to_the_oauth_tables(b: Backend) {

@@ -485,9 +485,15 @@ impl Broker {
         let own_origin =
             request.headers().get(header::ORIGIN).is_none_or(|o| o.as_bytes() == settings.public_url.as_bytes());
         let cookie = named_cookie(&request, CONFIRM_COOKIE);
-        let form = match http_body_util::Limited::new(request.into_body(), MAX_FORM_BYTES).collect().await {
-            Ok(body) => String::from_utf8(body.to_bytes().to_vec()).unwrap_or_default(),
-            Err(_) => String::new(),
+        // Bounded in time as every request body is: a body that never comes holds nothing for long.
+        let read = http_body_util::Limited::new(request.into_body(), MAX_FORM_BYTES).collect();
+        let form = match tokio::time::timeout(config.server.body_read_timeout, read).await {
+            Ok(Ok(body)) => String::from_utf8(body.to_bytes().to_vec()).unwrap_or_default(),
+            Ok(Err(_)) => String::new(),
+            Err(_) => {
+                outcome.reason = "body_read_timeout";
+                return page(StatusCode::REQUEST_TIMEOUT, "Too slow", "Open the link again and press Connect.");
+            }
         };
         let confirmed = query_param(&form, "confirm");
         let same = matches!((&cookie, &confirmed), (Some(c), Some(f)) if bool::from(c.as_bytes().ct_eq(f.as_bytes())));

@@ -38,7 +38,8 @@ pub struct Tokens {
     pub needs_reconnect: Option<String>,
     /// A random id of this grant: new at every connect, kept by refreshes. A connect link names the
     /// grant it replaces (none for a first connect), so a link cannot replace a later connection, and
-    /// a disconnect voids the links made before it.
+    /// a disconnect voids the links made to replace the grant it removed (first-connect links made
+    /// before that connection work again until they expire: `oauth.link_ttl`).
     #[serde(default)]
     pub grant: String,
 }

@@ -358,9 +358,11 @@ impl PgStore {
                 if tx.query_opt("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&user])?.is_none() {
                     return Err(StoreError::not_found("user", user));
                 }
+                // The row locked too: a delete committing between this read and the write below
+                // would let the write insert the row again (READ COMMITTED), undoing a disconnect.
                 let row = tx.query_opt(
                     "SELECT key_version, nonce, ciphertext FROM credentials
-                     WHERE user_id = $1 AND upstream = $2 AND credential_id = $3",
+                     WHERE user_id = $1 AND upstream = $2 AND credential_id = $3 FOR UPDATE",
                     &[&user, &upstream, &credential_id],
                 )?;
                 let digest = match row {
