@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::pg::TestDb;
-use common::{body, json, recording_upstream};
+use common::{body, json, recording_upstream_answering};
 use http::{Method, Request};
 use http_body_util::BodyExt;
 use mcp_tenant_proxy::secret::Secret;
@@ -171,13 +171,41 @@ impl Setup {
     /// `replicas` proxies on one store: a SQLite file, or with `db`, PostgreSQL. `extra` is more config
     /// (`{upstream}` stands for the recording upstream's address).
     async fn start_with(users: &[&str], db: Option<TestDb>, replicas: usize, extra: &str) -> Setup {
-        let (upstream, seen) = recording_upstream().await;
+        Setup::start_full(users, db, replicas, extra, false).await
+    }
+
+    /// With `discover`, the proxy finds the provider from the upstream's RFC 9728 metadata (which the
+    /// recording upstream serves, naming the provider) and the provider's OpenID metadata.
+    async fn start_full(users: &[&str], db: Option<TestDb>, replicas: usize, extra: &str, discover: bool) -> Setup {
+        let issuer = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+        let (upstream, seen) = {
+            let issuer = issuer.clone();
+            recording_upstream_answering(move |seen: &common::Seen| {
+                if seen.uri.path() != "/.well-known/oauth-protected-resource/mcp" {
+                    return hyper::Response::new(body(r#"{"ok":true}"#));
+                }
+                let host = seen.headers["host"].to_str().unwrap();
+                let metadata =
+                    json!({"resource": format!("http://{host}/mcp"), "authorization_servers": [issuer.get()]});
+                hyper::Response::new(body(metadata.to_string()))
+            })
+            .await
+        };
         // The provider must know the callbacks, and the proxies the provider: reserve the proxies' ports.
         let ports: Vec<u16> = (0..replicas)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
             .collect();
         let callbacks: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}/oauth/callback")).collect();
         let provider = Provider::start(&callbacks);
+        issuer.set(provider.endpoint("issuer")).unwrap();
+        let endpoints = match discover {
+            true => "discover = true".to_owned(),
+            false => format!(
+                "authorization_endpoint = \"{}\"\ntoken_endpoint = \"{}\"",
+                provider.endpoint("authorization_endpoint"),
+                provider.endpoint("token_endpoint")
+            ),
+        };
         let dir = tempfile::tempdir().unwrap();
         let master = MasterKey::generate();
         std::fs::write(dir.path().join("master.key"), master.expose()).unwrap();
@@ -213,16 +241,13 @@ url = "http://{upstream}/mcp"
 inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 forward_user_header = "x-forwarded-user"
 [upstreams.github.oauth]
-authorization_endpoint = "{auth}"
-token_endpoint = "{token}"
+{endpoints}
 client_id = "mcp-proxy"
 client_secret_file = "client.secret"
 scopes = ["openid", "repo"]
 refresh_before = "1s"
 {extra}
 "#,
-                auth = provider.endpoint("authorization_endpoint"),
-                token = provider.endpoint("token_endpoint"),
                 extra = extra.replace("{upstream}", &upstream.to_string()),
             );
             let path = dir.path().join(format!("proxy-{n}.toml"));
@@ -427,7 +452,8 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser() {
-    let s = Setup::start(&["alice", "bob"]).await;
+    // This one finds the provider by discovery (RFC 9728, then OpenID metadata), as the others do not.
+    let s = Setup::start_full(&["alice", "bob"], None, 1, "", true).await;
     // A link made while alice had no connection connects only while she has none.
     let (_, answer) = s.tool_call("alice").await;
     let early = answer["error"]["data"]["connect_url"].as_str().unwrap().to_owned();
@@ -441,8 +467,10 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
         assert_eq!(status, 200);
     }
     let seen = s.seen.lock().unwrap().clone();
+    let metadata = seen.iter().filter(|r| r.uri.path().starts_with("/.well-known/")).count();
+    assert_eq!(metadata, 1, "the upstream's metadata was read once, and kept");
     let mut subjects = std::collections::HashMap::new();
-    for request in &seen {
+    for request in seen.iter().filter(|r| !r.uri.path().starts_with("/.well-known/")) {
         let token = request.headers["authorization"].to_str().unwrap().strip_prefix("Bearer ").unwrap().to_owned();
         let user = request.headers["x-forwarded-user"].to_str().unwrap().to_owned();
         if !subjects.contains_key(&token) {
@@ -628,4 +656,70 @@ async fn two_replicas_on_postgresql_spend_a_rotating_refresh_token_once() {
         app.shutdown().await;
     }
     s.app.shutdown().await;
+}
+
+#[test]
+fn bad_oauth_settings_are_refused_with_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("master.key"), MasterKey::generate().expose()).unwrap();
+    std::fs::write(dir.path().join("client.secret"), CLIENT_SECRET).unwrap();
+    let problems = |oauth: &str, upstream: &str, store: bool| {
+        let store = if store { "[store]\npath = \"s.db\"\nmaster_key_file = \"master.key\"" } else { "" };
+        let text = format!(
+            "{store}\n{oauth}\n[upstreams.github]\nurl = \"http://127.0.0.1:9/mcp\"\n\
+             inject = {{ header = \"authorization\", value = \"Bearer {{secret}}\" }}\n{upstream}\n\
+             [upstreams.github.oauth]\nclient_id = \"c\"\nclient_secret_file = \"client.secret\"\ndiscover = true\n"
+        );
+        match mcp_tenant_proxy::config::Config::from_toml(&text, dir.path()) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let oauth = "[oauth]\npublic_url = \"https://mcp.example.com\"";
+    assert_eq!(problems(oauth, "", true), "", "a good one");
+    assert!(problems(oauth, "", false).contains("needs a [store] with a master key"), "{}", problems(oauth, "", false));
+    assert!(problems("", "", true).contains("needs an [oauth] section"));
+    for (public_url, why) in [
+        ("http://mcp.example.com", "plain http off loopback"),
+        ("https://mcp.example.com/proxy", "a path"),
+        ("https://mcp.example.com?x=1", "a query"),
+    ] {
+        let section = format!("[oauth]\npublic_url = \"{public_url}\"");
+        assert!(problems(&section, "", true).contains("oauth.public_url"), "{why}: {}", problems(&section, "", true));
+    }
+    // The path goes into cookie attributes and form actions as it is.
+    for path in ["/o;Domain=evil.example", "oauth", "/oauth/", "/a//b", "/o%2f", "/o\"x"] {
+        let section = format!("{oauth}\npath = '{path}'");
+        assert!(problems(&section, "", true).contains("oauth.path"), "{path}: {}", problems(&section, "", true));
+    }
+    // Neither may hide the other's paths.
+    for (upstream_path, oauth_path) in [("/oauth/github", "/oauth"), ("/mcp", "/mcp/oauth"), ("/", "/oauth")] {
+        let section = format!("{oauth}\npath = \"{oauth_path}\"");
+        let upstream = format!("path = \"{upstream_path}\"");
+        let found = problems(&section, &upstream, true);
+        assert!(found.contains("must not contain one another"), "{upstream_path} {oauth_path}: {found}");
+    }
+    let ttl = format!("{oauth}\nlink_ttl = \"2d\"");
+    assert!(problems(&ttl, "", true).contains("oauth.link_ttl"));
+    // Endpoints: both, or discovery; not a mix.
+    let text = |fields: &str| {
+        format!(
+            "[store]\npath = \"s.db\"\nmaster_key_file = \"master.key\"\n{oauth}\n[upstreams.github]\n\
+             url = \"http://127.0.0.1:9/mcp\"\ninject = {{ header = \"authorization\", value = \"Bearer {{secret}}\" }}\n\
+             [upstreams.github.oauth]\nclient_id = \"c\"\nclient_secret_file = \"client.secret\"\n{fields}\n"
+        )
+    };
+    let check = |fields: &str| match mcp_tenant_proxy::config::Config::from_toml(&text(fields), dir.path()) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    let fixed = "authorization_endpoint = \"https://a.example/auth\"\ntoken_endpoint = \"https://a.example/token\"";
+    assert_eq!(check(fixed), "");
+    assert!(check(&format!("{fixed}\ndiscover = true")).contains("or discover = true"));
+    assert!(check("token_endpoint = \"https://a.example/token\"").contains("or discover = true"));
+    assert!(check("").contains("or discover = true"));
+    let plain = "authorization_endpoint = \"http://a.example/auth\"\ntoken_endpoint = \"https://a.example/token\"";
+    assert!(check(plain).contains("authorization_endpoint: must be an https:// URL"), "{}", check(plain));
+    assert!(check("discover = true\nscopes = [\"a b\"]").contains("scopes"));
+    assert!(check("discover = true\nresource = \"relative\"").contains("resource"));
 }

@@ -2,7 +2,7 @@
 //! upstream's OAuth client registration (`crate::oauth` runs the flows).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Uri;
 
@@ -37,9 +37,30 @@ impl OAuthSettings {
     }
 }
 
+/// A provider's endpoints, as configured or discovered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderEndpoints {
+    pub authorization: Uri,
+    pub token: Uri,
+    /// The protected resource's identifier (RFC 9728 `resource`), sent as the RFC 8707 `resource`
+    /// unless the config names one.
+    pub resource: Option<String>,
+}
+
+/// Where an upstream's provider endpoints come from.
+pub enum Endpoints {
+    Fixed(Arc<ProviderEndpoints>),
+    /// From the upstream's protected-resource metadata at `metadata` (`crate::oauth::discovery`); the
+    /// last answer and when it came. Held across the fetch, so concurrent callers wait for one fetch.
+    Discovered {
+        metadata: Uri,
+        resource: String,
+        cache: tokio::sync::Mutex<Option<(Instant, Arc<ProviderEndpoints>)>>,
+    },
+}
+
 pub struct UpstreamOAuth {
-    pub authorization_endpoint: Uri,
-    pub token_endpoint: Uri,
+    pub endpoints: Endpoints,
     pub client_id: String,
     pub client_secret: Secret,
     /// Space-separated, as sent.
@@ -52,13 +73,26 @@ pub struct UpstreamOAuth {
 
 impl std::fmt::Debug for UpstreamOAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoints = match &self.endpoints {
+            Endpoints::Fixed(e) => format!("{} {}", e.authorization, e.token),
+            Endpoints::Discovered { metadata, .. } => format!("discovered from {metadata}"),
+        };
         f.debug_struct("UpstreamOAuth")
-            .field("authorization_endpoint", &self.authorization_endpoint)
-            .field("token_endpoint", &self.token_endpoint)
+            .field("endpoints", &endpoints)
             .field("client_id", &self.client_id)
             .field("scope", &self.scope)
             .finish_non_exhaustive()
     }
+}
+
+/// RFC 9728 3.1: `/.well-known/oauth-protected-resource` between the resource's host and its path.
+pub fn resource_metadata_url(resource: &Uri) -> Uri {
+    let path = resource.path().trim_end_matches('/');
+    let scheme = resource.scheme_str().unwrap_or("https");
+    let authority = resource.authority().map_or("", |a| a.as_str());
+    format!("{scheme}://{authority}/.well-known/oauth-protected-resource{path}")
+        .parse()
+        .unwrap_or_else(|_| resource.clone())
 }
 
 impl Builder<'_> {
@@ -101,7 +135,12 @@ impl Builder<'_> {
         })
     }
 
-    pub(super) fn upstream_oauth(&mut self, path: &str, raw: &RawUpstreamOAuth) -> Option<Arc<UpstreamOAuth>> {
+    pub(super) fn upstream_oauth(
+        &mut self,
+        path: &str,
+        upstream_url: &Uri,
+        raw: &RawUpstreamOAuth,
+    ) -> Option<Arc<UpstreamOAuth>> {
         let path = format!("{path}.oauth");
         let mut endpoint = |field: &str, value: &str| {
             let uri = value.parse::<Uri>().ok().filter(|u| {
@@ -113,8 +152,26 @@ impl Builder<'_> {
             }
             uri
         };
-        let authorization_endpoint = endpoint("authorization_endpoint", &raw.authorization_endpoint);
-        let token_endpoint = endpoint("token_endpoint", &raw.token_endpoint);
+        let endpoints = match (&raw.authorization_endpoint, &raw.token_endpoint, raw.discover) {
+            (Some(authorization), Some(token), false) => {
+                let authorization = endpoint("authorization_endpoint", authorization);
+                let token = endpoint("token_endpoint", token);
+                Some(Endpoints::Fixed(Arc::new(ProviderEndpoints {
+                    authorization: authorization?,
+                    token: token?,
+                    resource: None,
+                })))
+            }
+            (None, None, true) => Some(Endpoints::Discovered {
+                metadata: resource_metadata_url(upstream_url),
+                resource: upstream_url.to_string(),
+                cache: tokio::sync::Mutex::new(None),
+            }),
+            _ => {
+                self.problem(&path, "set authorization_endpoint and token_endpoint, or discover = true");
+                None
+            }
+        };
         if raw.client_id.is_empty() || raw.client_id.chars().any(char::is_control) {
             self.problem(format!("{path}.client_id"), "must be set");
         }
@@ -142,8 +199,7 @@ impl Builder<'_> {
             .map_err(|e| self.problem(format!("{path}.ca_file"), e))
             .ok();
         Some(Arc::new(UpstreamOAuth {
-            authorization_endpoint: authorization_endpoint?,
-            token_endpoint: token_endpoint?,
+            endpoints: endpoints?,
             client_id: raw.client_id.clone(),
             client_secret: client_secret?,
             scope: raw.scopes.join(" "),

@@ -347,8 +347,13 @@ fn default_link_ttl() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstreamOAuth {
-    pub authorization_endpoint: String,
-    pub token_endpoint: String,
+    /// Both, or neither with `discover = true`.
+    pub authorization_endpoint: Option<String>,
+    pub token_endpoint: Option<String>,
+    /// The endpoints from the upstream's RFC 9728 protected-resource metadata and its authorization
+    /// server's RFC 8414 (or OpenID) metadata, fetched when first needed and kept for an hour.
+    #[serde(default)]
+    pub discover: bool,
     pub client_id: String,
     pub client_secret_env: Option<String>,
     pub client_secret_file: Option<PathBuf>,

@@ -989,7 +989,7 @@ impl Builder<'_> {
             .map(|l| l.into_iter().flatten().collect());
         let oauth = match &u.oauth {
             None => Some(None),
-            Some(raw) => self.upstream_oauth(path, raw).map(Some),
+            Some(raw) => url.as_ref().and_then(|url| self.upstream_oauth(path, url, raw)).map(Some),
         };
         let url = url?;
         let is_https = url.scheme_str() == Some("https");

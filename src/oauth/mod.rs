@@ -13,6 +13,7 @@
 //!   same rotating refresh token. The task runs apart from the requests: a slow provider holds up only
 //!   the requests of the users whose tokens have already expired.
 
+pub mod discovery;
 pub mod link;
 pub mod pages;
 pub mod provider;
@@ -53,11 +54,41 @@ const REFRESH_WAIT: Duration = Duration::from_secs(15);
 /// After a refresh failed (provider or store unreachable), this long: no new refresh of that
 /// connection, and its requests with an expired token are refused at once.
 const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
-/// The cookie that ties a flow to the browser that opened the link.
-const COOKIE: &str = "mtp_oauth_flow";
+/// The cookie that ties a flow to the browser that pressed Connect (`SameSite=Lax`: the provider's
+/// redirect back is a top-level navigation).
+const FLOW: Cookie = Cookie { name: "mtp_oauth_flow", route: "/callback", same_site: "Lax" };
 /// The cookie the confirmation page sets and its form repeats (`SameSite=Strict`: another site's form
 /// posted to the proxy has none).
-const CONFIRM_COOKIE: &str = "mtp_oauth_confirm";
+const CONFIRM: Cookie = Cookie { name: "mtp_oauth_confirm", route: "/connect", same_site: "Strict" };
+
+/// One of the flow's cookies. Over https its name takes the `__Host-` prefix, which browsers accept
+/// only from this origin, Secure, for `Path=/` and without `Domain`: a sibling subdomain cannot plant
+/// one (a planted flow cookie would let someone else's flow finish in the victim's browser). Over
+/// plain http (loopback only) the prefix cannot be had; the cookie is scoped to its route instead.
+struct Cookie {
+    name: &'static str,
+    route: &'static str,
+    same_site: &'static str,
+}
+
+impl Cookie {
+    fn name(&self, settings: &OAuthSettings) -> String {
+        if settings.secure_cookie { format!("__Host-{}", self.name) } else { self.name.to_owned() }
+    }
+
+    /// `Set-Cookie` for `value`; `None` clears it.
+    fn set(&self, settings: &OAuthSettings, value: Option<&str>) -> String {
+        let (value, max_age) = value.map_or(("", 0), |v| (v, FLOW_TTL));
+        let (name, same_site) = (self.name(settings), self.same_site);
+        match settings.secure_cookie {
+            true => format!("{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite={same_site}; Secure"),
+            false => format!(
+                "{name}={value}; Path={}{}; Max-Age={max_age}; HttpOnly; SameSite={same_site}",
+                settings.path, self.route
+            ),
+        }
+    }
+}
 /// Largest confirmation form read: a link and a cookie value.
 const MAX_FORM_BYTES: usize = 4096;
 
@@ -300,7 +331,14 @@ impl Broker {
             );
             return Refreshed::Unavailable;
         }
-        let tokens = match provider::refresh(oauth, &spent.tokens, now()).await {
+        let endpoints = match discovery::endpoints(oauth).await {
+            Ok(endpoints) => endpoints,
+            Err(why) => {
+                tracing::warn!(user, upstream, error = %why, "oauth refresh: the provider's endpoints are unknown");
+                return Refreshed::Unavailable;
+            }
+        };
+        let tokens = match provider::refresh(oauth, &endpoints, &spent.tokens, now()).await {
             Ok(tokens) => tokens,
             Err(TokenError::Refused(why)) => {
                 tracing::info!(user, upstream, reason = %why, "oauth refresh refused: the user must connect again");
@@ -460,11 +498,7 @@ impl Broker {
         let action = format!("{}/connect", settings.path);
         let mut response =
             form_page("Connect your account", &text, &action, &[("link", &token), ("confirm", &confirm)], "Connect");
-        let cookie = format!(
-            "{CONFIRM_COOKIE}={confirm}; Path={action}; Max-Age={FLOW_TTL}; HttpOnly; SameSite=Strict{}",
-            secure(settings)
-        );
-        if let Ok(cookie) = HeaderValue::try_from(cookie) {
+        if let Ok(cookie) = HeaderValue::try_from(CONFIRM.set(settings, Some(&confirm))) {
             response.headers_mut().insert(header::SET_COOKIE, cookie);
         }
         outcome.decision = "allow";
@@ -484,7 +518,7 @@ impl Broker {
         // Another site's page posting here: its Origin says so, and it cannot have the Strict cookie.
         let own_origin =
             request.headers().get(header::ORIGIN).is_none_or(|o| o.as_bytes() == settings.public_url.as_bytes());
-        let cookie = named_cookie(&request, CONFIRM_COOKIE);
+        let cookie = named_cookie(&request, &CONFIRM.name(settings));
         // Bounded in time as every request body is: a body that never comes holds nothing for long.
         let read = http_body_util::Limited::new(request.into_body(), MAX_FORM_BYTES).collect();
         let form = match tokio::time::timeout(config.server.body_read_timeout, read).await {
@@ -512,6 +546,11 @@ impl Broker {
             return page(StatusCode::NOT_FOUND, "Not available", "This server no longer connects accounts.");
         };
         outcome.upstream = Some(upstream.name.clone());
+        // Before the link is spent: a provider that cannot be found now leaves it usable.
+        let endpoints = match discovery::endpoints(oauth).await {
+            Ok(endpoints) => endpoints,
+            Err(why) => return discovery_failed(outcome, &upstream.name, &why),
+        };
         let nonce = link.nonce;
         match self.blocking(move |store| store.use_once(&nonce, link.expires_at)).await {
             Ok(true) => {}
@@ -552,18 +591,13 @@ impl Broker {
         if !oauth.scope.is_empty() {
             query.push(("scope", oauth.scope.clone()));
         }
-        query.extend(oauth.resource.clone().map(|r| ("resource", r)));
+        query.extend(provider::resource(oauth, &endpoints).map(|r| ("resource", r.to_owned())));
         let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", provider::encode(v))).collect();
-        let endpoint = oauth.authorization_endpoint.to_string();
+        let endpoint = endpoints.authorization.to_string();
         let separator = if endpoint.contains('?') { '&' } else { '?' };
         let location = format!("{endpoint}{separator}{}", query.join("&"));
         let mut response = page(StatusCode::SEE_OTHER, "Connecting", "Continue at your account's provider.");
-        let set_cookie = format!(
-            "{COOKIE}={cookie}; Path={}/callback; Max-Age={FLOW_TTL}; HttpOnly; SameSite=Lax{}",
-            settings.path,
-            secure(settings)
-        );
-        let clear = format!("{CONFIRM_COOKIE}=; Path={}/connect; Max-Age=0; HttpOnly; SameSite=Strict", settings.path);
+        let (set_cookie, clear) = (FLOW.set(settings, Some(&cookie)), CONFIRM.set(settings, None));
         match (HeaderValue::try_from(location), HeaderValue::try_from(set_cookie), HeaderValue::try_from(clear)) {
             (Ok(location), Ok(cookie), Ok(clear)) => {
                 response.headers_mut().insert(header::LOCATION, location);
@@ -600,7 +634,7 @@ impl Broker {
         outcome.user = Some(state.user.clone());
         // The browser that opened the link, and no other, finishes it: a code sent to someone else's
         // browser (a phished authorization) connects nothing.
-        let presented = named_cookie(request, COOKIE).map(|c| sha256(c.as_bytes())).unwrap_or_default();
+        let presented = named_cookie(request, &FLOW.name(settings)).map(|c| sha256(c.as_bytes())).unwrap_or_default();
         if !bool::from(presented.ct_eq(&state.cookie)) {
             outcome.reason = "oauth_browser_mismatch";
             return page(
@@ -636,7 +670,12 @@ impl Broker {
             Ok(_) => return superseded(outcome),
             Err(()) => return store_unavailable(outcome),
         }
-        let tokens = match provider::exchange_code(oauth, &settings.callback_url(), &code, &state.verifier, now).await {
+        let endpoints = match discovery::endpoints(oauth).await {
+            Ok(endpoints) => endpoints,
+            Err(why) => return discovery_failed(outcome, &upstream.name, &why),
+        };
+        let redirect = settings.callback_url();
+        let tokens = match provider::exchange_code(oauth, &endpoints, &redirect, &code, &state.verifier, now).await {
             Ok(tokens) => tokens,
             Err(TokenError::Refused(_)) => {
                 outcome.reason = "oauth_code_refused";
@@ -671,8 +710,7 @@ impl Broker {
             "Account connected",
             &format!("Connected {account} to {} for {}. You can close this window.", upstream.name, state.user),
         );
-        let clear = format!("{COOKIE}=; Path={}/callback; Max-Age=0; HttpOnly; SameSite=Lax", settings.path);
-        if let Ok(clear) = HeaderValue::try_from(clear) {
+        if let Ok(clear) = HeaderValue::try_from(FLOW.set(settings, None)) {
             response.headers_mut().insert(header::SET_COOKIE, clear);
         }
         response
@@ -682,14 +720,13 @@ impl Broker {
 /// How long before expiry a token is refreshed: `refresh_before`, but at most half its lifetime, so a
 /// provider issuing tokens shorter than `refresh_before` does not get a refresh per request.
 fn refresh_window(oauth: &UpstreamOAuth, tokens: &Tokens) -> i64 {
-    let before = oauth.refresh_before.as_secs() as i64;
+    window(oauth.refresh_before.as_secs() as i64, tokens)
+}
+
+fn window(before: i64, tokens: &Tokens) -> i64 {
     let Some(expires_at) = tokens.expires_at else { return before };
     let issued = tokens.refreshed_at.unwrap_or(tokens.connected_at);
     before.min(expires_at.saturating_sub(issued).max(0) / 2)
-}
-
-fn secure(settings: &OAuthSettings) -> &'static str {
-    if settings.secure_cookie { "; Secure" } else { "" }
 }
 
 fn superseded(outcome: &mut BrowserOutcome) -> Response<ProxyBody> {
@@ -699,6 +736,12 @@ fn superseded(outcome: &mut BrowserOutcome) -> Response<ProxyBody> {
         "Link out of date",
         "The account was connected or disconnected since this link was made: ask for a new link.",
     )
+}
+
+fn discovery_failed(outcome: &mut BrowserOutcome, upstream: &str, why: &str) -> Response<ProxyBody> {
+    tracing::warn!(upstream, error = %why, "oauth: the provider's endpoints could not be discovered");
+    outcome.reason = "oauth_discovery_failed";
+    page(StatusCode::BAD_GATEWAY, "Not available", "The account's provider cannot be found now: try again later.")
 }
 
 fn store_unavailable(outcome: &mut BrowserOutcome) -> Response<ProxyBody> {
@@ -744,4 +787,60 @@ fn named_cookie<B>(request: &Request<B>, name: &str) -> Option<String> {
 
 fn now() -> UnixTime {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(https: bool) -> OAuthSettings {
+        let public_url = if https { "https://mcp.example.com" } else { "http://127.0.0.1:8080" };
+        OAuthSettings {
+            public_url: public_url.into(),
+            path: "/oauth".into(),
+            link_ttl: Duration::from_secs(900),
+            secure_cookie: https,
+        }
+    }
+
+    #[test]
+    fn cookies_are_host_only_over_https_and_scoped_to_their_route_over_loopback_http() {
+        let https = settings(true);
+        assert_eq!(
+            FLOW.set(&https, Some("v")),
+            "__Host-mtp_oauth_flow=v; Path=/; Max-Age=600; HttpOnly; SameSite=Lax; Secure"
+        );
+        assert_eq!(CONFIRM.name(&https), "__Host-mtp_oauth_confirm");
+        assert!(
+            CONFIRM.set(&https, None).contains("Max-Age=0") && CONFIRM.set(&https, None).contains("SameSite=Strict")
+        );
+        let http = settings(false);
+        assert_eq!(
+            FLOW.set(&http, Some("v")),
+            "mtp_oauth_flow=v; Path=/oauth/callback; Max-Age=600; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(
+            CONFIRM.set(&http, None),
+            "mtp_oauth_confirm=; Path=/oauth/connect; Max-Age=0; HttpOnly; SameSite=Strict"
+        );
+    }
+
+    #[test]
+    fn the_refresh_window_is_at_most_half_a_tokens_life() {
+        let tokens = |issued: i64, expires_at: Option<i64>| Tokens {
+            access_token: "a".into(),
+            refresh_token: None,
+            expires_at,
+            scope: String::new(),
+            account: String::new(),
+            connected_at: issued,
+            refreshed_at: None,
+            needs_reconnect: None,
+            grant: String::new(),
+        };
+        assert_eq!(window(60, &tokens(1000, Some(1010))), 5, "a 10 s token: 5 s before, not on every request");
+        assert_eq!(window(60, &tokens(1000, Some(4600))), 60);
+        assert_eq!(window(60, &tokens(1000, None)), 60);
+        assert_eq!(window(60, &tokens(1000, Some(900))), 0, "issued expired");
+    }
 }

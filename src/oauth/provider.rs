@@ -9,7 +9,7 @@ use http::{HeaderValue, Request, header};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
-use crate::config::oauth::UpstreamOAuth;
+use crate::config::oauth::{ProviderEndpoints, UpstreamOAuth};
 use crate::store::connection::Tokens;
 use crate::store::model::UnixTime;
 
@@ -62,6 +62,7 @@ struct ErrorResponse {
 /// Exchanges an authorization code (with its PKCE verifier) for a new connection's tokens.
 pub async fn exchange_code(
     oauth: &UpstreamOAuth,
+    endpoints: &ProviderEndpoints,
     redirect_uri: &str,
     code: &str,
     verifier: &str,
@@ -73,8 +74,8 @@ pub async fn exchange_code(
         ("redirect_uri", redirect_uri),
         ("code_verifier", verifier),
     ];
-    form.extend(oauth.resource.as_deref().map(|r| ("resource", r)));
-    let answer = post(oauth, &form).await?;
+    form.extend(resource(oauth, endpoints).map(|r| ("resource", r)));
+    let answer = post(oauth, endpoints, &form).await?;
     let account = answer.id_token.as_deref().and_then(account_of).unwrap_or_default();
     Ok(Tokens {
         access_token: answer.access_token,
@@ -91,13 +92,18 @@ pub async fn exchange_code(
 
 /// Spends `old`'s refresh token for new tokens. A provider that rotates refresh tokens returns a new
 /// one; one that does not keeps the old one valid, and it is kept.
-pub async fn refresh(oauth: &UpstreamOAuth, old: &Tokens, now: UnixTime) -> Result<Tokens, TokenError> {
+pub async fn refresh(
+    oauth: &UpstreamOAuth,
+    endpoints: &ProviderEndpoints,
+    old: &Tokens,
+    now: UnixTime,
+) -> Result<Tokens, TokenError> {
     let Some(refresh_token) = old.refresh_token.as_deref() else {
         return Err(TokenError::Refused("the provider gave no refresh token".into()));
     };
     let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token)];
-    form.extend(oauth.resource.as_deref().map(|r| ("resource", r)));
-    let answer = post(oauth, &form).await?;
+    form.extend(resource(oauth, endpoints).map(|r| ("resource", r)));
+    let answer = post(oauth, endpoints, &form).await?;
     Ok(Tokens {
         access_token: answer.access_token,
         refresh_token: answer.refresh_token.or_else(|| old.refresh_token.clone()),
@@ -111,7 +117,16 @@ pub async fn refresh(oauth: &UpstreamOAuth, old: &Tokens, now: UnixTime) -> Resu
     })
 }
 
-async fn post(oauth: &UpstreamOAuth, form: &[(&str, &str)]) -> Result<TokenResponse, TokenError> {
+/// The RFC 8707 resource: the configured one, else the one the upstream's metadata names.
+pub fn resource<'a>(oauth: &'a UpstreamOAuth, endpoints: &'a ProviderEndpoints) -> Option<&'a str> {
+    oauth.resource.as_deref().or(endpoints.resource.as_deref())
+}
+
+async fn post(
+    oauth: &UpstreamOAuth,
+    endpoints: &ProviderEndpoints,
+    form: &[(&str, &str)],
+) -> Result<TokenResponse, TokenError> {
     let failed = |e: String| TokenError::Failed(e);
     let body: String = form.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&");
     // RFC 6749 2.3.1: the id and secret are form-encoded before they are joined.
@@ -120,7 +135,7 @@ async fn post(oauth: &UpstreamOAuth, form: &[(&str, &str)]) -> Result<TokenRespo
         HeaderValue::try_from(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(basic)))
             .map_err(|_| failed("the client credentials cannot go in a header".into()))?;
     authorization.set_sensitive(true);
-    let request = Request::post(oauth.token_endpoint.clone())
+    let request = Request::post(endpoints.token.clone())
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .header(header::ACCEPT, "application/json")
         .header(header::AUTHORIZATION, authorization)

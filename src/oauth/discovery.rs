@@ -1,0 +1,221 @@
+//! The provider's endpoints of an upstream with `discover = true`: the upstream's protected-resource
+//! metadata (RFC 9728) names its authorization server, whose metadata (RFC 8414, or OpenID Connect
+//! discovery) gives the endpoints. Fetched when a flow or a refresh first needs them, kept for an
+//! hour, and kept longer when a later fetch fails (a provider's metadata rarely moves; its outage
+//! should not stop refreshes that would work).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Uri, header};
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+use crate::config::oauth::{Endpoints, ProviderEndpoints, UpstreamOAuth};
+
+/// How long discovered endpoints are used before they are fetched again.
+const KEEP: Duration = Duration::from_secs(3600);
+const TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BYTES: usize = 64 * 1024;
+
+/// The endpoints to use now.
+pub async fn endpoints(oauth: &UpstreamOAuth) -> Result<Arc<ProviderEndpoints>, String> {
+    let (metadata, resource, cache) = match &oauth.endpoints {
+        Endpoints::Fixed(endpoints) => return Ok(endpoints.clone()),
+        Endpoints::Discovered { metadata, resource, cache } => (metadata, resource, cache),
+    };
+    let mut cached = cache.lock().await;
+    if let Some((at, endpoints)) = cached.as_ref()
+        && at.elapsed() < KEEP
+    {
+        return Ok(endpoints.clone());
+    }
+    match discover(oauth, metadata, resource).await {
+        Ok(endpoints) => {
+            let endpoints = Arc::new(endpoints);
+            *cached = Some((Instant::now(), endpoints.clone()));
+            Ok(endpoints)
+        }
+        Err(why) => match cached.as_ref() {
+            Some((_, stale)) => {
+                tracing::warn!(error = %why, "oauth discovery failed; the endpoints found before are kept");
+                Ok(stale.clone())
+            }
+            None => Err(why),
+        },
+    }
+}
+
+async fn discover(oauth: &UpstreamOAuth, metadata: &Uri, resource: &str) -> Result<ProviderEndpoints, String> {
+    let document = fetch(oauth, metadata).await?.ok_or_else(|| format!("{metadata}: not found"))?;
+    let (resource, issuer) = check_resource(&document, resource)?;
+    for url in server_metadata_urls(&issuer) {
+        if let Some(document) = fetch(oauth, &url).await? {
+            return check_server(&document, &issuer.to_string(), resource);
+        }
+    }
+    Err(format!("no authorization server metadata for {issuer}"))
+}
+
+/// `Ok(None)` for a 404 (the next well-known location may have it).
+async fn fetch(oauth: &UpstreamOAuth, url: &Uri) -> Result<Option<Value>, String> {
+    let request = Request::get(url.clone())
+        .header(header::ACCEPT, "application/json")
+        .body(crate::proxy::body::full(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let call = async {
+        let response = oauth.client.request(request).await.map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status();
+        if status == http::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(format!("{url}: status {status}"));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), MAX_BYTES);
+        let bytes = body.collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
+        serde_json::from_slice(&bytes).map(Some).map_err(|_| format!("{url}: not JSON"))
+    };
+    tokio::time::timeout(TIMEOUT, call).await.map_err(|_| format!("{url}: no answer within {TIMEOUT:?}"))?
+}
+
+/// RFC 8414 3.1 (the well-known part between host and path), then OpenID Connect's two spellings.
+pub fn server_metadata_urls(issuer: &Uri) -> Vec<Uri> {
+    let scheme = issuer.scheme_str().unwrap_or("https");
+    let authority = issuer.authority().map_or("", |a| a.as_str());
+    let path = issuer.path().trim_end_matches('/');
+    let mut urls = vec![
+        format!("{scheme}://{authority}/.well-known/oauth-authorization-server{path}"),
+        format!("{scheme}://{authority}/.well-known/openid-configuration{path}"),
+    ];
+    if !path.is_empty() {
+        urls.push(format!("{scheme}://{authority}{path}/.well-known/openid-configuration"));
+    }
+    urls.into_iter().filter_map(|u| u.parse().ok()).collect()
+}
+
+/// The protected-resource metadata, checked: it must be about `expected` (RFC 9728 3.3, else a server
+/// could send clients to another resource's authorization server), and name an authorization server.
+pub fn check_resource(document: &Value, expected: &str) -> Result<(String, Uri), String> {
+    let resource = document["resource"].as_str().ok_or("the resource metadata has no resource")?;
+    if resource.trim_end_matches('/') != expected.trim_end_matches('/') {
+        return Err(format!("the resource metadata is about {resource:?}, not {expected:?}"));
+    }
+    let issuer = document["authorization_servers"]
+        .as_array()
+        .and_then(|servers| servers.first())
+        .and_then(Value::as_str)
+        .ok_or("the resource metadata names no authorization server")?;
+    Ok((resource.to_owned(), usable(issuer).ok_or(format!("authorization server {issuer:?} is not usable"))?))
+}
+
+/// The authorization server's metadata, checked: its `issuer` is the one asked for (RFC 8414 3.3),
+/// both endpoints are usable, and it does PKCE with S256 (without that, no flow is started).
+pub fn check_server(document: &Value, issuer: &str, resource: String) -> Result<ProviderEndpoints, String> {
+    let said = document["issuer"].as_str().unwrap_or_default();
+    if said.trim_end_matches('/') != issuer.trim_end_matches('/') {
+        return Err(format!("the metadata of {issuer:?} says its issuer is {said:?}"));
+    }
+    let endpoint = |name: &str| {
+        document[name].as_str().and_then(usable).ok_or_else(|| format!("{issuer}: {name} missing or not usable"))
+    };
+    let s256 = document["code_challenge_methods_supported"]
+        .as_array()
+        .is_some_and(|methods| methods.iter().any(|m| m == "S256"));
+    if !s256 {
+        return Err(format!("{issuer} does not say it supports PKCE with S256"));
+    }
+    Ok(ProviderEndpoints {
+        authorization: endpoint("authorization_endpoint")?,
+        token: endpoint("token_endpoint")?,
+        resource: Some(resource),
+    })
+}
+
+/// An https URL, or http to a loopback address.
+fn usable(url: &str) -> Option<Uri> {
+    let uri: Uri = url.parse().ok()?;
+    let loopback = match uri.host() {
+        Some("localhost") => true,
+        Some(host) => host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    };
+    (uri.authority().is_some() && (uri.scheme_str() == Some("https") || (uri.scheme_str() == Some("http") && loopback)))
+        .then_some(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::oauth::resource_metadata_url;
+
+    #[test]
+    fn well_known_locations() {
+        let prm = |u: &str| resource_metadata_url(&u.parse().unwrap()).to_string();
+        assert_eq!(
+            prm("https://mcp.example.com/mcp"),
+            "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"
+        );
+        assert_eq!(prm("https://mcp.example.com"), "https://mcp.example.com/.well-known/oauth-protected-resource");
+        let as_urls =
+            |u: &str| server_metadata_urls(&u.parse().unwrap()).iter().map(Uri::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            as_urls("https://auth.example.com"),
+            [
+                "https://auth.example.com/.well-known/oauth-authorization-server",
+                "https://auth.example.com/.well-known/openid-configuration"
+            ]
+        );
+        assert_eq!(
+            as_urls("https://auth.example.com/tenant1"),
+            [
+                "https://auth.example.com/.well-known/oauth-authorization-server/tenant1",
+                "https://auth.example.com/.well-known/openid-configuration/tenant1",
+                "https://auth.example.com/tenant1/.well-known/openid-configuration"
+            ]
+        );
+    }
+
+    #[test]
+    fn resource_metadata_must_be_about_the_upstream() {
+        let doc =
+            json!({"resource": "https://mcp.example.com/mcp", "authorization_servers": ["https://auth.example.com"]});
+        let (resource, issuer) = check_resource(&doc, "https://mcp.example.com/mcp").unwrap();
+        assert_eq!(
+            (resource.as_str(), issuer.to_string().as_str()),
+            ("https://mcp.example.com/mcp", "https://auth.example.com/")
+        );
+        assert!(check_resource(&doc, "https://other.example.com/mcp").is_err(), "another resource's metadata");
+        assert!(
+            check_resource(&json!({"resource": "https://mcp.example.com/mcp"}), "https://mcp.example.com/mcp").is_err()
+        );
+        let plain =
+            json!({"resource": "https://mcp.example.com/mcp", "authorization_servers": ["http://auth.example.com"]});
+        assert!(check_resource(&plain, "https://mcp.example.com/mcp").is_err(), "plain http off loopback");
+    }
+
+    #[test]
+    fn server_metadata_must_be_the_issuers_and_do_s256() {
+        let doc = json!({
+            "issuer": "https://auth.example.com",
+            "authorization_endpoint": "https://auth.example.com/authorize",
+            "token_endpoint": "https://auth.example.com/token",
+            "code_challenge_methods_supported": ["plain", "S256"],
+        });
+        let found = check_server(&doc, "https://auth.example.com/", "r".into()).unwrap();
+        assert_eq!(found.token.to_string(), "https://auth.example.com/token");
+        assert_eq!(found.resource.as_deref(), Some("r"));
+        assert!(check_server(&doc, "https://evil.example.com", "r".into()).is_err(), "another issuer's metadata");
+        let mut no_pkce = doc.clone();
+        no_pkce["code_challenge_methods_supported"] = json!(["plain"]);
+        assert!(check_server(&no_pkce, "https://auth.example.com", "r".into()).is_err());
+        no_pkce.as_object_mut().unwrap().remove("code_challenge_methods_supported");
+        assert!(check_server(&no_pkce, "https://auth.example.com", "r".into()).is_err(), "silence is not S256");
+        let mut bad = doc.clone();
+        bad["token_endpoint"] = json!("http://auth.example.com/token");
+        assert!(check_server(&bad, "https://auth.example.com", "r".into()).is_err());
+    }
+}
