@@ -182,7 +182,12 @@ impl Setup {
             let issuer = issuer.clone();
             recording_upstream_answering(move |seen: &common::Seen| {
                 if seen.uri.path() != "/.well-known/oauth-protected-resource/mcp" {
-                    return hyper::Response::new(body(r#"{"ok":true}"#));
+                    let mut answer = hyper::Response::new(body(r#"{"ok":true}"#));
+                    // A session for every initialize, as a Streamable HTTP server hands out.
+                    if seen.body.windows(12).any(|w| w == b"\"initialize\"") {
+                        answer.headers_mut().insert("mcp-session-id", "upstream-session-1".parse().unwrap());
+                    }
+                    return answer;
                 }
                 let host = seen.headers["host"].to_str().unwrap();
                 let metadata =
@@ -303,15 +308,31 @@ refresh_before = "1s"
         upstream: &str,
         message: Value,
     ) -> (u16, Value) {
+        let (status, _, answer) = self.call_in(app, user, upstream, None, message).await;
+        (status, answer)
+    }
+
+    /// An MCP request in `session` (as the proxy handed it out): the status, the session the answer
+    /// hands out, and the JSON answer.
+    async fn call_in(
+        &self,
+        app: &mcp_tenant_proxy::app::App,
+        user: &str,
+        upstream: &str,
+        session: Option<&str>,
+        message: Value,
+    ) -> (u16, Option<String>, Value) {
         let key = &self.keys.iter().find(|(u, _)| u == user).unwrap().1;
-        let request = Request::post(format!("http://{}/mcp/{upstream}", app.proxy_addr))
+        let mut request = Request::post(format!("http://{}/mcp/{upstream}", app.proxy_addr))
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
-            .header("authorization", format!("Bearer {key}"))
-            .body(body(message.to_string()))
-            .unwrap();
-        let response = client().request(request).await.unwrap();
-        (response.status().as_u16(), json(response).await)
+            .header("authorization", format!("Bearer {key}"));
+        if let Some(session) = session {
+            request = request.header("mcp-session-id", session);
+        }
+        let response = client().request(request.body(body(message.to_string())).unwrap()).await.unwrap();
+        let handed_out = response.headers().get("mcp-session-id").map(|v| v.to_str().unwrap().to_owned());
+        (response.status().as_u16(), handed_out, json(response).await)
     }
 
     async fn tool_call(&self, user: &str) -> (u16, Value) {
@@ -367,7 +388,7 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
     let initialize = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
         "protocolVersion":"2025-11-25","clientInfo":{"name":"t","version":"1"},
         "capabilities":{"elicitation":{"url":{}}}}});
-    let (status, answer) = s.call("alice", initialize).await;
+    let (status, answer) = s.call("alice", initialize.clone()).await;
     assert_eq!((status, answer["error"]["code"].as_i64()), (200, Some(-32042)), "{answer}");
     let elicitation = &answer["error"]["data"]["elicitations"][0];
     assert_eq!(elicitation["mode"], "url");
@@ -421,12 +442,22 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
     assert_ne!(third, second);
     assert_eq!(s.provider.introspect(&third).await["active"], true);
 
+    // A session opened by a client that takes URL elicitation remembers it.
+    let (status, session, _) = s.call_in(&s.app, "alice", "github", None, initialize.clone()).await;
+    let session = session.expect("the upstream's session, bound");
+    assert_eq!(status, 200);
+
     // Revoked at the provider: the next refresh is refused, and the client is told to connect again.
     let stored = s.stored("alice");
     s.provider.revoke(stored.refresh_token.as_deref().unwrap()).await;
     until_expired(&stored).await;
     let (status, answer) = s.tool_call("alice").await;
     assert_eq!((status, code(&answer)), (200, "oauth_reconnect_required"), "{answer}");
+    // In the session, a tool call gets the elicitation (its client said at initialize it takes them).
+    let tool = json!({"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"whoami"}});
+    let (status, _, answer) = s.call_in(&s.app, "alice", "github", Some(&session), tool).await;
+    assert_eq!((status, answer["error"]["code"].as_i64()), (200, Some(-32042)), "{answer}");
+    assert_eq!(answer["error"]["data"]["elicitations"][0]["mode"], "url");
     assert!(s.stored("alice").needs_reconnect.is_some());
     let before = s.seen.lock().unwrap().len();
     assert_eq!(s.tool_call("alice").await.0, 200);

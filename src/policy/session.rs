@@ -42,10 +42,12 @@ impl SessionBinder {
         SessionBinder { key: rand::random::<[u8; 32]>().to_vec() }
     }
 
-    fn mac(&self, user: &str, upstream: &str, session: &str) -> HmacSha256 {
+    fn mac(&self, user: &str, upstream: &str, session: &str, url_elicitation: bool) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
-        // Lengths first, so that no two (user, upstream, session) triples feed the same bytes.
-        for part in [user, upstream, session] {
+        // Lengths first, so that no two (user, upstream, session) triples feed the same bytes; the
+        // flag as a fourth part only when set, so ids bound before it existed still verify.
+        let flag = url_elicitation.then_some(URL_ELICITATION);
+        for part in [user, upstream, session].into_iter().chain(flag) {
             mac.update(&(part.len() as u64).to_be_bytes());
             mac.update(part.as_bytes());
         }
@@ -54,19 +56,38 @@ impl SessionBinder {
 
     /// The id the client gets for the upstream's `session`.
     pub fn bind(&self, user: &str, upstream: &str, session: &str) -> String {
-        let tag = self.mac(user, upstream, session).finalize().into_bytes();
-        format!("{session}.{}", &hex::encode(tag)[..TAG_LEN])
+        self.bind_declaring(user, upstream, session, false)
+    }
+
+    /// As `bind`, also carrying (under the tag) that the client declared URL-mode elicitation at
+    /// `initialize`, so the session's later requests may be answered with -32042: `<session>.u<tag>`.
+    pub fn bind_declaring(&self, user: &str, upstream: &str, session: &str, url_elicitation: bool) -> String {
+        let tag = self.mac(user, upstream, session, url_elicitation).finalize().into_bytes();
+        let mark = if url_elicitation { "u" } else { "" };
+        format!("{session}.{mark}{}", &hex::encode(tag)[..TAG_LEN])
     }
 
     /// The upstream's session id inside `presented`, if it was bound to this user and upstream.
     pub fn unbind<'a>(&self, user: &str, upstream: &str, presented: &'a str) -> Option<&'a str> {
+        self.unbind_declared(user, upstream, presented).map(|(session, _)| session)
+    }
+
+    /// As `unbind`, with whether the session's client declared URL-mode elicitation.
+    pub fn unbind_declared<'a>(&self, user: &str, upstream: &str, presented: &'a str) -> Option<(&'a str, bool)> {
         let (session, tag) = presented.rsplit_once('.')?;
+        let (tag, url_elicitation) = match tag.strip_prefix('u') {
+            Some(tag) => (tag, true),
+            None => (tag, false),
+        };
         let tag = hex::decode(tag).ok().filter(|t| t.len() == TAG_LEN / 2)?;
         // Constant-time comparison of the truncated tag.
-        self.mac(user, upstream, session).verify_truncated_left(&tag).ok()?;
-        Some(session)
+        self.mac(user, upstream, session, url_elicitation).verify_truncated_left(&tag).ok()?;
+        Some((session, url_elicitation))
     }
 }
+
+/// The fourth part of a session's MAC when its client declared URL-mode elicitation.
+const URL_ELICITATION: &str = "url-elicitation";
 
 /// The query parameters that carry the legacy (2024-11-05) transport's session id: the Python SDK's
 /// and the TypeScript SDK's spelling.
@@ -142,6 +163,8 @@ pub struct Presented {
     pub fingerprint: Option<String>,
     /// The upstream's session id, when it came as the legacy transport's query parameter.
     pub legacy: Option<String>,
+    /// The session's client declared URL-mode elicitation at `initialize`.
+    pub url_elicitation: bool,
 }
 
 /// Checks the session a request presents (the `Mcp-Session-Id` header, or the legacy transport's query
@@ -156,8 +179,10 @@ pub fn unbind_request(
     let mut presented_session = Presented::default();
     if let Some(presented) = single(&parts.headers, &name, SESSION_HEADER).map_err(|_| ProxyError::SessionNotFound)? {
         let presented = presented.to_str().map_err(|_| ProxyError::SessionNotFound)?;
-        let session = binder.unbind(user, upstream, presented).ok_or(ProxyError::SessionNotFound)?;
+        let (session, url_elicitation) =
+            binder.unbind_declared(user, upstream, presented).ok_or(ProxyError::SessionNotFound)?;
         presented_session.fingerprint = Some(fingerprint(session));
+        presented_session.url_elicitation = url_elicitation;
         let value = HeaderValue::from_str(session).map_err(|_| ProxyError::SessionNotFound)?;
         parts.headers.insert(name, value);
     }
@@ -222,6 +247,14 @@ mod tests {
         assert_eq!(SessionBinder::new(&Secret::new("other")).unbind("alice", "github", &bound), None);
         // Field boundaries matter: ("ab", "c") and ("a", "bc") do not collide.
         assert_ne!(binder.bind("ab", "c", "s"), binder.bind("a", "bc", "s"));
+        // The elicitation flag rides under the tag: it cannot be added to, or taken off, an id.
+        let declaring = binder.bind_declaring("alice", "github", "abc.123", true);
+        assert_eq!(binder.unbind_declared("alice", "github", &declaring), Some(("abc.123", true)));
+        assert_eq!(binder.unbind_declared("alice", "github", &bound), Some(("abc.123", false)));
+        let (session, tag) = bound.rsplit_once('.').unwrap();
+        assert_eq!(binder.unbind_declared("alice", "github", &format!("{session}.u{tag}")), None, "flag added");
+        assert_eq!(binder.unbind_declared("alice", "github", &declaring.replace(".u", ".")), None, "flag removed");
+        assert_eq!(binder.unbind_declared("bob", "github", &declaring), None);
         assert!(!format!("{binder:?}").contains('k'));
     }
 }

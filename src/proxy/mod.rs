@@ -59,6 +59,8 @@ struct RequestCtx {
     session: Option<String>,
     /// The upstream's session id of a legacy-transport message POST.
     legacy_session: Option<String>,
+    /// The request's session was made by a client that declared URL-mode elicitation.
+    url_elicitation: bool,
     method: http::Method,
     /// An `application/json` POST: refusals answer with a JSON-RPC error.
     json_post: bool,
@@ -336,6 +338,8 @@ impl Proxy {
             };
             tools?;
         }
+        // Whether the client takes URL elicitation: said in this initialize, or in its session's.
+        let elicit = ctx.url_elicitation || ctx.rpc.as_ref().and_then(Rpc::single).is_some_and(|m| m.url_elicitation);
         // The acting user's own credential for this upstream: never the caller's key, never another user's;
         // for an OAuth upstream, the user's connected account (refreshed first when it is about to expire).
         let credential = match (&upstream.oauth, self.oauth.get()) {
@@ -343,10 +347,7 @@ impl Proxy {
                 let credentials = config.credentials(&user, upstream);
                 credential::select(credentials.as_deref().unwrap_or_default(), &parts.headers)?.header_value.clone()
             }
-            (Some(oauth), Some(broker)) => {
-                let elicit = ctx.rpc.as_ref().and_then(Rpc::single).is_some_and(|m| m.url_elicitation);
-                broker.credential(config, &user, upstream, oauth, elicit).await?
-            }
+            (Some(oauth), Some(broker)) => broker.credential(config, &user, upstream, oauth, elicit).await?,
             (Some(_), None) => return Err(ProxyError::MissingCredential.into()),
         };
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
@@ -368,14 +369,15 @@ impl Proxy {
         drop(share); // the body has gone upstream
         let mut response = forward::into_client_response(response, &self.metrics);
         // Bind the session the upstream hands out, and point the legacy endpoint event at the proxy.
-        let get = ctx.method == http::Method::GET;
+        // A session handed out on an initialize that declares URL elicitation remembers it.
+        let asked = respond::Asked { get: ctx.method == http::Method::GET, url_elicitation: elicit };
         let handed_out = respond::bind_sessions(
             &mut response,
             &active.sessions,
             acting_user,
             upstream,
             &public_prefix,
-            get,
+            asked,
             &self.legacy,
         )
         .map_err(|e| Refusal { error: ProxyError::UpstreamUnavailable, detail: Some(e) })?;
@@ -543,6 +545,7 @@ impl Proxy {
         let presented = session::unbind_request(parts, &active.sessions, acting_user, &upstream.name)?;
         ctx.session = presented.fingerprint;
         ctx.legacy_session = presented.legacy;
+        ctx.url_elicitation = presented.url_elicitation;
         // The upstream's user rule.
         if upstream.users.as_ref().is_some_and(|rule| !rule.permits(acting_user)) {
             return Err(ProxyError::UserNotPermitted);

@@ -80,6 +80,15 @@ fn check_identity_encoding(response: &Response<ProxyBody>) -> Result<(), String>
     Ok(())
 }
 
+/// What of the request shapes the answer's session binding.
+#[derive(Clone, Copy)]
+pub struct Asked {
+    /// A GET: its event stream may be the legacy transport's.
+    pub get: bool,
+    /// The client declared URL-mode elicitation (on this initialize, or in its session).
+    pub url_elicitation: bool,
+}
+
 /// Binds the session the upstream hands out (`Mcp-Session-Id`) to the acting user and upstream, and, on
 /// event streams opened by GET (the legacy HTTP+SSE transport), rewrites the `endpoint` event: its URI
 /// moves under the proxy's path and its session parameter is bound the same way. Returns the session's
@@ -90,13 +99,13 @@ pub fn bind_sessions(
     user: &Arc<str>,
     upstream: &Upstream,
     public_prefix: &str,
-    get: bool,
+    asked: Asked,
     streams: &Arc<LegacyStreams>,
 ) -> Result<Option<String>, String> {
     let mut handed_out = None;
     if let Some(session) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
         handed_out = Some(session::fingerprint(session));
-        let bound = binder.bind(user, &upstream.name, session);
+        let bound = binder.bind_declaring(user, &upstream.name, session, asked.url_elicitation);
         if let Ok(value) = http::HeaderValue::from_str(&bound) {
             response.headers_mut().insert(SESSION_HEADER, value);
         }
@@ -106,7 +115,7 @@ pub fn bind_sessions(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
-    if get && is_stream {
+    if asked.get && is_stream {
         check_identity_encoding(response)?;
         let (binder, user, name) = (binder.clone(), user.clone(), upstream.name.clone());
         let (prefix, base_path) = (public_prefix.to_owned(), upstream.base_path.clone());
