@@ -689,11 +689,15 @@ fn connections_are_listed_without_tokens_and_disconnected_and_their_id_is_reserv
     assert_eq!(reserved.status.code(), Some(1));
     assert!(reserved.stderr_text().contains("reserved"), "{}", reserved.stderr_text());
 
-    cli.ok(&["connections", "rm", "--user", "alice", "--upstream", "github"], false);
+    let keyless = cli.run(&["connections", "rm", "--user", "alice", "--upstream", "github"], false, None);
+    assert_eq!(keyless.status.code(), Some(1), "a disconnect writes a marker: it needs the key");
+    cli.ok(&["connections", "rm", "--user", "alice", "--upstream", "github"], true);
     assert_eq!(cli.json(&["connections", "list", "--user", "alice"], true), serde_json::json!([]));
-    assert_eq!(
-        cli.run(&["connections", "rm", "--user", "alice", "--upstream", "github"], false, None).status.code(),
-        Some(1)
-    );
-    assert_eq!(cli.library().credential_secrets(Some("alice")).unwrap().len(), 1, "the static credential stays");
+    let again = cli.run(&["connections", "rm", "--user", "alice", "--upstream", "github"], true, None);
+    assert_eq!(again.status.code(), Some(1), "nothing left to disconnect");
+    let left = cli.library().credential_secrets(Some("alice")).unwrap();
+    let marker = left.iter().find(|c| c.upstream == "github").map(|c| Tokens::parse(&c.secret).unwrap()).unwrap();
+    assert!(marker.is_disconnected() && marker.access_token.is_empty() && marker.refresh_token.is_none());
+    assert_ne!(marker.grant, "g1", "a new grant: links made for the old one no longer match");
+    assert!(left.iter().any(|c| c.upstream == "slack"), "the static credential stays");
 }

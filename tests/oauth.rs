@@ -488,6 +488,8 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     // A link made while alice had no connection connects only while she has none.
     let (_, answer) = s.tool_call("alice").await;
     let early = answer["error"]["data"]["connect_url"].as_str().unwrap().to_owned();
+    let (_, answer) = s.tool_call("bob").await;
+    let bob_early = answer["error"]["data"]["connect_url"].as_str().unwrap().to_owned();
     s.connect("alice", "alice-gh").await;
     s.connect("bob", "bob-gh").await;
     let (status, text) = press_connect(&early, None, true).await;
@@ -545,9 +547,16 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     assert_eq!(status, 200);
     assert_eq!(code(&s.tool_call("bob").await.1), "oauth_not_connected");
     assert_eq!(s.tool_call("alice").await.0, 200);
-    // The disconnect voided the links made for the connection it removed.
-    let (status, text) = press_connect(&late, None, true).await;
-    assert_eq!(status, 409, "{text}");
+    // The disconnect voided every link made before it: those made for the connection it removed, and
+    // those made before bob had one.
+    for link in [&late, &bob_early] {
+        let (status, text) = press_connect(link, None, true).await;
+        assert_eq!(status, 409, "{text}");
+    }
+    let (status, listed) = s.admin(Method::GET, "/admin/v1/users/bob/connections", Value::Null).await;
+    assert_eq!((status, listed), (200, json!({"connections": []})));
+    let (status, _) = s.admin(Method::DELETE, "/admin/v1/users/bob/connections/github", Value::Null).await;
+    assert_eq!(status, 404, "nothing left to disconnect");
     let audit = s.audit();
     let reasons: Vec<&str> = audit.iter().filter_map(|l| l["reason"].as_str()).collect();
     for reason in ["oauth_link_superseded", "oauth_not_confirmed", "oauth_browser_mismatch"] {

@@ -389,7 +389,9 @@ impl AdminApi {
                 let connections: Vec<Value> = secrets
                     .iter()
                     .filter(|c| c.credential_id == CONNECTION_ID)
-                    .filter_map(|c| Tokens::parse(&c.secret).map(|t| connection_json(&c.upstream, &t)))
+                    .filter_map(|c| Some((c.upstream.as_str(), Tokens::parse(&c.secret)?)))
+                    .filter(|(_, t)| !t.is_disconnected())
+                    .map(|(upstream, t)| connection_json(upstream, &t))
                     .collect();
                 Ok((StatusCode::OK, json!({ "connections": connections })))
             }
@@ -424,7 +426,7 @@ impl AdminApi {
             }
             Op::Disconnect => {
                 let (user, upstream) = (param(0), param(1));
-                self.blocking(move |s| s.delete_credential(&user, &upstream, CONNECTION_ID)).await?;
+                self.blocking(move |s| crate::oauth::disconnect(s, &user, &upstream)).await?;
                 self.apply(&param(0)).await?;
                 Ok((StatusCode::OK, json!({ "deleted": { "user": param(0), "upstream": param(1) } })))
             }

@@ -232,9 +232,10 @@ pub enum ConnectionsCommand {
         #[arg(long)]
         user: String,
     },
-    /// Disconnect: delete the user's tokens for the upstream (the provider's grant is not revoked), and
-    /// void the connect links made for this connection. A running proxy serves the change once it reloads
-    /// the user (any write through its admin API, or a restart).
+    /// Disconnect: delete the user's tokens for the upstream (the provider's grant is not revoked) and
+    /// void every connect link made before; needs the master key (a marker is stored in their place). A
+    /// running proxy serves the change once it reloads the user (any write through its admin API for
+    /// that user, or a restart).
     Rm {
         /// The user.
         #[arg(long)]
@@ -614,6 +615,7 @@ fn connections(opts: &StoreOpts, command: ConnectionsCommand) -> CmdResult {
                 .into_iter()
                 .filter(|c| c.credential_id == CONNECTION_ID)
                 .filter_map(|c| Some((c.upstream, Tokens::parse(&c.secret)?)))
+                .filter(|(_, t)| !t.is_disconnected())
                 .collect();
             if opts.json {
                 print_json(&Value::Array(connections.iter().map(|(u, t)| connection_json(u, t)).collect()));
@@ -634,7 +636,9 @@ fn connections(opts: &StoreOpts, command: ConnectionsCommand) -> CmdResult {
             }
         }
         ConnectionsCommand::Rm { user, upstream } => {
-            open(opts)?.delete_credential(&user, &upstream, CONNECTION_ID)?;
+            let key = master_key(opts)?.ok_or(StoreError::NoMasterKey)?;
+            let store = SqliteStore::open(store_path(opts)?, Some(&key))?;
+            mcp_tenant_proxy::oauth::disconnect(&store, &user, &upstream)?;
             if opts.json {
                 print_json(&json!({ "deleted": { "user": user, "upstream": upstream } }));
             } else {

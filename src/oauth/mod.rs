@@ -136,6 +136,18 @@ pub fn stored_connection(
     Ok(stored.and_then(|c| Some((Tokens::parse(&c.secret)?, sha256(c.secret.expose().as_bytes())))))
 }
 
+/// Disconnects (user, upstream): its tokens replaced by a disconnected marker with a new grant
+/// ([`Tokens::disconnected`]). `NotFound` when it has no connection. Blocking: store calls.
+pub fn disconnect(store: &dyn Store, user: &str, upstream: &str) -> Result<(), StoreError> {
+    match stored_connection(store, user, upstream)? {
+        Some((tokens, _)) if !tokens.is_disconnected() => {
+            let now = now();
+            store.put_credential(user, upstream, CONNECTION_ID, &Tokens::disconnected(now).to_secret()).map(|_| ())
+        }
+        _ => Err(StoreError::NotFound { what: "connection", id: format!("{user}/{upstream}") }),
+    }
+}
+
 /// Removes a flight from the map when its task ends, also by a panic (its waiters then see the
 /// sender gone and answer 503).
 struct Landing {
@@ -198,7 +210,8 @@ impl Broker {
             return Err(connect(None, false));
         };
         if connection.tokens.needs_reconnect.is_some() {
-            return Err(connect(Some(&connection.tokens.grant), true));
+            let reconnect = !connection.tokens.is_disconnected();
+            return Err(connect(Some(&connection.tokens.grant), reconnect));
         }
         let now = now();
         let Some(expires_at) = connection.tokens.expires_at else { return Ok(connection.header_value.clone()) };

@@ -36,15 +36,37 @@ pub struct Tokens {
     /// Why the provider refused the last refresh: the user must connect again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub needs_reconnect: Option<String>,
-    /// A random id of this grant: new at every connect, kept by refreshes. A connect link names the
-    /// grant it replaces (none for a first connect), so a link cannot replace a later connection, and
-    /// a disconnect voids the links made to replace the grant it removed (first-connect links made
-    /// before that connection work again until they expire: `oauth.link_ttl`).
+    /// A random id of this grant: new at every connect and disconnect, kept by refreshes. A connect
+    /// link names the grant it replaces (none for a first connect), so a link cannot replace a later
+    /// connection, and a disconnect voids every link made before it.
     #[serde(default)]
     pub grant: String,
 }
 
+/// The `needs_reconnect` of a disconnected connection.
+const DISCONNECTED: &str = "disconnected";
+
 impl Tokens {
+    /// What a disconnect leaves: no token, a new grant. A row rather than none, so that links made
+    /// before (which name the grant they replace, or none) no longer match and only a new link connects.
+    pub fn disconnected(now: UnixTime) -> Tokens {
+        Tokens {
+            access_token: String::new(),
+            refresh_token: None,
+            expires_at: None,
+            scope: String::new(),
+            account: String::new(),
+            connected_at: now,
+            refreshed_at: None,
+            needs_reconnect: Some(DISCONNECTED.into()),
+            grant: format!("{:032x}", rand::random::<u128>()),
+        }
+    }
+
+    pub fn is_disconnected(&self) -> bool {
+        self.access_token.is_empty() && self.needs_reconnect.as_deref() == Some(DISCONNECTED)
+    }
+
     pub fn parse(secret: &Secret) -> Option<Tokens> {
         serde_json::from_str(secret.expose()).ok()
     }
