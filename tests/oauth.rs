@@ -204,7 +204,7 @@ impl Setup {
         let provider = Provider::start(&callbacks);
         issuer.set(provider.endpoint("issuer")).unwrap();
         let endpoints = match discover {
-            true => "discover = true".to_owned(),
+            true => format!("discover = true\nissuer = \"{}\"", provider.endpoint("issuer")),
             false => format!(
                 "authorization_endpoint = \"{}\"\ntoken_endpoint = \"{}\"",
                 provider.endpoint("authorization_endpoint"),
@@ -708,7 +708,8 @@ fn bad_oauth_settings_are_refused_with_their_path() {
         let text = format!(
             "{store}\n{oauth}\n[upstreams.github]\nurl = \"http://127.0.0.1:9/mcp\"\n\
              inject = {{ header = \"authorization\", value = \"Bearer {{secret}}\" }}\n{upstream}\n\
-             [upstreams.github.oauth]\nclient_id = \"c\"\nclient_secret_file = \"client.secret\"\ndiscover = true\n"
+             [upstreams.github.oauth]\nclient_id = \"c\"\nclient_secret_file = \"client.secret\"\ndiscover = true\n\
+             issuer = \"https://auth.example.com\"\n"
         );
         match mcp_tenant_proxy::config::Config::from_toml(&text, dir.path()) {
             Ok(_) => String::new(),
@@ -760,6 +761,23 @@ fn bad_oauth_settings_are_refused_with_their_path() {
     assert!(check("").contains("or discover = true"));
     let plain = "authorization_endpoint = \"http://a.example/auth\"\ntoken_endpoint = \"https://a.example/token\"";
     assert!(check(plain).contains("authorization_endpoint: must be an https:// URL"), "{}", check(plain));
-    assert!(check("discover = true\nscopes = [\"a b\"]").contains("scopes"));
-    assert!(check("discover = true\nresource = \"relative\"").contains("resource"));
+    let discover = "discover = true\nissuer = \"https://auth.example.com\"";
+    assert_eq!(check(discover), "");
+    assert!(check(&format!("{discover}\nscopes = [\"a b\"]")).contains("scopes"));
+    assert!(check(&format!("{discover}\nresource = \"relative\"")).contains("resource"));
+    // The upstream never picks the authorization server: discovery needs one configured.
+    assert!(
+        check("discover = true").contains("issuer: must be set with discover = true"),
+        "{}",
+        check("discover = true")
+    );
+    assert!(check(&format!("{fixed}\nissuer = \"https://a.example\"")).contains("goes with discover = true"));
+    assert!(check("discover = true\nissuer = \"http://a.example\"").contains("issuer: must be an https:// URL"));
+    // Discovery over a plain-http upstream off this host could be rewritten in transit.
+    let remote = text(discover).replace("http://127.0.0.1:9/mcp", "http://mcp.internal/mcp");
+    let found = match mcp_tenant_proxy::config::Config::from_toml(&remote, dir.path()) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    assert!(found.contains("discover: needs an https:// upstream url"), "{found}");
 }

@@ -5,8 +5,8 @@
 //! - 1: a flow state as the provider hands it back: it never opens (no input forges AES-GCM);
 //! - 2: a query or form: `query_param` and `decode` never panic, and what `decode` reads, `encode`
 //!   writes back to the same text;
-//! - 3: provider metadata (JSON): checking never panics, and endpoints it accepts are https, or http
-//!   on a loopback address;
+//! - 3: provider metadata (JSON): checking never panics, and endpoints it accepts are https (or, for a
+//!   loopback issuer, http on a loopback address);
 //! - 4: a link made here for a fuzzer-chosen user and upstream opens to exactly that link.
 
 #![no_main]
@@ -17,6 +17,10 @@ use mcp_tenant_proxy::oauth::link::{Link, open_link, open_state, sign_link};
 use mcp_tenant_proxy::oauth::provider::{decode, encode, query_param};
 
 const KEY: [u8; 32] = [9; 32];
+
+fn https(uri: &http::Uri) -> bool {
+    uri.scheme_str() == Some("https")
+}
 
 fn safe(uri: &http::Uri) -> bool {
     let loopback = uri.host().is_some_and(|h| {
@@ -39,8 +43,13 @@ fuzz_target!(|data: &[u8]| {
         }
         3 => {
             let Ok(document) = serde_json::from_slice::<serde_json::Value>(rest) else { return };
-            let _ = check_resource(&document, "https://mcp.example.com/mcp");
-            if let Ok(found) = check_server(&document, "https://auth.example.com", "r".into()) {
+            let issuer: http::Uri = "https://auth.example.com".parse().unwrap();
+            let _ = check_resource(&document, "https://mcp.example.com/mcp", &issuer);
+            if let Ok(found) = check_server(&document, &issuer, "r".into()) {
+                assert!(https(&found.authorization) && https(&found.token), "{found:?}");
+            }
+            let local: http::Uri = "http://127.0.0.1:9".parse().unwrap();
+            if let Ok(found) = check_server(&document, &local, "r".into()) {
                 assert!(safe(&found.authorization) && safe(&found.token), "{found:?}");
             }
         }

@@ -50,13 +50,25 @@ pub struct ProviderEndpoints {
 /// Where an upstream's provider endpoints come from.
 pub enum Endpoints {
     Fixed(Arc<ProviderEndpoints>),
-    /// From the upstream's protected-resource metadata at `metadata` (`crate::oauth::discovery`); the
-    /// last answer and when it came. Held across the fetch, so concurrent callers wait for one fetch.
-    Discovered {
-        metadata: Uri,
-        resource: String,
-        cache: tokio::sync::Mutex<Option<(Instant, Arc<ProviderEndpoints>)>>,
-    },
+    Discovered(Box<Discovery>),
+}
+
+/// From the metadata of the configured `issuer`, which the upstream's protected-resource metadata at
+/// `metadata` must name (`crate::oauth::discovery`).
+pub struct Discovery {
+    pub metadata: Uri,
+    /// The upstream's URL: what the metadata must be about.
+    pub resource: String,
+    pub issuer: Uri,
+    /// Held across the fetch, so concurrent callers wait for one fetch.
+    pub cache: tokio::sync::Mutex<Discovered>,
+}
+
+/// What discovery found last, and when it last failed.
+#[derive(Default)]
+pub struct Discovered {
+    pub found: Option<(Instant, Arc<ProviderEndpoints>)>,
+    pub failed_at: Option<Instant>,
 }
 
 pub struct UpstreamOAuth {
@@ -75,7 +87,7 @@ impl std::fmt::Debug for UpstreamOAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let endpoints = match &self.endpoints {
             Endpoints::Fixed(e) => format!("{} {}", e.authorization, e.token),
-            Endpoints::Discovered { metadata, .. } => format!("discovered from {metadata}"),
+            Endpoints::Discovered(d) => format!("discovered from {} and {}", d.metadata, d.issuer),
         };
         f.debug_struct("UpstreamOAuth")
             .field("endpoints", &endpoints)
@@ -162,16 +174,36 @@ impl Builder<'_> {
                     resource: None,
                 })))
             }
-            (None, None, true) => Some(Endpoints::Discovered {
-                metadata: resource_metadata_url(upstream_url),
-                resource: upstream_url.to_string(),
-                cache: tokio::sync::Mutex::new(None),
-            }),
+            (None, None, true) => {
+                let issuer = raw.issuer.as_deref().and_then(|issuer| endpoint("issuer", issuer));
+                if raw.issuer.is_none() {
+                    self.problem(format!("{path}.issuer"), "must be set with discover = true");
+                }
+                // The metadata must name the issuer: never read in clear text from off this host.
+                let secure = upstream_url.scheme_str() == Some("https") || is_loopback(upstream_url);
+                if !secure {
+                    self.problem(
+                        format!("{path}.discover"),
+                        "needs an https:// upstream url (http:// only on loopback)",
+                    );
+                }
+                issuer.filter(|_| secure).map(|issuer| {
+                    Endpoints::Discovered(Box::new(Discovery {
+                        metadata: resource_metadata_url(upstream_url),
+                        resource: upstream_url.to_string(),
+                        issuer,
+                        cache: tokio::sync::Mutex::new(Discovered::default()),
+                    }))
+                })
+            }
             _ => {
                 self.problem(&path, "set authorization_endpoint and token_endpoint, or discover = true");
                 None
             }
         };
+        if raw.issuer.is_some() && !raw.discover {
+            self.problem(format!("{path}.issuer"), "goes with discover = true");
+        }
         if raw.client_id.is_empty() || raw.client_id.chars().any(char::is_control) {
             self.problem(format!("{path}.client_id"), "must be set");
         }

@@ -354,6 +354,10 @@ pub struct RawUpstreamOAuth {
     /// server's RFC 8414 (or OpenID) metadata, fetched when first needed and kept for an hour.
     #[serde(default)]
     pub discover: bool,
+    /// With `discover`: the authorization server trusted for this upstream. The upstream's metadata
+    /// must name it; its own metadata gives the endpoints (an upstream never picks where the client
+    /// secret and codes go).
+    pub issuer: Option<String>,
     pub client_id: String,
     pub client_secret_env: Option<String>,
     pub client_secret_file: Option<PathBuf>,

@@ -1,6 +1,7 @@
 //! The provider's endpoints of an upstream with `discover = true`: the upstream's protected-resource
-//! metadata (RFC 9728) names its authorization server, whose metadata (RFC 8414, or OpenID Connect
-//! discovery) gives the endpoints. Fetched when a flow or a refresh first needs them, kept for an
+//! metadata (RFC 9728) must name the configured `issuer`, whose metadata (RFC 8414, or OpenID Connect
+//! discovery) gives the endpoints. The issuer is configured, not taken from the upstream: whoever
+//! picks it picks where the client secret, codes and refresh tokens go. Fetched when a flow or a refresh first needs them, kept for an
 //! hour, and kept longer when a later fetch fails (a provider's metadata rarely moves; its outage
 //! should not stop refreshes that would work).
 
@@ -12,47 +13,61 @@ use http::{Request, Uri, header};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
-use crate::config::oauth::{Endpoints, ProviderEndpoints, UpstreamOAuth};
+use crate::config::oauth::{Discovered, Endpoints, ProviderEndpoints, UpstreamOAuth};
 
 /// How long discovered endpoints are used before they are fetched again.
 const KEEP: Duration = Duration::from_secs(3600);
+/// After a failed fetch, this long before the next try: callers meanwhile get the endpoints found
+/// before, or the failure, at once.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BYTES: usize = 64 * 1024;
 
 /// The endpoints to use now.
 pub async fn endpoints(oauth: &UpstreamOAuth) -> Result<Arc<ProviderEndpoints>, String> {
-    let (metadata, resource, cache) = match &oauth.endpoints {
+    let discovery = match &oauth.endpoints {
         Endpoints::Fixed(endpoints) => return Ok(endpoints.clone()),
-        Endpoints::Discovered { metadata, resource, cache } => (metadata, resource, cache),
+        Endpoints::Discovered(discovery) => discovery,
     };
-    let mut cached = cache.lock().await;
-    if let Some((at, endpoints)) = cached.as_ref()
-        && at.elapsed() < KEEP
-    {
-        return Ok(endpoints.clone());
+    let mut cached = discovery.cache.lock().await;
+    let stale = cached.found.as_ref().map(|(_, endpoints)| endpoints.clone());
+    match (&cached.found, cached.failed_at) {
+        (Some((at, endpoints)), _) if at.elapsed() < KEEP => return Ok(endpoints.clone()),
+        (_, Some(failed)) if failed.elapsed() < RETRY_AFTER => {
+            return stale.ok_or_else(|| "the provider's metadata could not be read just now".to_owned());
+        }
+        _ => {}
     }
-    match discover(oauth, metadata, resource).await {
+    match discover(oauth, &discovery.metadata, &discovery.resource, &discovery.issuer).await {
         Ok(endpoints) => {
             let endpoints = Arc::new(endpoints);
-            *cached = Some((Instant::now(), endpoints.clone()));
+            *cached = Discovered { found: Some((Instant::now(), endpoints.clone())), failed_at: None };
             Ok(endpoints)
         }
-        Err(why) => match cached.as_ref() {
-            Some((_, stale)) => {
-                tracing::warn!(error = %why, "oauth discovery failed; the endpoints found before are kept");
-                Ok(stale.clone())
+        Err(why) => {
+            cached.failed_at = Some(Instant::now());
+            match stale {
+                Some(stale) => {
+                    tracing::warn!(error = %why, "oauth discovery failed; the endpoints found before are kept");
+                    Ok(stale)
+                }
+                None => Err(why),
             }
-            None => Err(why),
-        },
+        }
     }
 }
 
-async fn discover(oauth: &UpstreamOAuth, metadata: &Uri, resource: &str) -> Result<ProviderEndpoints, String> {
+async fn discover(
+    oauth: &UpstreamOAuth,
+    metadata: &Uri,
+    resource: &str,
+    issuer: &Uri,
+) -> Result<ProviderEndpoints, String> {
     let document = fetch(oauth, metadata).await?.ok_or_else(|| format!("{metadata}: not found"))?;
-    let (resource, issuer) = check_resource(&document, resource)?;
-    for url in server_metadata_urls(&issuer) {
+    let resource = check_resource(&document, resource, issuer)?;
+    for url in server_metadata_urls(issuer) {
         if let Some(document) = fetch(oauth, &url).await? {
-            return check_server(&document, &issuer.to_string(), resource);
+            return check_server(&document, issuer, resource);
         }
     }
     Err(format!("no authorization server metadata for {issuer}"))
@@ -96,29 +111,34 @@ pub fn server_metadata_urls(issuer: &Uri) -> Vec<Uri> {
 }
 
 /// The protected-resource metadata, checked: it must be about `expected` (RFC 9728 3.3, else a server
-/// could send clients to another resource's authorization server), and name an authorization server.
-pub fn check_resource(document: &Value, expected: &str) -> Result<(String, Uri), String> {
+/// could send clients to another resource's authorization server) and name the configured `issuer`
+/// among its authorization servers. Returns its resource identifier.
+pub fn check_resource(document: &Value, expected: &str, issuer: &Uri) -> Result<String, String> {
     let resource = document["resource"].as_str().ok_or("the resource metadata has no resource")?;
     if resource.trim_end_matches('/') != expected.trim_end_matches('/') {
         return Err(format!("the resource metadata is about {resource:?}, not {expected:?}"));
     }
-    let issuer = document["authorization_servers"]
-        .as_array()
-        .and_then(|servers| servers.first())
-        .and_then(Value::as_str)
-        .ok_or("the resource metadata names no authorization server")?;
-    Ok((resource.to_owned(), usable(issuer).ok_or(format!("authorization server {issuer:?} is not usable"))?))
+    let servers = document["authorization_servers"].as_array().ok_or("the resource metadata names no server")?;
+    if !servers.iter().filter_map(Value::as_str).any(|s| same_url(s, issuer)) {
+        return Err(format!("the resource metadata does not name the configured issuer {issuer}"));
+    }
+    Ok(resource.to_owned())
 }
 
-/// The authorization server's metadata, checked: its `issuer` is the one asked for (RFC 8414 3.3),
-/// both endpoints are usable, and it does PKCE with S256 (without that, no flow is started).
-pub fn check_server(document: &Value, issuer: &str, resource: String) -> Result<ProviderEndpoints, String> {
+/// The authorization server's metadata, checked: its `issuer` is the configured one (RFC 8414 3.3),
+/// both endpoints are https (or loopback http when the issuer itself is), and it does PKCE with S256
+/// (without that, no flow is started).
+pub fn check_server(document: &Value, issuer: &Uri, resource: String) -> Result<ProviderEndpoints, String> {
     let said = document["issuer"].as_str().unwrap_or_default();
-    if said.trim_end_matches('/') != issuer.trim_end_matches('/') {
-        return Err(format!("the metadata of {issuer:?} says its issuer is {said:?}"));
+    if !same_url(said, issuer) {
+        return Err(format!("the metadata of {issuer} says its issuer is {said:?}"));
     }
+    let http_allowed = issuer.scheme_str() == Some("http");
     let endpoint = |name: &str| {
-        document[name].as_str().and_then(usable).ok_or_else(|| format!("{issuer}: {name} missing or not usable"))
+        document[name]
+            .as_str()
+            .and_then(|url| usable(url, http_allowed))
+            .ok_or_else(|| format!("{issuer}: {name} missing or not usable"))
     };
     let s256 = document["code_challenge_methods_supported"]
         .as_array()
@@ -133,16 +153,21 @@ pub fn check_server(document: &Value, issuer: &str, resource: String) -> Result<
     })
 }
 
-/// An https URL, or http to a loopback address.
-fn usable(url: &str) -> Option<Uri> {
+/// Whether `url` names `issuer` (a trailing slash aside).
+fn same_url(url: &str, issuer: &Uri) -> bool {
+    url.trim_end_matches('/') == issuer.to_string().trim_end_matches('/')
+}
+
+/// An https URL, or (when `http_allowed`, for an issuer on loopback) http to a loopback address.
+fn usable(url: &str, http_allowed: bool) -> Option<Uri> {
     let uri: Uri = url.parse().ok()?;
     let loopback = match uri.host() {
         Some("localhost") => true,
         Some(host) => host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
         None => false,
     };
-    (uri.authority().is_some() && (uri.scheme_str() == Some("https") || (uri.scheme_str() == Some("http") && loopback)))
-        .then_some(uri)
+    let http = http_allowed && uri.scheme_str() == Some("http") && loopback;
+    (uri.authority().is_some() && (uri.scheme_str() == Some("https") || http)).then_some(uri)
 }
 
 #[cfg(test)]
@@ -180,42 +205,50 @@ mod tests {
     }
 
     #[test]
-    fn resource_metadata_must_be_about_the_upstream() {
+    fn resource_metadata_must_be_about_the_upstream_and_name_the_configured_issuer() {
+        let issuer: Uri = "https://auth.example.com".parse().unwrap();
         let doc =
-            json!({"resource": "https://mcp.example.com/mcp", "authorization_servers": ["https://auth.example.com"]});
-        let (resource, issuer) = check_resource(&doc, "https://mcp.example.com/mcp").unwrap();
+            json!({"resource": "https://mcp.example.com/mcp", "authorization_servers": ["https://auth.example.com/"]});
         assert_eq!(
-            (resource.as_str(), issuer.to_string().as_str()),
-            ("https://mcp.example.com/mcp", "https://auth.example.com/")
+            check_resource(&doc, "https://mcp.example.com/mcp", &issuer).unwrap(),
+            "https://mcp.example.com/mcp"
         );
-        assert!(check_resource(&doc, "https://other.example.com/mcp").is_err(), "another resource's metadata");
-        assert!(
-            check_resource(&json!({"resource": "https://mcp.example.com/mcp"}), "https://mcp.example.com/mcp").is_err()
-        );
-        let plain =
-            json!({"resource": "https://mcp.example.com/mcp", "authorization_servers": ["http://auth.example.com"]});
-        assert!(check_resource(&plain, "https://mcp.example.com/mcp").is_err(), "plain http off loopback");
+        assert!(check_resource(&doc, "https://other.example.com/mcp", &issuer).is_err(), "another resource's metadata");
+        let other: Uri = "https://evil.example".parse().unwrap();
+        assert!(check_resource(&doc, "https://mcp.example.com/mcp", &other).is_err(), "the upstream picks no server");
+        let none = json!({"resource": "https://mcp.example.com/mcp"});
+        assert!(check_resource(&none, "https://mcp.example.com/mcp", &issuer).is_err());
     }
 
     #[test]
     fn server_metadata_must_be_the_issuers_and_do_s256() {
+        let issuer: Uri = "https://auth.example.com".parse().unwrap();
         let doc = json!({
             "issuer": "https://auth.example.com",
             "authorization_endpoint": "https://auth.example.com/authorize",
             "token_endpoint": "https://auth.example.com/token",
             "code_challenge_methods_supported": ["plain", "S256"],
         });
-        let found = check_server(&doc, "https://auth.example.com/", "r".into()).unwrap();
+        let found = check_server(&doc, &issuer, "r".into()).unwrap();
         assert_eq!(found.token.to_string(), "https://auth.example.com/token");
         assert_eq!(found.resource.as_deref(), Some("r"));
-        assert!(check_server(&doc, "https://evil.example.com", "r".into()).is_err(), "another issuer's metadata");
+        let evil: Uri = "https://evil.example.com".parse().unwrap();
+        assert!(check_server(&doc, &evil, "r".into()).is_err(), "another issuer's metadata");
         let mut no_pkce = doc.clone();
         no_pkce["code_challenge_methods_supported"] = json!(["plain"]);
-        assert!(check_server(&no_pkce, "https://auth.example.com", "r".into()).is_err());
+        assert!(check_server(&no_pkce, &issuer, "r".into()).is_err());
         no_pkce.as_object_mut().unwrap().remove("code_challenge_methods_supported");
-        assert!(check_server(&no_pkce, "https://auth.example.com", "r".into()).is_err(), "silence is not S256");
-        let mut bad = doc.clone();
-        bad["token_endpoint"] = json!("http://auth.example.com/token");
-        assert!(check_server(&bad, "https://auth.example.com", "r".into()).is_err());
+        assert!(check_server(&no_pkce, &issuer, "r".into()).is_err(), "silence is not S256");
+        for bad in ["http://auth.example.com/token", "http://127.0.0.1:9/token"] {
+            let mut doc = doc.clone();
+            doc["token_endpoint"] = json!(bad);
+            assert!(check_server(&doc, &issuer, "r".into()).is_err(), "{bad} from an https issuer");
+        }
+        // A loopback issuer (tests, a provider beside the proxy) may name loopback http endpoints.
+        let local: Uri = "http://127.0.0.1:9".parse().unwrap();
+        let mut doc = doc.clone();
+        doc["issuer"] = json!("http://127.0.0.1:9");
+        doc["token_endpoint"] = json!("http://127.0.0.1:9/token");
+        assert!(check_server(&doc, &local, "r".into()).is_ok());
     }
 }

@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
-use crate::config::oauth::{OAuthSettings, UpstreamOAuth};
+use crate::config::oauth::{OAuthSettings, ProviderEndpoints, UpstreamOAuth};
 use crate::config::{Config, Upstream};
 use crate::error::{ConnectError, ProxyError};
 use crate::proxy::body::ProxyBody;
@@ -298,6 +298,14 @@ impl Broker {
         oauth: &UpstreamOAuth,
         spent: &Connection,
     ) -> Refreshed {
+        // Before the lease: a slow discovery must not eat the time the lease gives the token call.
+        let endpoints = match discovery::endpoints(oauth).await {
+            Ok(endpoints) => endpoints,
+            Err(why) => {
+                tracing::warn!(user, upstream, error = %why, "oauth refresh: the provider's endpoints are unknown");
+                return Refreshed::Unavailable;
+            }
+        };
         let (u, s, holder) = (user.to_owned(), upstream.to_owned(), self.holder.clone());
         // Counted from before the call: the lease may run from any moment within it.
         let leased_at = Instant::now();
@@ -309,7 +317,7 @@ impl Broker {
                 return Refreshed::Unavailable;
             }
             Ok(false) => self.await_other_replica(config, user, upstream, spent).await,
-            Ok(true) => self.refresh_leased(config, user, upstream, oauth, spent, leased_at).await,
+            Ok(true) => self.refresh_leased(config, (user, upstream), oauth, &endpoints, spent, leased_at).await,
         };
         let (u, s, holder) = (user.to_owned(), upstream.to_owned(), self.holder.clone());
         if let Err(e) = self.blocking(move |store| store.drop_lease(&u, &s, &holder)).await {
@@ -321,9 +329,9 @@ impl Broker {
     async fn refresh_leased(
         &self,
         config: &Arc<Config>,
-        user: &str,
-        upstream: &str,
+        (user, upstream): (&str, &str),
         oauth: &UpstreamOAuth,
+        endpoints: &ProviderEndpoints,
         spent: &Connection,
         leased_at: Instant,
     ) -> Refreshed {
@@ -344,14 +352,7 @@ impl Broker {
             );
             return Refreshed::Unavailable;
         }
-        let endpoints = match discovery::endpoints(oauth).await {
-            Ok(endpoints) => endpoints,
-            Err(why) => {
-                tracing::warn!(user, upstream, error = %why, "oauth refresh: the provider's endpoints are unknown");
-                return Refreshed::Unavailable;
-            }
-        };
-        let tokens = match provider::refresh(oauth, &endpoints, &spent.tokens, now()).await {
+        let tokens = match provider::refresh(oauth, endpoints, &spent.tokens, now()).await {
             Ok(tokens) => tokens,
             Err(TokenError::Refused(why)) => {
                 tracing::info!(user, upstream, reason = %why, "oauth refresh refused: the user must connect again");
@@ -661,6 +662,11 @@ impl Broker {
             return page(StatusCode::NOT_FOUND, "Not available", "This server no longer connects accounts.");
         };
         outcome.upstream = Some(upstream.name.clone());
+        // Before the state is spent: a provider that cannot be found now leaves the sign-in usable.
+        let endpoints = match discovery::endpoints(oauth).await {
+            Ok(endpoints) => endpoints,
+            Err(why) => return discovery_failed(outcome, &upstream.name, &why),
+        };
         let nonce = state.nonce;
         match self.blocking(move |store| store.use_once(&nonce, state.expires_at)).await {
             Ok(true) => {}
@@ -683,10 +689,6 @@ impl Broker {
             Ok(_) => return superseded(outcome),
             Err(()) => return store_unavailable(outcome),
         }
-        let endpoints = match discovery::endpoints(oauth).await {
-            Ok(endpoints) => endpoints,
-            Err(why) => return discovery_failed(outcome, &upstream.name, &why),
-        };
         let redirect = settings.callback_url();
         let tokens = match provider::exchange_code(oauth, &endpoints, &redirect, &code, &state.verifier, now).await {
             Ok(tokens) => tokens,

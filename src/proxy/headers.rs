@@ -171,6 +171,7 @@ pub fn rewrite_request(parts: &mut Parts, upstream: &Upstream, rw: &Rewrite<'_>)
     headers.remove(rw.user_header);
     headers.remove(rw.token_header);
     headers.remove(CREDENTIAL_ID);
+    strip_flow_cookies(headers);
     if let Some(name) = &upstream.forward_user_header {
         headers.remove(name);
         // A resolved user id is ASCII from a fixed set, always a valid header value.
@@ -195,6 +196,31 @@ pub fn rewrite_request(parts: &mut Parts, upstream: &Upstream, rw: &Rewrite<'_>)
     }
     rw.trace.apply(headers);
     Ok(())
+}
+
+/// The proxy's own cookies (the OAuth connect flow's: `mtp_oauth_*`, over https `__Host-mtp_oauth_*`,
+/// sent by a browser to every path of the origin) are the proxy's, not the upstream's: removed from
+/// `Cookie`, and the header with them when nothing else is left.
+fn strip_flow_cookies(headers: &mut HeaderMap) {
+    const OURS: &[u8] = b"mtp_oauth_";
+    if !headers.get_all(header::COOKIE).iter().any(|v| v.as_bytes().windows(OURS.len()).any(|w| w == OURS)) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| String::from_utf8_lossy(v.as_bytes()).split(';').map(|p| p.trim().to_owned()).collect::<Vec<_>>())
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(pair.as_str(), |(n, _)| n).trim();
+            !name.trim_start_matches("__Host-").starts_with("mtp_oauth_") && !pair.is_empty()
+        })
+        .collect();
+    headers.remove(header::COOKIE);
+    if let Ok(value) = HeaderValue::from_str(&kept.join("; "))
+        && !kept.is_empty()
+    {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
@@ -258,6 +284,23 @@ mod tests {
             builder = builder.header(*n, *v);
         }
         builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_connect_flows_cookies_stay_with_the_proxy() {
+        let strip = |cookies: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for c in cookies {
+                headers.append(header::COOKIE, HeaderValue::from_str(c).unwrap());
+            }
+            strip_flow_cookies(&mut headers);
+            headers.get_all(header::COOKIE).iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&["a=1; __Host-mtp_oauth_flow=x; b=2"]), ["a=1; b=2"]);
+        assert_eq!(strip(&["mtp_oauth_confirm=y", "theirs=3"]), ["theirs=3"]);
+        assert!(strip(&["__Host-mtp_oauth_confirm=y; mtp_oauth_flow=z"]).is_empty(), "nothing left: no header");
+        assert_eq!(strip(&["a=1; b=2"]), ["a=1; b=2"], "untouched without ours");
+        assert_eq!(strip(&["x=mtp_oauth_flow"]), ["x=mtp_oauth_flow"], "a value that looks like ours is theirs");
     }
 
     #[test]
