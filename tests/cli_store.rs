@@ -701,3 +701,60 @@ fn connections_are_listed_without_tokens_and_disconnected_and_their_id_is_reserv
     assert_ne!(marker.grant, "g1", "a new grant: links made for the old one no longer match");
     assert!(left.iter().any(|c| c.upstream == "slack"), "the static credential stays");
 }
+
+#[test]
+fn connections_link_makes_a_link_the_proxy_opens_for_that_user_and_upstream() {
+    use mcp_tenant_proxy::oauth::link::{LINK_LABEL, open_link};
+    use mcp_tenant_proxy::store::crypto::MasterKey;
+    let cli = Cli::new();
+    cli.ok(&["users", "add", "alice"], false);
+    std::fs::write(cli.dir().join("client.secret"), "s3cret").unwrap();
+    let config = cli.dir().join("proxy.toml");
+    let write_config = |oauth: &str| {
+        let text = format!(
+            "[store]\npath = \"{}\"\nmaster_key_env = \"MTP_TEST_MASTER_KEY\"\n{oauth}\n\
+             [upstreams.github]\nurl = \"http://127.0.0.1:9/mcp\"\n\
+             inject = {{ header = \"authorization\", value = \"Bearer {{secret}}\" }}\n\
+             [upstreams.github.oauth]\nauthorization_endpoint = \"https://a.example/auth\"\n\
+             token_endpoint = \"https://a.example/token\"\nclient_id = \"c\"\nclient_secret_file = \"client.secret\"\n\
+             [upstreams.plain]\nurl = \"http://127.0.0.1:9/mcp\"\n\
+             inject = {{ header = \"authorization\", value = \"Bearer {{secret}}\" }}\n",
+            cli.store.display()
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write_config("[oauth]\npublic_url = \"https://mcp.example.com\"\nlink_ttl = \"10m\"");
+    let link = |user: &str, upstream: &str| {
+        run_raw(
+            &[
+                "connections",
+                "link",
+                "--user",
+                user,
+                "--upstream",
+                upstream,
+                "--config",
+                config.to_str().unwrap(),
+                "--json",
+            ],
+            &[("MTP_TEST_MASTER_KEY", &cli.key)],
+            None,
+        )
+    };
+    let out = link("alice", "github");
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let answer: Value = serde_json::from_str(&out.stdout_text()).unwrap();
+    assert_eq!(answer["expires_in"], 600);
+    let url = answer["connect_url"].as_str().unwrap();
+    let token = url.strip_prefix("https://mcp.example.com/oauth/connect?link=").expect(url);
+    // Signed with the key the proxy derives from the same master key: it opens there, for alice on github.
+    let key = MasterKey::parse(&Secret::new(cli.key.clone())).unwrap().derive(LINK_LABEL);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let opened = open_link(&key, token, now).unwrap();
+    assert_eq!((opened.user.as_str(), opened.upstream.as_str(), opened.over), ("alice", "github", None));
+
+    assert_eq!(link("bob", "github").status.code(), Some(1), "no such user");
+    let plain = link("alice", "plain");
+    assert_eq!(plain.status.code(), Some(1));
+    assert!(plain.stderr_text().contains("does not use OAuth"), "{}", plain.stderr_text());
+}

@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand, ValueEnum};
+use mcp_tenant_proxy::config::Config;
 use mcp_tenant_proxy::policy::ratelimit::Limit;
 use mcp_tenant_proxy::secret::Secret;
 use mcp_tenant_proxy::store::connection::{CONNECTION_ID, Tokens};
@@ -231,6 +232,20 @@ pub enum ConnectionsCommand {
         /// The user.
         #[arg(long)]
         user: String,
+    },
+    /// Make a connect link for the user to open (as the admin API does; it may replace the connection
+    /// there is now, and no later one). Reads the proxy's config for `[oauth]`, the upstream and the
+    /// store (SQLite or PostgreSQL) with its master key; `--store` and the key options are not used.
+    Link {
+        /// The user.
+        #[arg(long)]
+        user: String,
+        /// The upstream name, as in the config.
+        #[arg(long)]
+        upstream: String,
+        /// The proxy's config file.
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
     },
     /// Disconnect: delete the user's tokens for the upstream (the provider's grant is not revoked) and
     /// void every connect link made before; needs the master key (a marker is stored in their place). A
@@ -632,6 +647,31 @@ fn connections(opts: &StoreOpts, command: ConnectionsCommand) -> CmdResult {
                             if t.needs_reconnect.is_some() { "needs reconnect" } else { "connected" }.into(),
                         ]
                     }),
+                );
+            }
+        }
+        ConnectionsCommand::Link { user, upstream, config } => {
+            let config =
+                Config::load(&config, None).map_err(|e| Failure::Other(format!("{}: {e}", config.display())))?;
+            let (Some(settings), Some(store)) = (&config.oauth, &config.store) else {
+                return Err(Failure::Other("the config has no [oauth] section or no [store]".into()));
+            };
+            if !config.upstreams.iter().any(|u| *u.name == *upstream && u.oauth.is_some()) {
+                return Err(Failure::Other(format!("upstream {upstream:?} does not use OAuth in this config")));
+            }
+            let store = store.open()?;
+            store.get_user(&user)?;
+            let over = mcp_tenant_proxy::oauth::stored_connection(&*store, &user, &upstream)?.map(|(t, _)| t.grant);
+            let broker = mcp_tenant_proxy::oauth::Broker::new(store)?;
+            let url = broker.connect_url(settings, &user, &upstream, over.as_deref());
+            if opts.json {
+                let ttl = settings.link_ttl.as_secs();
+                print_json(&json!({ "user": user, "upstream": upstream, "connect_url": url, "expires_in": ttl }));
+            } else {
+                println!("{url}");
+                eprintln!(
+                    "Valid for {}, once; it connects {user}'s own account.",
+                    humantime::format_duration(settings.link_ttl)
                 );
             }
         }
