@@ -60,7 +60,7 @@ impl Store for Flaky {
         import_users(users: &[mcp_tenant_proxy::store::import::ImportUser]) -> StoreResult<Vec<CreatedKey>>;
         load_snapshot() -> StoreResult<Snapshot>;
         use_once(nonce: &[u8; 32], expires_at: UnixTime) -> StoreResult<bool>;
-        take_lease(user: &str, upstream: &str, holder: &str, until: UnixTime) -> StoreResult<bool>;
+        take_lease(user: &str, upstream: &str, holder: &str, seconds: i64) -> StoreResult<bool>;
         drop_lease(user: &str, upstream: &str, holder: &str) -> StoreResult<()>;
         derive_key(label: &str) -> StoreResult<[u8; 32]>;
     }

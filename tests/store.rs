@@ -193,6 +193,7 @@ both_backends!(
     oauth_nonces_are_used_once_and_expired_ones_pruned,
     oauth_leases_are_exclusive_reentrant_and_expire,
     derived_keys_follow_the_master_key,
+    postgresql_dates_leases_by_the_servers_clock,
     replicas_racing_for_a_lease_or_a_nonce_win_once,
     swapped_credentials_are_written_only_over_the_expected_value,
     replicas_swapping_one_credential_from_the_same_value_win_once,
@@ -1445,13 +1446,16 @@ fn oauth_nonces_are_used_once_and_expired_ones_pruned(b: Backend) {
 fn oauth_leases_are_exclusive_reentrant_and_expire(b: Backend) {
     let f = Fixture::new(b);
     let store = f.open_with(None).unwrap();
-    let lease = |holder: &str, until: i64| store.take_lease("alice", "github", holder, until).unwrap();
+    // Leases run for seconds from the store's now: `until` is where this one should end.
+    let lease = |holder: &str, until: i64| {
+        store.take_lease("alice", "github", holder, until - f.now.load(Ordering::SeqCst)).unwrap()
+    };
     assert!(lease("replica-1", T0 + 30), "nobody held it");
     assert!(!lease("replica-2", T0 + 30), "replica-1 holds it");
     assert!(lease("replica-1", T0 + 60), "re-entrant: its holder takes it again (until later)");
     // Each (user, upstream) is a lease of its own.
-    assert!(store.take_lease("bob", "github", "replica-2", T0 + 30).unwrap());
-    assert!(store.take_lease("alice", "slack", "replica-2", T0 + 30).unwrap());
+    assert!(store.take_lease("bob", "github", "replica-2", 30).unwrap());
+    assert!(store.take_lease("alice", "slack", "replica-2", 30).unwrap());
 
     // Another holder's drop does nothing; neither does a drop of a lease nobody holds.
     store.drop_lease("alice", "github", "replica-2").unwrap();
@@ -1476,11 +1480,29 @@ fn oauth_leases_are_exclusive_reentrant_and_expire(b: Backend) {
         ("alice", "github", "", "holder"),
         ("alice", "github", "new\nline", "holder"),
     ] {
-        let take = store.take_lease(user, upstream, holder, T0 + 200);
+        let take = store.take_lease(user, upstream, holder, 200);
         assert!(matches!(take, Err(StoreError::Invalid { field: got, .. }) if got == field), "{take:?}");
         let drop = store.drop_lease(user, upstream, holder);
         assert!(matches!(drop, Err(StoreError::Invalid { field: got, .. }) if got == field), "{drop:?}");
     }
+}
+
+fn postgresql_dates_leases_by_the_servers_clock(b: Backend) {
+    if b != Backend::Postgres {
+        return;
+    }
+    let f = Fixture::new(b);
+    // Two replicas whose own clocks say T0, weeks after the server's, dating leases as the proxy does.
+    let replica = || PgStore::open_with_clock(&f.pg().config, None, f.clock()).unwrap().leases_by_server_clock();
+    let (first, second) = (replica(), replica());
+    assert!(first.take_lease("alice", "github", "replica-1", 30).unwrap());
+    let until = f.count("SELECT until FROM oauth_leases");
+    let server_now = f.count("SELECT floor(extract(epoch FROM now()))::bigint");
+    assert!((server_now + 29..=server_now + 30).contains(&until), "until {until}, server now {server_now}");
+    assert!(!second.take_lease("alice", "github", "replica-2", 30).unwrap(), "held by the server's clock");
+    // Dated by its own clock, a replica that far ahead would take it over (and spend the same token).
+    let own_clock = f.open_with(None).unwrap();
+    assert!(own_clock.take_lease("alice", "github", "replica-3", 30).unwrap());
 }
 
 fn derived_keys_follow_the_master_key(b: Backend) {
@@ -1523,7 +1545,7 @@ fn replicas_racing_for_a_lease_or_a_nonce_win_once(b: Backend) {
                 (0..ROUNDS)
                     .map(|round| {
                         barrier.wait();
-                        let leased = store.take_lease("alice", &format!("up{round}"), &holder, T0 + 60).unwrap();
+                        let leased = store.take_lease("alice", &format!("up{round}"), &holder, 60).unwrap();
                         barrier.wait();
                         let used = store.use_once(&[round as u8; 32], T0 + 60).unwrap();
                         (leased, used)
@@ -1540,7 +1562,7 @@ fn replicas_racing_for_a_lease_or_a_nonce_win_once(b: Backend) {
         assert_eq!(holders.len(), 1, "round {round}: lease taken by {holders:?}");
         let upstream = format!("up{round}");
         for r in 0..REPLICAS {
-            let again = store.take_lease("alice", &upstream, &format!("replica-{r}"), T0 + 60).unwrap();
+            let again = store.take_lease("alice", &upstream, &format!("replica-{r}"), 60).unwrap();
             assert_eq!(again, r == holders[0], "round {round}: replica-{r}");
         }
         let used = won.iter().filter(|w| w[round].1).count();
@@ -1706,8 +1728,8 @@ fn a_version_2_store_upgrades_to_the_oauth_tables(b: Backend) {
     assert_eq!(store.list_keys(Some("alice")).unwrap()[0].user_token, Some(TokenMode::Required));
     assert!(store.use_once(&[7; 32], T0 + 60).unwrap());
     assert!(!store.use_once(&[7; 32], T0 + 60).unwrap());
-    assert!(store.take_lease("alice", "github", "replica-1", T0 + 60).unwrap());
-    assert!(!store.take_lease("alice", "github", "replica-2", T0 + 60).unwrap());
+    assert!(store.take_lease("alice", "github", "replica-1", 60).unwrap());
+    assert!(!store.take_lease("alice", "github", "replica-2", 60).unwrap());
     // The new tables' constraints hold.
     match b {
         Backend::Sqlite => {

@@ -309,8 +309,7 @@ impl Broker {
         let (u, s, holder) = (user.to_owned(), upstream.to_owned(), self.holder.clone());
         // Counted from before the call: the lease may run from any moment within it.
         let leased_at = Instant::now();
-        let until = now() + LEASE_SECS;
-        let leased = self.blocking(move |store| store.take_lease(&u, &s, &holder, until)).await;
+        let leased = self.blocking(move |store| store.take_lease(&u, &s, &holder, LEASE_SECS)).await;
         let outcome = match leased {
             Err(e) => {
                 tracing::warn!(user, upstream, error = %e, "oauth refresh: the store cannot be reached");

@@ -362,11 +362,11 @@ pub trait Store: Send + Sync {
     /// the table stays small; a nonce past that may be accepted again, and callers refuse expired links
     /// and states themselves (by their own clocks, which the margin covers).
     fn use_once(&self, nonce: &[u8; 32], expires_at: UnixTime) -> StoreResult<bool>;
-    /// Takes the lease on (user, upstream) for `holder` until `until`: true when there was none, it had
-    /// expired (its `until` is before now) or `holder` already held it (then `until` is extended or
-    /// shortened). One atomic statement, so of replicas racing for it exactly one wins: the lease is how
-    /// only one of them spends a rotating OAuth refresh token.
-    fn take_lease(&self, user: &str, upstream: &str, holder: &str, until: UnixTime) -> StoreResult<bool>;
+    /// Takes the lease on (user, upstream) for `holder` for `seconds` from now: true when there was
+    /// none, it had expired (its end is before now) or `holder` already held it (then it runs from now).
+    /// One atomic statement, so of replicas racing for it exactly one wins: the lease is how only one of
+    /// them spends a rotating OAuth refresh token. PostgreSQL dates leases by the server's clock.
+    fn take_lease(&self, user: &str, upstream: &str, holder: &str, seconds: i64) -> StoreResult<bool>;
     /// Ends the lease on (user, upstream) if `holder` holds it; else (another holder, none) does nothing.
     fn drop_lease(&self, user: &str, upstream: &str, holder: &str) -> StoreResult<()>;
     /// A 32-byte key for `label`, derived from the current master key ([`super::crypto::MasterKey::derive`]):

@@ -255,6 +255,9 @@ pub struct PgStore {
     pool: Option<Pool>,
     config: PgConfig,
     clock: Clock,
+    /// Leases are dated by the database server's clock, which every replica shares: a replica whose own
+    /// clock is ahead cannot see another's lease as expired (and spend the same refresh token).
+    database_clock: bool,
     /// The master key and its version in this database.
     key: std::sync::RwLock<Option<(u32, MasterKey)>>,
 }
@@ -409,9 +412,16 @@ impl PgStore {
     /// Connects, applies migrations and registers the master key (the first key given to a database
     /// becomes version 1), as [`super::SqliteStore::open`] does for a file.
     pub fn open(config: &PgConfig, master_key: Option<&Secret>) -> StoreResult<PgStore> {
-        PgStore::open_with_clock(config, master_key, system_clock())
+        Ok(PgStore::open_with_clock(config, master_key, system_clock())?.leases_by_server_clock())
     }
 
+    /// Refresh leases dated by the database server's clock rather than this store's (`open` does so).
+    pub fn leases_by_server_clock(mut self) -> PgStore {
+        self.database_clock = true;
+        self
+    }
+
+    /// With `clock` for every time, refresh leases' too, unless [`PgStore::leases_by_server_clock`].
     pub fn open_with_clock(config: &PgConfig, master_key: Option<&Secret>, clock: Clock) -> StoreResult<PgStore> {
         let key = master_key.map(MasterKey::parse).transpose()?;
         let manager = PostgresConnectionManager::new(postgres::Config::from((*config.config).clone()), NoTls);
@@ -421,7 +431,13 @@ impl PgStore {
             .connection_timeout(CONNECT_TIMEOUT)
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(manager);
-        let store = PgStore { pool: Some(pool), config: config.clone(), clock, key: std::sync::RwLock::new(None) };
+        let store = PgStore {
+            pool: Some(pool),
+            config: config.clone(),
+            clock,
+            database_clock: false,
+            key: std::sync::RwLock::new(None),
+        };
         let now = store.now();
         let version = store.with_client(|c| {
             migrate(c)?;
@@ -1592,19 +1608,22 @@ impl Store for PgStore {
         })
     }
 
-    fn take_lease(&self, user: &str, upstream: &str, holder: &str, until: UnixTime) -> StoreResult<bool> {
+    fn take_lease(&self, user: &str, upstream: &str, holder: &str, seconds: i64) -> StoreResult<bool> {
         check_user("user", user)?;
         check_upstream(upstream)?;
         check_name("holder", holder)?;
-        let now = self.now();
+        // NULL: the server's clock.
+        let now = (!self.database_clock).then(|| self.now());
         self.with_client(|c| {
             // One statement: ON CONFLICT locks the existing row and evaluates the WHERE on its latest
             // version, so of replicas racing, one updates (or inserts) and the others see its lease.
+            // The new lease's until is now + seconds, so `excluded.until - seconds` is now.
             let taken = c.execute(
-                "INSERT INTO oauth_leases (user_id, upstream, holder, until) VALUES ($1, $2, $3, $4)
+                "INSERT INTO oauth_leases (user_id, upstream, holder, until)
+                 VALUES ($1, $2, $3, COALESCE($5::bigint, floor(extract(epoch FROM now()))::bigint) + $4)
                  ON CONFLICT (user_id, upstream) DO UPDATE SET holder = excluded.holder, until = excluded.until
-                 WHERE oauth_leases.until < $5 OR oauth_leases.holder = excluded.holder",
-                &[&user, &upstream, &holder, &until, &now],
+                 WHERE oauth_leases.until < excluded.until - $4 OR oauth_leases.holder = excluded.holder",
+                &[&user, &upstream, &holder, &seconds, &now],
             )?;
             Ok(taken == 1)
         })

@@ -1102,11 +1102,12 @@ impl Store for SqliteStore {
         Ok(inserted == 1)
     }
 
-    fn take_lease(&self, user: &str, upstream: &str, holder: &str, until: UnixTime) -> StoreResult<bool> {
+    fn take_lease(&self, user: &str, upstream: &str, holder: &str, seconds: i64) -> StoreResult<bool> {
         check_user("user", user)?;
         check_upstream(upstream)?;
         check_name("holder", holder)?;
         let now = self.now();
+        let until = now.saturating_add(seconds);
         let inner = self.lock();
         // One statement: the upsert's WHERE decides, so no other writer gets in between.
         let taken = inner.conn.execute(
