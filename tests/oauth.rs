@@ -418,15 +418,15 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
     assert_eq!(stored.access_token, first);
     let rotated_from = stored.refresh_token.clone().unwrap();
 
-    // Expired: twenty concurrent requests wait on one refresh and all carry the one new token.
+    // Expired: two hundred concurrent requests wait on one refresh and all carry the one new token.
     until_expired(&stored).await;
-    let calls: Vec<_> = (0..20).map(|_| s.tool_call("alice")).collect();
+    let calls: Vec<_> = (0..200).map(|_| s.tool_call("alice")).collect();
     for (status, answer) in futures_util::future::join_all(calls).await {
         assert_eq!(status, 200, "{answer}");
     }
     let after: std::collections::HashSet<String> = {
         let seen = s.seen.lock().unwrap();
-        seen.iter().rev().take(20).map(|s| s.headers["authorization"].to_str().unwrap().to_owned()).collect()
+        seen.iter().rev().take(200).map(|s| s.headers["authorization"].to_str().unwrap().to_owned()).collect()
     };
     assert_eq!(after.len(), 1, "one refresh for all of them: {after:?}");
     let second = s.last_token_of("alice");
