@@ -562,6 +562,27 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     for reason in ["oauth_link_superseded", "oauth_not_confirmed", "oauth_browser_mismatch"] {
         assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
     }
+    // An expired link and an expired sign-in fail cleanly (made here with the keys the proxy derives
+    // from the master key).
+    use mcp_tenant_proxy::oauth::link::{LINK_LABEL, Link, STATE_LABEL, State, seal_state, sign_link};
+    let master = MasterKey::parse(&s.master).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let link = Link { user: "bob".into(), upstream: "github".into(), expires_at: now - 1, nonce: [7; 32], over: None };
+    let token = sign_link(&master.derive(LINK_LABEL), &link);
+    let (status, text) = common::get_once(s.app.proxy_addr, &format!("/oauth/connect?link={token}")).await;
+    assert!(status == 410 && text.contains("Link expired"), "{status} {text}");
+    let state = State {
+        user: "bob".into(),
+        upstream: "github".into(),
+        expires_at: now - 1,
+        nonce: [8; 32],
+        verifier: "v".repeat(43),
+        cookie: [9; 32],
+        over: None,
+    };
+    let sealed = seal_state(&master.derive(STATE_LABEL), &state);
+    let (status, text) = common::get_once(s.app.proxy_addr, &format!("/oauth/callback?code=c&state={sealed}")).await;
+    assert!(status == 410 && text.contains("expired"), "{status} {text}");
     // A confirmation form whose body never comes holds nothing for longer than any request body.
     let mut slow = tokio::net::TcpStream::connect(s.app.proxy_addr).await.unwrap();
     let head = "POST /oauth/connect HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nlink=";
@@ -577,7 +598,13 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     let (status, _) =
         s.admin(Method::PUT, "/admin/v1/users/bob/credentials/github/oauth", json!({"secret": "x"})).await;
     assert_eq!(status, 400);
+    let audit_file = s.dir.path().join("audit-0.log");
     s.app.shutdown().await;
+    // Every line written by now.
+    let audit = std::fs::read_to_string(audit_file).unwrap();
+    for reason in ["oauth_link_expired", "oauth_state_expired", "body_read_timeout"] {
+        assert!(audit.contains(&format!("\"reason\":\"{reason}\"")), "{reason} in the audit trail");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
