@@ -689,6 +689,10 @@ fn connections_are_listed_without_tokens_and_disconnected_and_their_id_is_reserv
     assert_eq!(reserved.status.code(), Some(1));
     assert!(reserved.stderr_text().contains("reserved"), "{}", reserved.stderr_text());
 
+    let as_credential =
+        cli.run(&["creds", "rm", "--user", "alice", "--upstream", "github", "--id", "oauth"], false, None);
+    assert_eq!(as_credential.status.code(), Some(1), "a connection is not removed as a credential");
+    assert!(as_credential.stderr_text().contains("connections rm"), "{}", as_credential.stderr_text());
     let keyless = cli.run(&["connections", "rm", "--user", "alice", "--upstream", "github"], false, None);
     assert_eq!(keyless.status.code(), Some(1), "a disconnect writes a marker: it needs the key");
     cli.ok(&["connections", "rm", "--user", "alice", "--upstream", "github"], true);

@@ -598,6 +598,9 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     let (status, _) =
         s.admin(Method::PUT, "/admin/v1/users/bob/credentials/github/oauth", json!({"secret": "x"})).await;
     assert_eq!(status, 400);
+    // Nor be deleted as one: that would take the disconnect marker, and with it the voiding of old links.
+    let (status, answer) = s.admin(Method::DELETE, "/admin/v1/users/bob/credentials/github/oauth", Value::Null).await;
+    assert_eq!(status, 400, "{answer}");
     let audit_file = s.dir.path().join("audit-0.log");
     s.app.shutdown().await;
     // Every line written by now.

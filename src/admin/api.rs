@@ -370,6 +370,13 @@ impl AdminApi {
             }
             Op::DeleteCredential => {
                 let (user, upstream, cred) = (param(0), param(1), param(2));
+                if cred == CONNECTION_ID {
+                    // A deleted connection would let links made before it connect again.
+                    return Err(ApiError::invalid(
+                        "credential_id",
+                        "\"oauth\" is an OAuth connection: DELETE /admin/v1/users/{id}/connections/{upstream}",
+                    ));
+                }
                 self.blocking(move |s| s.delete_credential(&user, &upstream, &cred)).await?;
                 self.apply(&param(0)).await?;
                 let (user, upstream, cred) = (param(0), param(1), param(2));

@@ -576,6 +576,11 @@ fn creds(opts: &StoreOpts, command: CredsCommand) -> CmdResult {
             }
         }
         CredsCommand::Rm { user, upstream, credential_id } => {
+            if credential_id == CONNECTION_ID {
+                // A deleted connection would let links made before it connect again.
+                let reason = "\"oauth\" is an OAuth connection: use `connections rm`".into();
+                return Err(StoreError::Invalid { field: "credential_id", reason }.into());
+            }
             open(opts)?.delete_credential(&user, &upstream, &credential_id)?;
             if opts.json {
                 print_json(

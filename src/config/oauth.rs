@@ -60,15 +60,10 @@ pub struct Discovery {
     /// The upstream's URL: what the metadata must be about.
     pub resource: String,
     pub issuer: Uri,
-    /// Held across the fetch, so concurrent callers wait for one fetch.
-    pub cache: tokio::sync::Mutex<Discovered>,
-}
-
-/// What discovery found last, and when it last failed.
-#[derive(Default)]
-pub struct Discovered {
-    pub found: Option<(Instant, Arc<ProviderEndpoints>)>,
-    pub failed_at: Option<Instant>,
+    /// The endpoints last found, and when: read without waiting (never held across an await).
+    pub found: std::sync::RwLock<Option<(Instant, Arc<ProviderEndpoints>)>>,
+    /// Held by the one caller fetching; when the last fetch failed.
+    pub fetching: tokio::sync::Mutex<Option<Instant>>,
 }
 
 pub struct UpstreamOAuth {
@@ -192,7 +187,8 @@ impl Builder<'_> {
                         metadata: resource_metadata_url(upstream_url),
                         resource: upstream_url.to_string(),
                         issuer,
-                        cache: tokio::sync::Mutex::new(Discovered::default()),
+                        found: std::sync::RwLock::new(None),
+                        fetching: tokio::sync::Mutex::new(None),
                     }))
                 })
             }

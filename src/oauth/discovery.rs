@@ -13,7 +13,7 @@ use http::{Request, Uri, header};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
-use crate::config::oauth::{Discovered, Endpoints, ProviderEndpoints, UpstreamOAuth};
+use crate::config::oauth::{Endpoints, ProviderEndpoints, UpstreamOAuth};
 
 /// How long discovered endpoints are used before they are fetched again.
 const KEEP: Duration = Duration::from_secs(3600);
@@ -23,29 +23,45 @@ const RETRY_AFTER: Duration = Duration::from_secs(30);
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BYTES: usize = 64 * 1024;
 
-/// The endpoints to use now.
+/// The endpoints to use now. Past their hour, one caller fetches them again while the others go on
+/// with the endpoints found before (a slow metadata endpoint holds up only that one).
 pub async fn endpoints(oauth: &UpstreamOAuth) -> Result<Arc<ProviderEndpoints>, String> {
     let discovery = match &oauth.endpoints {
         Endpoints::Fixed(endpoints) => return Ok(endpoints.clone()),
         Endpoints::Discovered(discovery) => discovery,
     };
-    let mut cached = discovery.cache.lock().await;
-    let stale = cached.found.as_ref().map(|(_, endpoints)| endpoints.clone());
-    match (&cached.found, cached.failed_at) {
-        (Some((at, endpoints)), _) if at.elapsed() < KEEP => return Ok(endpoints.clone()),
-        (_, Some(failed)) if failed.elapsed() < RETRY_AFTER => {
-            return stale.ok_or_else(|| "the provider's metadata could not be read just now".to_owned());
+    let fresh = || {
+        let found = discovery.found.read().unwrap_or_else(|e| e.into_inner());
+        match found.as_ref() {
+            Some((at, endpoints)) if at.elapsed() < KEEP => Ok(endpoints.clone()),
+            other => Err(other.map(|(_, endpoints)| endpoints.clone())),
         }
-        _ => {}
+    };
+    let stale = match fresh() {
+        Ok(endpoints) => return Ok(endpoints),
+        Err(stale) => stale,
+    };
+    let mut failed_at = match (discovery.fetching.try_lock(), &stale) {
+        (Ok(fetching), _) => fetching,
+        (Err(_), Some(stale)) => return Ok(stale.clone()),
+        (Err(_), None) => discovery.fetching.lock().await,
+    };
+    // Another caller may have fetched them while this one waited.
+    if let Ok(endpoints) = fresh() {
+        return Ok(endpoints);
+    }
+    if failed_at.is_some_and(|failed| failed.elapsed() < RETRY_AFTER) {
+        return stale.ok_or_else(|| "the provider's metadata could not be read just now".to_owned());
     }
     match discover(oauth, &discovery.metadata, &discovery.resource, &discovery.issuer).await {
         Ok(endpoints) => {
             let endpoints = Arc::new(endpoints);
-            *cached = Discovered { found: Some((Instant::now(), endpoints.clone())), failed_at: None };
+            *discovery.found.write().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), endpoints.clone()));
+            *failed_at = None;
             Ok(endpoints)
         }
         Err(why) => {
-            cached.failed_at = Some(Instant::now());
+            *failed_at = Some(Instant::now());
             match stale {
                 Some(stale) => {
                     tracing::warn!(error = %why, "oauth discovery failed; the endpoints found before are kept");

@@ -234,7 +234,11 @@ impl Broker {
         let answer = tokio::time::timeout(REFRESH_WAIT, flight.wait_for(Option::is_some)).await;
         match answer.ok().and_then(|a| a.ok().and_then(|a| a.clone())) {
             Some(Refreshed::Ok(value)) => Ok(value),
-            Some(Refreshed::Reconnect) => Err(connect(Some(&connection.tokens.grant), true)),
+            // What is stored now names the grant a link may replace (a disconnect meanwhile left its marker).
+            Some(Refreshed::Reconnect) => match config.live.connection(&user.name, &upstream.name) {
+                Some(now) => Err(connect(Some(&now.tokens.grant), !now.tokens.is_disconnected())),
+                None => Err(connect(None, false)),
+            },
             Some(Refreshed::Unavailable) | None => Err(ProxyError::OAuthRefreshUnavailable),
         }
     }

@@ -92,6 +92,7 @@ pub async fn send(
 pub fn into_client_response(response: Response<Incoming>, metrics: &Metrics) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    super::headers::strip_flow_set_cookies(&mut parts.headers);
     let body = Counted { inner: body, _open: metrics.stream_opened() };
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }

@@ -223,6 +223,27 @@ fn strip_flow_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// An upstream is served on the proxy's origin, so a `Set-Cookie` of the flow's names from it would be
+/// the proxy's cookie in the browser (a planted flow cookie lets someone else's flow finish there):
+/// such answers lose those `Set-Cookie`s.
+pub fn strip_flow_set_cookies(headers: &mut HeaderMap) {
+    let ours = |v: &HeaderValue| {
+        let name = v.as_bytes().split(|b| *b == b'=').next().unwrap_or_default();
+        let name = String::from_utf8_lossy(name);
+        let name = name.trim();
+        let name = name.strip_prefix("__Host-").or_else(|| name.strip_prefix("__Secure-")).unwrap_or(name);
+        name.starts_with("mtp_oauth_")
+    };
+    if !headers.get_all(header::SET_COOKIE).iter().any(ours) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers.get_all(header::SET_COOKIE).iter().filter(|v| !ours(v)).cloned().collect();
+    headers.remove(header::SET_COOKIE);
+    for value in kept {
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+
 fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
     let mut path = String::with_capacity(upstream.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
     path.push_str(&upstream.base_path);
@@ -301,6 +322,22 @@ mod tests {
         assert!(strip(&["__Host-mtp_oauth_confirm=y; mtp_oauth_flow=z"]).is_empty(), "nothing left: no header");
         assert_eq!(strip(&["a=1; b=2"]), ["a=1; b=2"], "untouched without ours");
         assert_eq!(strip(&["x=mtp_oauth_flow"]), ["x=mtp_oauth_flow"], "a value that looks like ours is theirs");
+    }
+
+    #[test]
+    fn an_upstream_cannot_set_the_connect_flows_cookies() {
+        let mut headers = HeaderMap::new();
+        for c in [
+            "theirs=1; Path=/",
+            "__Host-mtp_oauth_flow=v; Path=/; Secure",
+            " mtp_oauth_confirm=x",
+            "__Secure-mtp_oauth_flow=y",
+        ] {
+            headers.append(header::SET_COOKIE, HeaderValue::from_str(c).unwrap());
+        }
+        strip_flow_set_cookies(&mut headers);
+        let left: Vec<_> = headers.get_all(header::SET_COOKIE).iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(left, ["theirs=1; Path=/"]);
     }
 
     #[test]
