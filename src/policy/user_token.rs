@@ -67,12 +67,21 @@ fn presented<'h, 's>(
 /// RSA-8192 one per key of the set), and refusals come before any rate limit.
 const MAX_FAILURES_PER_SECOND: u32 = 50;
 
+/// How long a token that verified is still checked while its key is over the failure cap.
+const VERIFIED_KEPT: Duration = Duration::from_secs(300);
+/// Most token digests remembered as verified (then the set starts over).
+const MAX_VERIFIED: usize = 10_000;
+
 /// What the request path keeps for user tokens: the fetched keys and the failures per API key.
 #[derive(Default)]
 pub struct UserTokens {
     keys: UrlKeys,
     /// Per API key id: the start of its current one-second window and its failures in it.
     failures: dashmap::DashMap<Arc<str>, (Instant, u32)>,
+    /// SHA-256 of tokens that verified, and when: one client of a shared key sending forged tokens
+    /// does not get the key's other clients, whose tokens verified before, refused with it (theirs are
+    /// still checked, every time).
+    verified: dashmap::DashMap<[u8; 32], Instant>,
 }
 
 impl UserTokens {
@@ -101,10 +110,19 @@ impl UserTokens {
     async fn prove(&self, settings: &UserTokenSettings, key: &ApiKey, token: &str) -> Result<String, ProxyError> {
         let now = Instant::now();
         let in_window = |(start, _): &(Instant, u32)| now.duration_since(*start) < Duration::from_secs(1);
-        if self.failures.get(&key.id).is_some_and(|f| in_window(&f) && f.1 >= MAX_FAILURES_PER_SECOND) {
+        let digest = crate::secret::sha256(token.as_bytes());
+        if self.failures.get(&key.id).is_some_and(|f| in_window(&f) && f.1 >= MAX_FAILURES_PER_SECOND)
+            && self.verified.get(&digest).is_none_or(|at| at.elapsed() >= VERIFIED_KEPT)
+        {
             return Err(ProxyError::TooManyInvalidUserTokens);
         }
         let proven = self.keys.prove(settings, token).await;
+        if proven.is_ok() {
+            if self.verified.len() >= MAX_VERIFIED {
+                self.verified.clear();
+            }
+            self.verified.insert(digest, now);
+        }
         if matches!(proven, Err(ProxyError::InvalidUserToken(_))) {
             let mut entry = self.failures.entry(key.id.clone()).or_insert((now, 0));
             if !in_window(&entry) {
