@@ -69,7 +69,8 @@ const MAX_FAILURES_PER_SECOND: u32 = 50;
 
 /// How long a token that verified is still checked while its key is over the failure cap.
 const VERIFIED_KEPT: Duration = Duration::from_secs(300);
-/// Most token digests remembered as verified (then the set starts over).
+/// Most token digests remembered as verified (then the set starts over), and most keys' failure
+/// counts kept before the finished ones are dropped.
 const MAX_VERIFIED: usize = 10_000;
 
 /// What the request path keeps for user tokens: the fetched keys and the failures per API key.
@@ -124,6 +125,10 @@ impl UserTokens {
             self.verified.insert(digest, now);
         }
         if matches!(proven, Err(ProxyError::InvalidUserToken(_))) {
+            // One entry per key that failed lately: the ones whose second is over go when there are many.
+            if self.failures.len() >= MAX_VERIFIED {
+                self.failures.retain(|_, f| in_window(f));
+            }
             let mut entry = self.failures.entry(key.id.clone()).or_insert((now, 0));
             if !in_window(&entry) {
                 *entry = (now, 0);
