@@ -557,6 +557,10 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     assert_eq!((status, listed), (200, json!({"connections": []})));
     let (status, _) = s.admin(Method::DELETE, "/admin/v1/users/bob/connections/github", Value::Null).await;
     assert_eq!(status, 404, "nothing left to disconnect");
+    // The link a request gets now connects again.
+    s.connect("bob", "bob-gh").await;
+    assert_eq!(s.tool_call("bob").await.0, 200);
+    assert_eq!(s.provider.introspect(&s.last_token_of("bob")).await["sub"], "bob-gh");
     let audit = s.audit();
     let reasons: Vec<&str> = audit.iter().filter_map(|l| l["reason"].as_str()).collect();
     for reason in ["oauth_link_superseded", "oauth_not_confirmed", "oauth_browser_mismatch"] {
