@@ -14,11 +14,12 @@ use super::link::{self, Refused, State};
 use super::pages::{form_page, page};
 use super::provider::{self, TokenError, query_param};
 use super::{Broker, FLOW_TTL, discovery, now};
-use crate::config::oauth::{OAuthSettings, UpstreamOAuth};
+use crate::config::oauth::{OAuthSettings, ProviderEndpoints, UpstreamOAuth};
 use crate::config::{Config, Upstream};
 use crate::proxy::body::ProxyBody;
 use crate::secret::sha256;
 use crate::store::StoreError;
+use crate::store::model::UnixTime;
 
 /// The cookie that ties a flow to the browser that pressed Connect (`SameSite=Lax`: the provider's
 /// redirect back is a top-level navigation).
@@ -168,28 +169,12 @@ impl Broker {
             Err(why) => return refused(outcome, why, "link"),
         };
         outcome.user = Some(link.user.clone());
-        let Some((upstream, oauth)) = oauth_upstream(config, &link.upstream) else {
-            outcome.reason = "oauth_unknown_upstream";
-            return page(StatusCode::NOT_FOUND, "Not available", "This server no longer connects accounts.");
-        };
-        outcome.upstream = Some(upstream.name.clone());
-        // Before the link is spent: a provider that cannot be found now leaves it usable.
-        let endpoints = match discovery::endpoints(oauth).await {
-            Ok(endpoints) => endpoints,
-            Err(why) => return discovery_failed(outcome, &upstream.name, &why),
-        };
-        let nonce = link.nonce;
-        match self.blocking(move |store| store.use_once(&nonce, link.expires_at)).await {
-            Ok(true) => {}
-            Ok(false) => {
-                outcome.reason = "oauth_link_used";
-                return page(StatusCode::GONE, "Link already used", "Ask for a new link to connect your account.");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "oauth connect: the store cannot be reached");
-                return store_unavailable(outcome);
-            }
-        }
+        let used = ("oauth_link_used", "Link already used", "Ask for a new link to connect your account.");
+        let (_, oauth, endpoints) =
+            match self.spend(config, outcome, &link.upstream, link.nonce, link.expires_at, used).await {
+                Ok(spent) => spent,
+                Err(page) => return page,
+            };
         // After the nonce: a link used once says so, whatever happened since.
         match self.stored(&link.user, &link.upstream).await {
             Ok(current) if current.as_ref().map(|(t, _)| t.grant.as_str()) == link.over.as_deref() => {}
@@ -244,6 +229,39 @@ impl Broker {
         response
     }
 
+    /// What a link (at connect) and a flow state (at callback) go through before their step: their
+    /// upstream still uses OAuth, its provider's endpoints are known, and then (so a failure before
+    /// leaves them usable) their nonce is spent, once on any replica. `used`: the reason, title and
+    /// text when it was spent before. Otherwise the page to answer with.
+    async fn spend<'c>(
+        &self,
+        config: &'c Config,
+        outcome: &mut BrowserOutcome,
+        upstream: &str,
+        nonce: [u8; 32],
+        expires_at: UnixTime,
+        used: (&'static str, &str, &str),
+    ) -> Result<(&'c Upstream, &'c Arc<UpstreamOAuth>, Arc<ProviderEndpoints>), Response<ProxyBody>> {
+        let Some((upstream, oauth)) = oauth_upstream(config, upstream) else {
+            outcome.reason = "oauth_unknown_upstream";
+            return Err(page(StatusCode::NOT_FOUND, "Not available", "This server no longer connects accounts."));
+        };
+        outcome.upstream = Some(upstream.name.clone());
+        let endpoints =
+            discovery::endpoints(oauth).await.map_err(|why| discovery_failed(outcome, &upstream.name, &why))?;
+        match self.blocking(move |store| store.use_once(&nonce, expires_at)).await {
+            Ok(true) => Ok((upstream, oauth, endpoints)),
+            Ok(false) => {
+                outcome.reason = used.0;
+                Err(page(StatusCode::GONE, used.1, used.2))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "oauth: the store cannot be reached to spend a link or sign-in");
+                Err(store_unavailable(outcome))
+            }
+        }
+    }
+
     async fn callback<B>(
         &self,
         config: &Arc<Config>,
@@ -270,28 +288,12 @@ impl Broker {
                 "Finish connecting in the browser where you opened the link.",
             );
         }
-        let Some((upstream, oauth)) = oauth_upstream(config, &state.upstream) else {
-            outcome.reason = "oauth_unknown_upstream";
-            return page(StatusCode::NOT_FOUND, "Not available", "This server no longer connects accounts.");
-        };
-        outcome.upstream = Some(upstream.name.clone());
-        // Before the state is spent: a provider that cannot be found now leaves the sign-in usable.
-        let endpoints = match discovery::endpoints(oauth).await {
-            Ok(endpoints) => endpoints,
-            Err(why) => return discovery_failed(outcome, &upstream.name, &why),
-        };
-        let nonce = state.nonce;
-        match self.blocking(move |store| store.use_once(&nonce, state.expires_at)).await {
-            Ok(true) => {}
-            Ok(false) => {
-                outcome.reason = "oauth_state_used";
-                return page(StatusCode::GONE, "Already finished", "This sign-in was already used.");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "oauth callback: the store cannot be reached");
-                return store_unavailable(outcome);
-            }
-        }
+        let used = ("oauth_state_used", "Already finished", "This sign-in was already used.");
+        let (upstream, oauth, endpoints) =
+            match self.spend(config, outcome, &state.upstream, state.nonce, state.expires_at, used).await {
+                Ok(spent) => spent,
+                Err(page) => return page,
+            };
         let Some(code) = query_param(query, "code") else {
             outcome.reason = "oauth_provider_refused";
             return page(StatusCode::FORBIDDEN, "Not connected", "The provider did not grant access.");
