@@ -162,7 +162,7 @@ impl App {
         // master key (config validation saw to both being there).
         if let (Some(store), Some(_)) = (&usage_store, &config.oauth) {
             let broker = crate::oauth::Broker::new(store.clone()).map_err(|e| io::Error::other(e.to_string()))?;
-            proxy.attach_oauth(Arc::new(broker));
+            proxy.attach_oauth(Arc::new(broker.counting_in(metrics.clone())));
         }
         // A shared store tells this replica about every write: changes are applied as they arrive, and
         // `/readyz` and the admin API say when it cannot be reached.

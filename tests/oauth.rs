@@ -463,6 +463,13 @@ async fn a_user_connects_uses_refreshes_loses_and_reconnects_an_account() {
     assert_eq!(s.tool_call("alice").await.0, 200);
     assert_eq!(s.seen.lock().unwrap().len(), before, "a refused connection reaches no upstream");
 
+    // Each refresh counted, by upstream and result (no user in any series).
+    let admin = s.app.admin_addr.unwrap();
+    let ok = common::metric(admin, r#"mcp_proxy_oauth_refreshes_total{upstream="github",result="ok"}"#).await;
+    assert_eq!(ok, Some(2.0), "two refreshes, each counted once however many requests waited");
+    let refused = common::metric(admin, r#"mcp_proxy_oauth_refreshes_total{upstream="github",result="refused"}"#).await;
+    assert_eq!(refused, Some(1.0));
+
     // Reconnect, and it works again.
     s.connect("alice", "alice-gh").await;
     assert_eq!(s.tool_call("alice").await.0, 200);

@@ -34,6 +34,7 @@ use crate::secret::sha256;
 use crate::store::connection::{CONNECTION_ID, Connection, Tokens};
 use crate::store::model::UnixTime;
 use crate::store::{STORE_USER_BIT, Store, StoreError, UserRef};
+use crate::telemetry::metrics::Metrics;
 pub use browser::BrowserOutcome;
 use link::Link;
 use provider::TokenError;
@@ -75,6 +76,7 @@ pub struct Broker {
     flights: DashMap<Key, Flight>,
     /// When each connection's last refresh failed, for [`FAILURE_BACKOFF`].
     failed: DashMap<Key, Instant>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A connection as stored now, with the SHA-256 of its secret (what a swap is made from); `None`
@@ -124,7 +126,14 @@ impl Broker {
             holder: format!("{:016x}", rand::random::<u64>()),
             flights: DashMap::new(),
             failed: DashMap::new(),
+            metrics: None,
         })
+    }
+
+    /// Refreshes are counted in `metrics` (`mcp_proxy_oauth_refreshes_total`).
+    pub fn counting_in(mut self, metrics: Arc<Metrics>) -> Broker {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// A connect link for (user, upstream), valid for `oauth.link_ttl`, that may replace the grant
@@ -229,13 +238,18 @@ impl Broker {
                     let landing = Landing { broker, key };
                     let (broker, (user, upstream)) = (&landing.broker, &landing.key);
                     let answer = broker.refresh(&config, user, upstream, &oauth, &spent).await;
-                    match answer {
+                    let result = match answer {
                         Refreshed::Unavailable => {
                             broker.failed.insert(landing.key.clone(), Instant::now());
+                            "unavailable"
                         }
-                        _ => {
+                        Refreshed::Ok(_) | Refreshed::Reconnect => {
                             broker.failed.remove(&landing.key);
+                            if matches!(answer, Refreshed::Ok(_)) { "ok" } else { "refused" }
                         }
+                    };
+                    if let Some(metrics) = &broker.metrics {
+                        metrics.oauth_refreshed(upstream, result);
                     }
                     // Out of the map first: a request from now on sees the refreshed connection itself.
                     drop(landing);

@@ -84,6 +84,12 @@ struct UpstreamLabels {
     upstream: Arc<str>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefreshLabels {
+    upstream: Arc<str>,
+    result: &'static str,
+}
+
 /// One upstream's tool calls counters, by tool name.
 type ToolCounters = HashMap<Box<str>, Counter>;
 
@@ -117,6 +123,7 @@ pub struct Metrics {
     rate_limit_backend_up: Gauge,
     reloads: Family<ResultLabels, Counter>,
     last_reload_ok: Gauge,
+    oauth_refreshes: Family<RefreshLabels, Counter>,
     /// The label of requests that matched no upstream.
     no_upstream: Arc<str>,
 }
@@ -177,6 +184,13 @@ impl Metrics {
             "0 while the last reload failed (the config in force is the one before it; the log says why)",
             last_reload_ok.clone(),
         );
+        let oauth_refreshes = Family::default();
+        registry.register(
+            "mcp_proxy_oauth_refreshes",
+            "OAuth token refreshes this replica ran or waited on, by upstream and result (ok, refused: the user \
+             must connect again, unavailable: the provider or the store failed)",
+            oauth_refreshes.clone(),
+        );
         registry.register_collector(Box::new(AuditErrors(audit)));
         Metrics {
             registry,
@@ -191,6 +205,7 @@ impl Metrics {
             rate_limit_backend_up,
             reloads,
             last_reload_ok,
+            oauth_refreshes,
             no_upstream: Arc::from(""),
         }
     }
@@ -268,6 +283,11 @@ impl Metrics {
     /// The `mcp_proxy_rate_limit_backend_up` gauge, for the shared limiter to set.
     pub fn rate_limit_backend_up(&self) -> Gauge {
         self.rate_limit_backend_up.clone()
+    }
+
+    /// Counts an OAuth refresh of a connection to `upstream`: `ok`, `refused` or `unavailable`.
+    pub fn oauth_refreshed(&self, upstream: &Arc<str>, result: &'static str) {
+        self.oauth_refreshes.get_or_create(&RefreshLabels { upstream: upstream.clone(), result }).inc();
     }
 
     /// Counts a config reload and whether it took.
