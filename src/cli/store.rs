@@ -2,9 +2,10 @@
 //! `store`.
 //!
 //! Every command opens the SQLite file named by `--store` directly (no running proxy needed; SQLite's
-//! locking makes it safe next to one). The master key comes from `--master-key-env NAME` or
-//! `--master-key-file PATH`; only `creds set` and `store rotate-master-key` need it, and when it is
-//! given to any other command it is checked against the file. Secrets never come from argv: `creds set`
+//! locking makes it safe next to one), except `connections link`, which reads the proxy's config and
+//! its store. The master key comes from `--master-key-env NAME` or `--master-key-file PATH`; only
+//! `creds set`, `connections list|rm` and `store rotate-master-key` need it, and when it is given to
+//! any other command it is checked against the file. Secrets never come from argv: `creds set`
 //! reads stdin or `--secret-file`. Nothing prints a secret except the key and token that `keys create`
 //! and `tokens create` make (this once) and `store init-master-key`.
 //!
