@@ -5,4 +5,4 @@ pub mod raw;
 pub mod runtime;
 pub mod watch;
 
-pub use runtime::{Config, ConfigError, Problem, UnknownUserPolicy, Upstream};
+pub use runtime::{Config, ConfigError, Problem, UnknownUserPolicy, Upstream, is_loopback};

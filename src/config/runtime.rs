@@ -1411,7 +1411,7 @@ impl Builder<'_> {
 }
 
 /// A URL whose host is `localhost` or a loopback address.
-pub(super) fn is_loopback(uri: &Uri) -> bool {
+pub fn is_loopback(uri: &Uri) -> bool {
     match uri.host() {
         Some("localhost") => true,
         Some(host) => host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),

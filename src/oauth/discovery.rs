@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Uri, header};
-use http_body_util::BodyExt;
 use serde_json::Value;
 
+use crate::config::is_loopback;
 use crate::config::oauth::{Endpoints, ProviderEndpoints, UpstreamOAuth};
+use crate::proxy::forward::call_bounded;
 
 /// How long discovered endpoints are used before they are fetched again.
 const KEEP: Duration = Duration::from_secs(3600);
@@ -93,22 +93,15 @@ async fn discover(
 async fn fetch(oauth: &UpstreamOAuth, url: &Uri) -> Result<Option<Value>, String> {
     let request = Request::get(url.clone())
         .header(header::ACCEPT, "application/json")
-        .body(crate::proxy::body::full(Bytes::new()))
+        .body(crate::proxy::body::empty())
         .map_err(|e| e.to_string())?;
-    let call = async {
-        let response = oauth.client.request(request).await.map_err(|e| format!("{url}: {e}"))?;
-        let status = response.status();
-        if status == http::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        if !status.is_success() {
-            return Err(format!("{url}: status {status}"));
-        }
-        let body = http_body_util::Limited::new(response.into_body(), MAX_BYTES);
-        let bytes = body.collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
-        serde_json::from_slice(&bytes).map(Some).map_err(|_| format!("{url}: not JSON"))
-    };
-    tokio::time::timeout(TIMEOUT, call).await.map_err(|_| format!("{url}: no answer within {TIMEOUT:?}"))?
+    let (status, body) =
+        call_bounded(&oauth.client, request, MAX_BYTES, TIMEOUT).await.map_err(|e| format!("{url}: {e}"))?;
+    match status {
+        http::StatusCode::NOT_FOUND => Ok(None),
+        status if !status.is_success() => Err(format!("{url}: status {status}")),
+        _ => serde_json::from_slice(&body).map(Some).map_err(|_| format!("{url}: not JSON")),
+    }
 }
 
 /// RFC 8414 3.1 (the well-known part between host and path), then OpenID Connect's two spellings.
@@ -177,12 +170,7 @@ fn same_url(url: &str, issuer: &Uri) -> bool {
 /// An https URL, or (when `http_allowed`, for an issuer on loopback) http to a loopback address.
 fn usable(url: &str, http_allowed: bool) -> Option<Uri> {
     let uri: Uri = url.parse().ok()?;
-    let loopback = match uri.host() {
-        Some("localhost") => true,
-        Some(host) => host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    };
-    let http = http_allowed && uri.scheme_str() == Some("http") && loopback;
+    let http = http_allowed && uri.scheme_str() == Some("http") && is_loopback(&uri);
     (uri.authority().is_some() && (uri.scheme_str() == Some("https") || http)).then_some(uri)
 }
 

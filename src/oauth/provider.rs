@@ -6,10 +6,10 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderValue, Request, header};
-use http_body_util::BodyExt;
 use serde::Deserialize;
 
 use crate::config::oauth::{ProviderEndpoints, UpstreamOAuth};
+use crate::proxy::forward::call_bounded;
 use crate::store::connection::Tokens;
 use crate::store::model::UnixTime;
 
@@ -141,35 +141,29 @@ async fn post(
         .header(header::AUTHORIZATION, authorization)
         .body(crate::proxy::body::full(Bytes::from(body)))
         .map_err(|e| failed(e.to_string()))?;
-    let call = async {
-        let response = oauth.client.request(request).await.map_err(|e| failed(format!("token endpoint: {e}")))?;
-        let status = response.status();
-        let limited = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES);
-        let body = limited.collect().await.map_err(|e| failed(format!("token endpoint: {e}")))?.to_bytes();
-        if status.is_success() {
-            let answer: TokenResponse = serde_json::from_slice(&body)
-                .map_err(|_| failed("the token endpoint's answer is not a token response".into()))?;
-            // RFC 6750's b64token characters: it goes into a header as it is.
-            let token_chars = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
-            if answer.access_token.is_empty() || !answer.access_token.bytes().all(token_chars) {
-                return Err(failed("the token endpoint's access token is empty or not a bearer token".into()));
-            }
-            if answer.token_type.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("bearer")) {
-                return Err(failed("the token endpoint issued a token that is not a bearer token".into()));
-            }
-            return Ok(answer);
-        }
-        let error = serde_json::from_slice::<ErrorResponse>(&body).map(|e| e.error).unwrap_or_default();
-        // Only the error code goes on (it is a fixed ASCII word per RFC 6749 5.2), never the body.
-        let error: String = error.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect();
-        match (status.as_u16(), error.as_str()) {
-            (400 | 401, "invalid_grant") => Err(TokenError::Refused(error)),
-            _ => Err(failed(format!("token endpoint: status {status} {error}"))),
-        }
-    };
-    tokio::time::timeout(TOKEN_TIMEOUT, call)
+    let (status, body) = call_bounded(&oauth.client, request, MAX_RESPONSE_BYTES, TOKEN_TIMEOUT)
         .await
-        .map_err(|_| failed(format!("token endpoint: no answer within {TOKEN_TIMEOUT:?}")))?
+        .map_err(|e| failed(format!("token endpoint: {e}")))?;
+    if status.is_success() {
+        let answer: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|_| failed("the token endpoint's answer is not a token response".into()))?;
+        // RFC 6750's b64token characters: it goes into a header as it is.
+        let token_chars = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
+        if answer.access_token.is_empty() || !answer.access_token.bytes().all(token_chars) {
+            return Err(failed("the token endpoint's access token is empty or not a bearer token".into()));
+        }
+        if answer.token_type.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("bearer")) {
+            return Err(failed("the token endpoint issued a token that is not a bearer token".into()));
+        }
+        return Ok(answer);
+    }
+    let error = serde_json::from_slice::<ErrorResponse>(&body).map(|e| e.error).unwrap_or_default();
+    // Only the error code goes on (it is a fixed ASCII word per RFC 6749 5.2), never the body.
+    let error: String = error.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect();
+    match (status.as_u16(), error.as_str()) {
+        (400 | 401, "invalid_grant") => Err(TokenError::Refused(error)),
+        _ => Err(failed(format!("token endpoint: status {status} {error}"))),
+    }
 }
 
 /// The account an ID token names, as a person would recognise it. Not verified: it came straight from

@@ -12,12 +12,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use http::{HeaderMap, Request, Uri};
-use http_body_util::BodyExt;
 
 use crate::config::runtime::{IdentitySettings, TokenKeys, UserTokenSettings};
 use crate::error::ProxyError;
 use crate::jwt::{self, Expect, KeySet, TokenError};
-use crate::proxy::forward::UpstreamClient;
+use crate::proxy::forward::{UpstreamClient, call_bounded};
 use crate::proxy::headers::single;
 use crate::store::{ApiKey, TokenMode, check_user_id};
 
@@ -299,18 +298,13 @@ async fn fetch(uri: &Uri, client: &UpstreamClient) -> Result<KeySet, String> {
         .header(http::header::ACCEPT, "application/json")
         .body(crate::proxy::body::empty())
         .map_err(|e| e.to_string())?;
-    let fetched = async {
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("status {}", response.status()));
-        }
-        let limited = http_body_util::Limited::new(response.into_body(), MAX_KEY_SET_BYTES);
-        let body = limited.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        let keys = KeySet::parse(&body)?;
-        match keys.keys.is_empty() {
-            true => Err("the key set holds no RS256, ES256 or EdDSA signing key".into()),
-            false => Ok(keys),
-        }
-    };
-    tokio::time::timeout(FETCH_TIMEOUT, fetched).await.map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
+    let (status, body) = call_bounded(client, request, MAX_KEY_SET_BYTES, FETCH_TIMEOUT).await?;
+    if !status.is_success() {
+        return Err(format!("status {status}"));
+    }
+    let keys = KeySet::parse(&body)?;
+    match keys.keys.is_empty() {
+        true => Err("the key set holds no RS256, ES256 or EdDSA signing key".into()),
+        false => Ok(keys),
+    }
 }

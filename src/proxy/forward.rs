@@ -22,6 +22,24 @@ use crate::telemetry::metrics::{Metrics, OpenStream};
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
+/// The proxy's own calls (token endpoints, provider metadata, key sets; never a client's request):
+/// `request` sent with `client`, its answer's status and body read whole, at most `max_bytes`, all
+/// within `timeout`. Errors are plain text for a log line.
+pub async fn call_bounded(
+    client: &UpstreamClient,
+    request: Request<ProxyBody>,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<(http::StatusCode, bytes::Bytes), String> {
+    let call = async {
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), max_bytes).collect().await;
+        Ok((status, body.map_err(|e| e.to_string())?.to_bytes()))
+    };
+    tokio::time::timeout(timeout, call).await.map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
 /// One pooled client per upstream: `http://` (HTTP/1.1, or HTTP/2 with prior knowledge) and `https://`
 /// (rustls, HTTP/2 or HTTP/1.1 by ALPN; webpki roots plus `ca_file`; with `client_identity` (certificate
 /// and key files) the proxy presents that certificate to the upstream: mutual TLS).
