@@ -109,7 +109,7 @@ impl Broker {
         let token = query_param(request.uri().query().unwrap_or(""), "link").unwrap_or_default();
         let link = match link::open_link(&self.link_key, &token, now()) {
             Ok(link) => link,
-            Err(why) => return refused(outcome, why, "link"),
+            Err(why) => return refused(outcome, why, LINK_REFUSED),
         };
         outcome.user = Some(link.user.clone());
         let Some((upstream, _)) = oauth_upstream(config, &link.upstream) else {
@@ -166,7 +166,7 @@ impl Broker {
         let token = query_param(&form, "link").unwrap_or_default();
         let link = match link::open_link(&self.link_key, &token, now) {
             Ok(link) => link,
-            Err(why) => return refused(outcome, why, "link"),
+            Err(why) => return refused(outcome, why, LINK_REFUSED),
         };
         outcome.user = Some(link.user.clone());
         let used = ("oauth_link_used", "Link already used", "Ask for a new link to connect your account.");
@@ -274,7 +274,7 @@ impl Broker {
         let state = query_param(query, "state").unwrap_or_default();
         let state = match link::open_state(&self.state_key, &state, now) {
             Ok(state) => state,
-            Err(why) => return refused(outcome, why, "state"),
+            Err(why) => return refused(outcome, why, STATE_REFUSED),
         };
         outcome.user = Some(state.user.clone());
         // The browser that opened the link, and no other, finishes it: a code sent to someone else's
@@ -372,14 +372,18 @@ fn oauth_upstream<'a>(config: &'a Config, name: &str) -> Option<(&'a Upstream, &
     Some((upstream, upstream.oauth.as_ref()?))
 }
 
-fn refused(outcome: &mut BrowserOutcome, why: Refused, what: &str) -> Response<ProxyBody> {
+/// The audit reasons of a refused link, and of a refused flow state: (expired, malformed).
+const LINK_REFUSED: (&str, &str) = ("oauth_link_expired", "oauth_link_invalid");
+const STATE_REFUSED: (&str, &str) = ("oauth_state_expired", "oauth_state_invalid");
+
+fn refused(outcome: &mut BrowserOutcome, why: Refused, reasons: (&'static str, &'static str)) -> Response<ProxyBody> {
     match why {
         Refused::Expired => {
-            outcome.reason = if what == "link" { "oauth_link_expired" } else { "oauth_state_expired" };
+            outcome.reason = reasons.0;
             page(StatusCode::GONE, "Link expired", "Ask for a new link to connect your account.")
         }
         Refused::Malformed => {
-            outcome.reason = if what == "link" { "oauth_link_invalid" } else { "oauth_state_invalid" };
+            outcome.reason = reasons.1;
             page(StatusCode::BAD_REQUEST, "Link not valid", "This link is not valid: ask for a new one.")
         }
     }

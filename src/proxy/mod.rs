@@ -342,19 +342,23 @@ impl Proxy {
         let elicit = ctx.url_elicitation || ctx.rpc.as_ref().and_then(Rpc::single).is_some_and(|m| m.url_elicitation);
         // The acting user's own credential for this upstream: never the caller's key, never another user's;
         // for an OAuth upstream, the user's connected account (refreshed first when it is about to expire).
+        let (credentials, connected);
         let credential = match (&upstream.oauth, self.oauth.get()) {
             (None, _) => {
-                let credentials = config.credentials(&user, upstream);
-                credential::select(credentials.as_deref().unwrap_or_default(), &parts.headers)?.header_value.clone()
+                credentials = config.credentials(&user, upstream);
+                &credential::select(credentials.as_deref().unwrap_or_default(), &parts.headers)?.header_value
             }
-            (Some(oauth), Some(broker)) => broker.credential(config, &user, upstream, oauth, elicit).await?,
+            (Some(oauth), Some(broker)) => {
+                connected = broker.credential(config, &user, upstream, oauth, elicit).await?;
+                &connected
+            }
             (Some(_), None) => return Err(ProxyError::MissingCredential.into()),
         };
         // Rewrite: strip client secrets and hop-by-hop headers, then inject.
         let rewrite = headers::Rewrite {
             user_header: &config.identity.user_header,
             token_header: &config.identity.token_header,
-            credential: &credential,
+            credential,
             acting_user,
             peer: peer.addr,
             tls: peer.tls,
