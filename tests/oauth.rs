@@ -594,6 +594,14 @@ async fn two_users_never_get_each_others_token_and_a_flow_stays_in_its_browser()
     let sealed = seal_state(&master.derive(STATE_LABEL), &state);
     let (status, text) = common::get_once(s.app.proxy_addr, &format!("/oauth/callback?code=c&state={sealed}")).await;
     assert!(status == 410 && text.contains("expired"), "{status} {text}");
+    // The limits every request meets come first on the browser routes too: one authority.
+    let mut twice = tokio::net::TcpStream::connect(s.app.proxy_addr).await.unwrap();
+    let head = "GET /oauth/connect?link=x HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut twice, head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut twice, &mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("invalid_host"), "{answer}");
     // A confirmation form whose body never comes holds nothing for longer than any request body.
     let mut slow = tokio::net::TcpStream::connect(s.app.proxy_addr).await.unwrap();
     let head = "POST /oauth/connect HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nlink=";

@@ -275,7 +275,11 @@ impl Proxy {
         if let (Some(settings), Some(broker)) = (&config.oauth, self.oauth.get())
             && Broker::is_route(settings, request.uri().path())
         {
-            let (response, outcome) = broker.browse(config, request).await;
+            // Step 1's limits hold here too: header bytes, one authority.
+            let (parts, body) = request.into_parts();
+            headers::check_size(&parts.headers, config.server.max_header_bytes)?;
+            headers::check_host(&parts)?;
+            let (response, outcome) = broker.browse(config, Request::from_parts(parts, body)).await;
             (ctx.acting_user, ctx.upstream) = (outcome.user.map(Arc::from), outcome.upstream);
             ctx.browser = Some((outcome.decision, outcome.reason));
             return Ok(response);
