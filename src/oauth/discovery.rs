@@ -100,7 +100,9 @@ async fn fetch(oauth: &UpstreamOAuth, url: &Uri) -> Result<Option<Value>, String
     match status {
         http::StatusCode::NOT_FOUND => Ok(None),
         status if !status.is_success() => Err(format!("{url}: status {status}")),
-        _ => serde_json::from_slice(&body).map(Some).map_err(|_| format!("{url}: not JSON")),
+        _ => serde_json::from_slice(&body.map_err(|e| format!("{url}: {e}"))?)
+            .map(Some)
+            .map_err(|_| format!("{url}: not JSON")),
     }
 }
 

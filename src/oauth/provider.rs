@@ -144,6 +144,7 @@ async fn post(
     let (status, body) = call_bounded(&oauth.client, request, MAX_RESPONSE_BYTES, TOKEN_TIMEOUT)
         .await
         .map_err(|e| failed(format!("token endpoint: {e}")))?;
+    let body = body.map_err(|e| failed(format!("token endpoint: {e}")))?;
     if status.is_success() {
         let answer: TokenResponse = serde_json::from_slice(&body)
             .map_err(|_| failed("the token endpoint's answer is not a token response".into()))?;

@@ -302,7 +302,7 @@ async fn fetch(uri: &Uri, client: &UpstreamClient) -> Result<KeySet, String> {
     if !status.is_success() {
         return Err(format!("status {status}"));
     }
-    let keys = KeySet::parse(&body)?;
+    let keys = KeySet::parse(&body?)?;
     match keys.keys.is_empty() {
         true => Err("the key set holds no RS256, ES256 or EdDSA signing key".into()),
         false => Ok(keys),

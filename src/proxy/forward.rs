@@ -24,20 +24,26 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// The proxy's own calls (token endpoints, provider metadata, key sets; never a client's request):
 /// `request` sent with `client`, its answer's status and body read whole, at most `max_bytes`, all
-/// within `timeout`. Errors are plain text for a log line.
+/// within `timeout`. The body's own failure (too long, cut, too slow) comes apart from the call's,
+/// so a caller that only needs the status (a 404) is not failed by it. Errors are plain text.
 pub async fn call_bounded(
     client: &UpstreamClient,
     request: Request<ProxyBody>,
     max_bytes: usize,
     timeout: Duration,
-) -> Result<(http::StatusCode, bytes::Bytes), String> {
-    let call = async {
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body = http_body_util::Limited::new(response.into_body(), max_bytes).collect().await;
-        Ok((status, body.map_err(|e| e.to_string())?.to_bytes()))
+) -> Result<(http::StatusCode, Result<bytes::Bytes, String>), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let late = || format!("no answer within {timeout:?}");
+    let response = tokio::time::timeout_at(deadline, client.request(request)).await.map_err(|_| late())?;
+    let response = response.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), max_bytes).collect();
+    let body = match tokio::time::timeout_at(deadline, body).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(late()),
     };
-    tokio::time::timeout(timeout, call).await.map_err(|_| format!("no answer within {timeout:?}"))?
+    Ok((status, body))
 }
 
 /// One pooled client per upstream: `http://` (HTTP/1.1, or HTTP/2 with prior knowledge) and `https://`
