@@ -655,8 +655,27 @@ client_id = "mcp-proxy"
 client_secret_file = "client.secret"
 "#
     );
+    let extra = format!("{extra}\n[identity]\nunknown_user = \"default\"\n");
     let s = Setup::start_with(&["alice"], None, 1, &extra).await;
     s.connect("alice", "alice-gh").await;
+    // A caller naming a user nobody knows falls back to the key's user (unknown_user = "default"),
+    // but never to that user's connected account, nor gets a link to connect one as them.
+    let (status, key) =
+        s.admin(Method::POST, "/admin/v1/keys", json!({"user": "alice", "kind": "enterprise", "act_as": ["*"]})).await;
+    assert_eq!(status, 201, "{key}");
+    let request = Request::post(format!("http://{}/mcp/github", s.app.proxy_addr))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("authorization", format!("Bearer {}", key["key"].as_str().unwrap()))
+        .header("x-alloy-userid", "stranger")
+        .body(body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"whoami"}}"#))
+        .unwrap();
+    let before = s.seen.lock().unwrap().len();
+    let response = client().request(request).await.unwrap();
+    let (status, answer) = (response.status().as_u16(), json(response).await);
+    assert_eq!((status, code(&answer)), (403, "missing_credential"), "{answer}");
+    assert!(!answer.to_string().contains("connect"), "no connect link for a fallback: {answer}");
+    assert_eq!(s.seen.lock().unwrap().len(), before, "nothing reached the upstream");
     // alice's connection to `slow` has expired, and its provider hangs.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let expired = Tokens {

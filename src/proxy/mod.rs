@@ -352,6 +352,9 @@ impl Proxy {
                 credentials = config.credentials(&user, upstream);
                 &credential::select(credentials.as_deref().unwrap_or_default(), &parts.headers)?.header_value
             }
+            // A fallback user (`unknown_user = "default"`) is not who asked: no connect link is made for
+            // a caller who did not prove to be that user, nor the connection used.
+            (Some(_), _) if ctx.fallback => return Err(ProxyError::MissingCredential.into()),
             (Some(oauth), Some(broker)) => {
                 connected = broker.credential(config, &user, upstream, oauth, elicit).await?;
                 &connected
