@@ -158,13 +158,18 @@ where
 {
     /// Takes every complete event out of the buffer, rewritten where asked.
     fn complete_events(&mut self) -> Option<Bytes> {
-        // A client skips one BOM at the start of the stream and reads the first event after it; the
-        // proxy drops it too, so that event is checked as the client will read it.
+        // A client skips one BOM at the start of the stream and reads the first event after it. The
+        // proxy drops every BOM there: had it dropped one and passed on a second, the client would skip
+        // that one too and read a field the proxy had taken for another (`\u{FEFF}data`, then `data`).
+        // What goes on starts with no BOM, so the client reads it exactly as it was checked.
         if self.at_start {
-            if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) && !self.ended {
-                return None;
-            }
-            if self.buf.starts_with(BOM) {
+            loop {
+                if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) && !self.ended {
+                    return None;
+                }
+                if !self.buf.starts_with(BOM) {
+                    break;
+                }
                 let _ = self.buf.split_to(BOM.len());
             }
             self.at_start = false;
@@ -321,5 +326,9 @@ mod tests {
         let body = Chunks([&b"\xef\xbb"[..], b"\xbfdata: swap\n\n", b"data: keep\n\ndata: swap\n\r"].into());
         let out = EventRewrite::new(body, rewrite).collect().await.unwrap().to_bytes();
         assert_eq!(out, "data: swapped\n\ndata: keep\n\ndata: swapped\n\n");
+        // Two BOMs: a client would skip the one passed on, so none is, and the event is checked as data.
+        let body = Chunks([&b"\xef\xbb\xbf\xef"[..], b"\xbb\xbfdata: swap\n\n"].into());
+        let out = EventRewrite::new(body, rewrite).collect().await.unwrap().to_bytes();
+        assert_eq!(out, "data: swapped\n\n");
     }
 }
