@@ -137,7 +137,7 @@ impl Broker {
     /// The confirmation form, posted: spends the link and sends the browser to the provider.
     async fn connect(
         &self,
-        config: &Config,
+        config: &Arc<Config>,
         settings: &OAuthSettings,
         request: Request<Incoming>,
         outcome: &mut BrowserOutcome,
@@ -178,7 +178,7 @@ impl Broker {
         // After the nonce: a link used once says so, whatever happened since.
         match self.stored(&link.user, &link.upstream).await {
             Ok(current) if current.as_ref().map(|(t, _)| t.grant.as_str()) == link.over.as_deref() => {}
-            Ok(_) => return superseded(outcome),
+            Ok(_) => return self.superseded(config, outcome, &link.user, &link.upstream).await,
             Err(()) => return store_unavailable(outcome),
         }
         let (verifier, challenge) = link::pkce();
@@ -227,6 +227,25 @@ impl Broker {
         outcome.decision = "allow";
         outcome.reason = "oauth_connect_started";
         response
+    }
+
+    /// The link names a grant the store no longer holds. The request path may be what made it so (a
+    /// write it has not seen yet: a callback whose client left before the tokens were served), so the
+    /// user is read again, and the next request's link is right.
+    async fn superseded(
+        &self,
+        config: &Arc<Config>,
+        outcome: &mut BrowserOutcome,
+        user: &str,
+        upstream: &str,
+    ) -> Response<ProxyBody> {
+        self.apply(config, user, upstream).await;
+        outcome.reason = "oauth_link_superseded";
+        page(
+            StatusCode::CONFLICT,
+            "Link out of date",
+            "The account was connected or disconnected since this link was made: ask for a new link.",
+        )
     }
 
     /// What a link (at connect) and a flow state (at callback) go through before their step: their
@@ -301,7 +320,7 @@ impl Broker {
         // Checked before the code is spent, and again (atomically) when the tokens are stored.
         match self.stored(&state.user, &upstream.name).await {
             Ok(current) if current.as_ref().map(|(t, _)| t.grant.as_str()) == state.over.as_deref() => {}
-            Ok(_) => return superseded(outcome),
+            Ok(_) => return self.superseded(config, outcome, &state.user, &upstream.name).await,
             Err(()) => return store_unavailable(outcome),
         }
         let redirect = settings.callback_url();
@@ -319,7 +338,7 @@ impl Broker {
         };
         match self.replace(&state.user, &upstream.name, state.over.as_deref(), &tokens).await {
             Ok(true) => {}
-            Ok(false) => return superseded(outcome),
+            Ok(false) => return self.superseded(config, outcome, &state.user, &upstream.name).await,
             Err(e) => {
                 tracing::error!(user = %state.user, upstream = %upstream.name, error = %e, "oauth: tokens not stored");
                 outcome.reason = "oauth_store_unavailable";
@@ -345,15 +364,6 @@ impl Broker {
         }
         response
     }
-}
-
-fn superseded(outcome: &mut BrowserOutcome) -> Response<ProxyBody> {
-    outcome.reason = "oauth_link_superseded";
-    page(
-        StatusCode::CONFLICT,
-        "Link out of date",
-        "The account was connected or disconnected since this link was made: ask for a new link.",
-    )
 }
 
 fn discovery_failed(outcome: &mut BrowserOutcome, upstream: &str, why: &str) -> Response<ProxyBody> {
